@@ -1,0 +1,156 @@
+"""``flax-train``: prepare, train, sample, export. A thin layer: it parses, starts the
+distributed runtime, and calls the same functions the tests call.
+
+    flax-train train   --config configs/demo.yaml [key=value ...]
+    flax-train prepare --config configs/sdxl_base.yaml data.path=/data/images
+    flax-train sample  --model runs/demo/export --prompt "a red circle on a blue background" --out samples/
+    flax-train export  --config runs/demo/config.yaml [--out DIR] [--raw]
+
+Every config-driven command accepts ``--config`` several times (later files override earlier
+ones) and ``a.b=value`` overrides. Without ``--config`` the embedded demo config is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _config(args: argparse.Namespace):
+    from flax_train import config as config_lib
+
+    paths = args.config or [config_lib.DEMO_CONFIG]
+    return config_lib.load(paths, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from flax_train import train
+
+    result = train.train(_config(args), max_steps=args.max_steps)
+    if result.stopped_by_preemption:
+        print(f"stopped at step {result.step} on SIGTERM; checkpoint saved in {result.run_dir}")
+    else:
+        print(f"trained to step {result.step}; run directory {result.run_dir}")
+        if result.export_dir:
+            print(f"diffusers pipeline: {result.export_dir}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from flax_train import config as config_lib, pipeline
+
+    import jax
+
+    cfg = _config(args)
+    config_lib.validate(cfg, jax.device_count())
+    base = pipeline.pipeline_folder(cfg)
+    start = time.perf_counter()
+    cache = pipeline.open_cache(cfg, base)
+    seconds = time.perf_counter() - start
+    print(f"latent cache {pipeline.cache_dir(cfg)}: {len(cache)} samples ({seconds:.1f} s)")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from PIL.PngImagePlugin import PngInfo
+
+    from flax_train.generate import Generator, read_prompt_file
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += read_prompt_file(args.prompts)
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+    generator = Generator(
+        args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution
+    )
+    images = generator(prompts, negative_prompt=args.negative_prompt, seed=args.seed, guidance_scale=args.guidance)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (prompt, image) in enumerate(zip(prompts, images)):
+        info = PngInfo()
+        for key, value in {
+            "prompt": prompt,
+            "negative_prompt": args.negative_prompt,
+            "seed": str(args.seed + i),
+            "steps": str(args.steps),
+            "guidance_scale": str(args.guidance),
+            "scheduler": args.scheduler,
+            "model": str(args.model),
+        }.items():
+            info.add_text(key, value)
+        image.save(out / f"{i:04d}.png", pnginfo=info)
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from flax_train import train
+
+    out = train.export_from_checkpoint(_config(args), out=args.out, use_ema=not args.raw)
+    print(f"diffusers pipeline: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flax-train", description="Fine-tune SDXL with JAX/Flax on TPU, GPU or CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", action="append", help="YAML config (repeatable; later files win)")
+        p.add_argument("overrides", nargs="*", help="a.b=value overrides")
+
+    p = sub.add_parser("train", help="train (or resume) the UNet")
+    config_args(p)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this step (the schedule still uses train.max_steps)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("prepare", help="encode the dataset into the latent cache")
+    config_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("sample", help="generate images from a diffusers folder")
+    p.add_argument("--model", required=True, help="diffusers SDXL folder (e.g. an export) or Hub id")
+    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--prompts", help="file with one prompt per line")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--scheduler", default="euler", choices=["euler", "ddim"])
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="write a diffusers folder from the newest checkpoint of a run")
+    config_args(p)
+    p.add_argument("--out", default=None, help="target folder (default: export.dir or <run_dir>/export)")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flax_train import sharding
+
+    sharding.initialize_distributed()
+    from flax_train.config import ConfigError
+    from flax_train.weights import WeightsError
+
+    try:
+        return args.func(args)
+    except (ConfigError, WeightsError, FileNotFoundError, ValueError) as error:
+        # Bad input: a message, not a traceback.
+        print(f"flax-train {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""`flax-train prepare`: encode a dataset once into the latent cache.
+
+Images are decoded and preprocessed on the host by a thread pool, a fixed-size batch at a time;
+the VAE encoder and both text encoders run in one jitted function, the batch split over every
+device (all processes of a pod), weights replicated. The last batch is padded, so nothing
+recompiles; a slot whose image was skipped is padding too.
+
+Shard k holds the usable samples of source items [k * shard_size, (k + 1) * shard_size); process p
+of P encodes the shards k with k % P == p and writes them itself. A shard file is written whole
+(temporary file + rename), so an interrupted prepare resumes at the first missing shard, and a
+finished one (manifest present, same settings) returns at once.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from flax_train.data.cache import (
+    EMPTY_PROMPT,
+    MANIFEST,
+    PLAN,
+    SKIPPED,
+    CacheMismatchError,
+    CacheSettings,
+    atomic_write_bytes,
+    encode_shard,
+    model_fingerprint,
+    read_json,
+    settings_differences,
+    shard_path,
+    write_json,
+    write_manifest,
+)
+from flax_train.data.preprocess import PreparedSample, PreprocessSpec, SkippedSample, prepare_sample
+from flax_train.data.sources import Source, SourceSpec, open_source
+from flax_train.sampling import encode_prompts
+
+TOKEN_LENGTH = 77
+log = logging.getLogger(__name__)
+
+
+def cache_settings(
+    source: SourceSpec,
+    preprocess: PreprocessSpec,
+    model_path: str | os.PathLike,
+    *,
+    vae_path: str | os.PathLike | None = None,
+    latent_source: str = "mean",
+    dtype: str = "float32",
+) -> CacheSettings:
+    """The settings a cache for this data and model must have; training checks a cache against them."""
+    return CacheSettings(
+        source=source,
+        preprocess=preprocess,
+        model=model_fingerprint(model_path, vae_path),
+        latent_source=latent_source,
+        dtype=dtype,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The encoders, as one jitted function over a batch-sharded mesh.
+
+
+def encode_image(vae: Any, pixels: jax.Array, indices: jax.Array, latent_source: str, seed: int) -> jax.Array:
+    """uint8 NHWC pixels -> scaled latents (B, 4, H/f, W/f): the posterior mean, or a draw from the
+    posterior whose noise depends only on (seed, sample index)."""
+    from flax_train.models.vae import sample_posterior
+
+    x = jnp.transpose(pixels.astype(jnp.float32) / 127.5 - 1.0, (0, 3, 1, 2))
+    mean, logvar = vae.encode(x)
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    if latent_source == "sample":
+        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+        latents = jax.vmap(lambda m, lv, k: sample_posterior(m[None], lv[None], k)[0])(mean, logvar, keys)
+    else:
+        latents = mean
+    shift = vae.config.get("shift_factor") or 0.0
+    return (latents - shift) * vae.config["scaling_factor"]
+
+
+class Encoder:
+    """Tokenizers on the host; VAE + text encoders jitted once for `batch_size` samples over `devices`."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        vae_path: str | os.PathLike | None = None,
+        devices: Sequence[jax.Device] | None = None,
+        batch_size: int,
+        latent_source: str = "mean",
+        seed: int = 0,
+    ):
+        from flax import nnx
+        from transformers import CLIPTokenizer
+
+        from flax_train import models
+
+        devices = list(jax.devices() if devices is None else devices)
+        if batch_size % len(devices):
+            raise ValueError(f"prepare batch size {batch_size} must be a multiple of the {len(devices)} devices")
+        num_processes = len({d.process_index for d in devices})
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // num_processes
+        self.tokenizers = [
+            CLIPTokenizer.from_pretrained(str(model_path), subfolder=name) for name in ("tokenizer", "tokenizer_2")
+        ]
+        vae = models.load(vae_path) if vae_path is not None else models.load(model_path, subfolder="vae")
+        modules = (vae, models.load(model_path, subfolder="text_encoder"), models.load(model_path, subfolder="text_encoder_2"))
+        graphdefs, states = zip(*(nnx.split(m) for m in modules))
+        if jax.process_count() > 1:  # host arrays are what device_put spreads over every process's devices
+            states = jax.tree.map(np.asarray, states)
+        replicated = NamedSharding(self.mesh, P())
+        self._states = jax.device_put(states, replicated)
+        self._batch = NamedSharding(self.mesh, P("data"))
+
+        def encode(states, pixels, ids1, ids2, indices):
+            vae, te1, te2 = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+            prompt_embeds, pooled = encode_prompts(te1, te2, ids1, ids2)
+            return {
+                "latents": encode_image(vae, pixels, indices, latent_source, seed),
+                "prompt_embeds": prompt_embeds,
+                "pooled_prompt_embeds": pooled,
+            }
+
+        self._encode = jax.jit(encode, in_shardings=(replicated,) + (self._batch,) * 4, out_shardings=self._batch)
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(
+            np.asarray(
+                tok(list(captions), padding="max_length", max_length=TOKEN_LENGTH, truncation=True, return_tensors="np").input_ids,
+                dtype=np.int32,
+            )
+            for tok in self.tokenizers
+        )
+
+    def dispatch(self, pixels: np.ndarray, captions: Sequence[str], indices: np.ndarray) -> dict[str, jax.Array]:
+        """Starts encoding this process's share of a batch; returns without waiting for the result."""
+        ids1, ids2 = self.tokenize(captions)
+        local = (pixels, ids1, ids2, indices.astype(np.int32))
+        arrays = [jax.make_array_from_process_local_data(self._batch, x) for x in local]
+        return self._encode(self._states, *arrays)
+
+    def fetch(self, outputs: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+        """This process's rows of a dispatched batch, on the host."""
+        local = multihost_utils.global_array_to_host_local_array(outputs, self.mesh, P("data"))
+        return {name: np.asarray(value) for name, value in local.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepare loop.
+
+
+@dataclass
+class PrepareReport:
+    cache_dir: str
+    num_items: int  # entries of the source, rejected ones included
+    num_samples: int  # samples in the cache
+    skipped: list[tuple[str, str]]  # (key, reason) of every entry not in the cache
+    shards_written: int = 0
+    shards_reused: int = 0
+    seconds: float = 0.0  # encoding loop (the slowest process)
+    images_per_second: float = 0.0  # source items per second, all processes together, after compilation
+    already_done: bool = False
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]:
+        return dict(collections.Counter(reason for _, reason in self.skipped))
+
+    def summary(self, max_listed: int = 20) -> str:
+        if self.already_done:
+            lines = [f"prepare: {self.cache_dir} is already a finished cache of {self.num_samples} samples; nothing to do"]
+        else:
+            lines = [
+                f"prepare: {self.num_samples} samples in {self.cache_dir} "
+                f"({self.shards_written} shards written, {self.shards_reused} kept from an earlier run)",
+                f"prepare throughput: {self.images_per_second:.1f} images/s ({self.seconds:.1f} s encoding)",
+            ]
+        if self.skipped:
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped_by_reason.items()))
+            lines.append(f"skipped {len(self.skipped)} of {self.num_items}: {reasons} (all listed in {SKIPPED})")
+            lines += [f"  {key}: {reason}" for key, reason in self.skipped[:max_listed]]
+            if len(self.skipped) > max_listed:
+                lines.append(f"  ... and {len(self.skipped) - max_listed} more")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Skip:
+    index: int
+    key: str
+    reason: str
+
+
+def _load_one(source: Source, index: int, spec: PreprocessSpec) -> PreparedSample | _Skip:
+    # Nothing raised by one sample may end the run: whatever goes wrong becomes a skip.
+    key = f"item {index}"
+    try:
+        raw = source[index]
+        key = raw.key
+        return prepare_sample(raw, index, spec)
+    except SkippedSample as e:
+        return _Skip(index, key, e.reason)
+    except Exception as e:  # noqa: BLE001 - deliberately broad, see above
+        log.warning("skipping %s after an unexpected error: %r", key, e)
+        return _Skip(index, key, f"unexpected error ({type(e).__name__})")
+
+
+def _prefetched(fn: Callable[[int], Any], items: Sequence[int], workers: int, lookahead: int) -> Iterator[Any]:
+    """fn over items in order, computed by a thread pool at most `lookahead` items ahead."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="prepare-decode") as pool:
+        pending: collections.deque = collections.deque()
+        position = 0
+        for _ in range(len(items)):
+            while position < len(items) and len(pending) < lookahead:
+                pending.append(pool.submit(fn, items[position]))
+                position += 1
+            yield pending.popleft().result()
+
+
+def _storage_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+class _ShardAssembler:
+    """Collects the encoded samples and skips of each pending shard; writes a shard once all its
+    items have arrived (in any order: rows are sorted by item index)."""
+
+    def __init__(self, cache_dir: epath.Path, shards: list[int], shard_size: int, num_items: int, storage: np.dtype):
+        self.cache_dir, self.shard_size, self.storage = cache_dir, shard_size, storage
+        self.expected = {k: min((k + 1) * shard_size, num_items) - k * shard_size for k in shards}
+        self.samples: dict[int, list[tuple[PreparedSample, dict[str, np.ndarray]]]] = {k: [] for k in shards}
+        self.skips: dict[int, list[_Skip]] = {k: [] for k in shards}
+        self.written = self.num_skipped = 0
+
+    def add(self, result: PreparedSample | _Skip, row: dict[str, np.ndarray], row_shapes: dict[str, tuple]) -> None:
+        shard = result.index // self.shard_size
+        if isinstance(result, _Skip):
+            self.skips[shard].append(result)
+            self.num_skipped += 1
+        else:
+            self.samples[shard].append((result, row))
+        if len(self.samples[shard]) + len(self.skips[shard]) == self.expected[shard]:
+            atomic_write_bytes(shard_path(self.cache_dir, shard), self._encode(shard, row_shapes))
+            del self.samples[shard], self.skips[shard], self.expected[shard]
+            self.written += 1
+
+    def _encode(self, shard: int, row_shapes: dict[str, tuple]) -> bytes:
+        entries = sorted(self.samples[shard], key=lambda entry: entry[0].index)
+        samples = [sample for sample, _ in entries]
+
+        def stack(name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+            rows = [row[name] for _, row in entries]
+            return np.stack(rows).astype(dtype) if rows else np.zeros((0, *shape), dtype)
+
+        arrays = {name: stack(name, self.storage, row_shapes[name]) for name in row_shapes}
+        arrays["add_time_ids"] = np.stack([s.time_ids for s in samples]) if samples else np.zeros((0, 6), np.int32)
+        arrays["index"] = np.array([s.index for s in samples], dtype=np.int64)
+        metadata = {
+            "shard": shard,
+            "keys": [s.key for s in samples],
+            "captions": [s.caption for s in samples],
+            "skipped": [[s.key, s.reason] for s in sorted(self.skips[shard], key=lambda s: s.index)],
+        }
+        return encode_shard(arrays, metadata)
+
+    @property
+    def unfinished(self) -> list[int]:
+        return sorted(self.expected)
+
+
+def _check_previous_run(cache_dir: epath.Path, plan: dict[str, Any]) -> bool:
+    """True when `cache_dir` already holds the finished cache this plan describes."""
+    for name, finished in ((MANIFEST, True), (PLAN, False)):
+        path = cache_dir / name
+        if not path.exists():
+            continue
+        previous = read_json(path)
+        differences = settings_differences(
+            {"settings": previous["settings"], "layout": previous["layout"]},
+            {"settings": plan["settings"], "layout": plan["layout"]},
+        )
+        if differences:
+            what = "a finished cache" if finished else "an unfinished prepare"
+            raise CacheMismatchError(
+                f"{cache_dir} holds {what} with different settings:\n  " + "\n  ".join(differences)
+                + "\nUse another cache directory, or delete this one to start over."
+            )
+        if finished:
+            return True
+    return False
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare_cache(
+    cache_dir: str | os.PathLike,
+    model_path: str | os.PathLike,
+    source_spec: SourceSpec,
+    preprocess: PreprocessSpec,
+    *,
+    vae_path: str | os.PathLike | None = None,
+    latent_source: str = "mean",
+    dtype: str = "float32",
+    batch_size: int | None = None,
+    shard_size: int = 256,
+    devices: Sequence[jax.Device] | None = None,
+    num_workers: int = 8,
+    progress: bool = True,
+    source: Source | None = None,
+) -> PrepareReport:
+    """Encodes every sample of the source into a latent cache at `cache_dir`; see the module doc.
+
+    `batch_size` is global (default: one sample per device) and a multiple of the device count.
+    `source` overrides `open_source(source_spec)` (which then only describes it in the manifest).
+    """
+    cache_dir = epath.Path(cache_dir)
+    devices = list(jax.devices() if devices is None else devices)
+    batch_size = batch_size or len(devices)
+    settings = cache_settings(
+        source_spec, preprocess, model_path, vae_path=vae_path, latent_source=latent_source, dtype=dtype
+    )
+    # Our own bound on pixels replaces PIL's global one, which would otherwise refuse first.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, preprocess.max_pixels)
+    source = open_source(source_spec) if source is None else source
+    num_items = len(source)
+    if num_items == 0:
+        raise ValueError(f"the data source {source_spec.path} has no usable entries (rejected: {source.rejected[:5]})")
+    num_shards = math.ceil(num_items / shard_size)
+    plan = {
+        "settings": settings.to_json(),
+        "layout": {"shard_size": shard_size, "num_items": num_items, "num_shards": num_shards},
+    }
+    if _check_previous_run(cache_dir, plan):
+        manifest = read_json(cache_dir / MANIFEST)
+        skipped = [tuple(s) for s in read_json(cache_dir / SKIPPED)]
+        return PrepareReport(str(cache_dir), num_items + len(source.rejected), manifest["num_samples"], skipped, already_done=True)
+    process, num_processes = jax.process_index(), jax.process_count()
+    if process == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cache_dir / PLAN, plan)
+
+    mine = [k for k in range(num_shards) if k % num_processes == process]
+    pending = [k for k in mine if not shard_path(cache_dir, k).exists()]
+    items = [i for k in pending for i in range(k * shard_size, min((k + 1) * shard_size, num_items))]
+
+    encoder = Encoder(
+        model_path, vae_path=vae_path, devices=devices, batch_size=batch_size,
+        latent_source=latent_source, seed=preprocess.seed,
+    )
+    local_batch = encoder.local_batch_size
+    steps = math.ceil(len(items) / local_batch)
+    if num_processes > 1:  # every process runs the collective step equally often; extra ones are padding
+        steps = int(np.max(multihost_utils.process_allgather(np.array(steps))))
+    res = preprocess.resolution
+    storage = _storage_dtype(dtype)
+
+    # The empty prompt's embeddings, for caption dropout at training time. Also compiles the step.
+    empty = encoder.fetch(encoder.dispatch(np.zeros((local_batch, res, res, 3), np.uint8), [""] * local_batch, np.zeros(local_batch)))
+    row_shapes = {name: value.shape[1:] for name, value in empty.items()}
+    if process == 0:
+        atomic_write_bytes(
+            cache_dir / EMPTY_PROMPT,
+            encode_shard({"prompt_embeds": empty["prompt_embeds"][0].astype(storage),
+                          "pooled_prompt_embeds": empty["pooled_prompt_embeds"][0].astype(storage)}, {}),
+        )
+
+    assembler = _ShardAssembler(cache_dir, pending, shard_size, num_items, storage)
+    bar = None
+    if progress and process == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), unit="img", desc="prepare", smoothing=0.1)
+
+    def finish(results: list[PreparedSample | _Skip], outputs: dict[str, jax.Array]) -> None:
+        rows = encoder.fetch(outputs)
+        for slot, result in enumerate(results):
+            assembler.add(result, {name: rows[name][slot] for name in rows}, row_shapes)
+        if bar is not None:
+            bar.set_postfix(skipped=assembler.num_skipped, refresh=False)
+            bar.update(len(results))
+
+    results_iter = _prefetched(lambda i: _load_one(source, i, preprocess), items, num_workers, 4 * local_batch + num_workers)
+    start = time.perf_counter()
+    previous = None
+    for step in range(steps):
+        results = [next(results_iter) for _ in range(max(0, min(local_batch, len(items) - step * local_batch)))]
+        pixels = np.zeros((local_batch, res, res, 3), np.uint8)
+        captions = [""] * local_batch
+        indices = np.zeros(local_batch, np.int64)
+        for slot, result in enumerate(results):
+            indices[slot] = result.index
+            if isinstance(result, PreparedSample):
+                pixels[slot], captions[slot] = result.pixels, result.caption
+        outputs = encoder.dispatch(pixels, captions, indices)
+        if previous is not None:
+            finish(*previous)  # the host stores batch t-1 while the devices encode batch t
+        previous = (results, outputs)
+    if previous is not None:
+        finish(*previous)
+    seconds = time.perf_counter() - start
+    processed = len(items)
+    if num_processes > 1:
+        counts = multihost_utils.process_allgather(np.array([len(items), seconds], np.float64))
+        processed, seconds = int(counts[:, 0].sum()), float(counts[:, 1].max())
+    if bar is not None:
+        bar.close()
+    if assembler.unfinished:
+        raise RuntimeError(f"prepare: shards {assembler.unfinished} did not receive all their items (a bug)")
+
+    _sync("flax_train prepare: shards written")
+    failure = None
+    if process == 0:
+        try:
+            write_manifest(cache_dir, plan, source.rejected)
+            (cache_dir / PLAN).unlink(missing_ok=True)
+        except Exception as e:  # noqa: BLE001 - raised below, after the other processes are released
+            failure = e
+    _sync("flax_train prepare: manifest written")
+    if failure is not None:
+        raise failure
+    if not (cache_dir / MANIFEST).exists():
+        raise FileNotFoundError(f"{cache_dir / MANIFEST} was not written: see process 0's error")
+    manifest = read_json(cache_dir / MANIFEST)
+    skipped = [tuple(s) for s in read_json(cache_dir / SKIPPED)]
+    report = PrepareReport(
+        cache_dir=str(cache_dir),
+        num_items=num_items + len(source.rejected),
+        num_samples=manifest["num_samples"],
+        skipped=skipped,
+        shards_written=assembler.written,
+        shards_reused=len(mine) - len(pending),
+        seconds=seconds,
+        images_per_second=processed / seconds if seconds > 0 else 0.0,
+    )
+    if progress and process == 0:
+        print(report.summary(), flush=True)
+    return report

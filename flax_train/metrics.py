@@ -1,0 +1,116 @@
+"""Training metrics: throughput, MFU, and the writers (TensorBoard, JSON lines, progress bar).
+
+Only process 0 writes. Values arrive one step late (the loop hands over the previous step's
+device arrays after dispatching the next step), so logging never stalls the accelerator.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+def detect_chip(device: Any | None = None) -> str | None:
+    """Maps ``device_kind`` ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...) to a CHIP_PEAK_TFLOPS key."""
+    kind = (device or jax.devices()[0]).device_kind.lower()
+    table = [
+        ("v5 lite", "tpu_v5e"),
+        ("v5e", "tpu_v5e"),
+        ("v5p", "tpu_v5p"),
+        ("v5", "tpu_v5p"),
+        ("v6 lite", "tpu_v6e"),
+        ("v6e", "tpu_v6e"),
+        ("v4", "tpu_v4"),
+        ("h100", "h100"),
+        ("h200", "h100"),  # same compute dies as the H100; more memory
+    ]
+    for needle, chip in table:
+        if needle in kind:
+            return chip
+    return None
+
+
+def compiled_flops(compiled: Any) -> float | None:
+    """FLOPs of one call of a compiled executable per device, from XLA's cost analysis."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    if not analysis or "flops" not in analysis:
+        return None
+    return float(analysis["flops"])
+
+
+def memory_summary(compiled: Any) -> str:
+    """Per-device memory the compiler plans for the step (arguments, outputs, temporaries)."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:
+        return "memory analysis unavailable on this backend"
+    if m is None:
+        return "memory analysis unavailable on this backend"
+    gib = 1024**3
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return (
+        f"per device: arguments {m.argument_size_in_bytes / gib:.2f} GiB, outputs {m.output_size_in_bytes / gib:.2f} GiB, "
+        f"temporaries {m.temp_size_in_bytes / gib:.2f} GiB, aliased {m.alias_size_in_bytes / gib:.2f} GiB, "
+        f"total {total / gib:.2f} GiB"
+    )
+
+
+def throughput(
+    step_seconds: float, global_batch: int, flops_per_device: float | None, peak_tflops: float | None
+) -> dict[str, float]:
+    out = {"step_time_s": step_seconds, "images_per_s": global_batch / step_seconds}
+    if flops_per_device:
+        tflops = flops_per_device / step_seconds / 1e12
+        out["tflops_per_device"] = tflops
+        if peak_tflops:
+            out["mfu"] = tflops / peak_tflops
+    return out
+
+
+class MetricsWriter:
+    """JSON lines + TensorBoard, written by process 0 only."""
+
+    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, jsonl: bool = True):
+        self.enabled = jax.process_index() == 0
+        self._jsonl = None
+        self._tb = None
+        if not self.enabled:
+            return
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in values.items() if v is not None}
+        if self._jsonl:
+            self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+            self._jsonl.flush()
+        if self._tb:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+
+    def image(self, step: int, tag: str, image: np.ndarray) -> None:
+        """``image`` is HWC uint8."""
+        if self.enabled and self._tb:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()

@@ -1,0 +1,153 @@
+"""Flax NNX implementations of the SDXL components, loaded from and saved to diffusers folders.
+
+    unet = flax_train.models.load("sdxl/unet", dtype=jnp.bfloat16)
+    flax_train.models.save(unet, "out/unet")
+
+``load`` reads a component folder's ``config.json``, picks the class from it (diffusers'
+``_class_name`` or transformers' ``architectures``), builds the module abstractly (no memory), and
+fills it from safetensors, optionally straight into per-parameter shardings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import FrozenDict
+
+from flax_train import weights
+from flax_train.weights import WeightsError
+
+# config class name -> "module:Class" (imported lazily, so one missing model does not break the rest)
+REGISTRY: dict[str, str] = {
+    "UNet2DConditionModel": "flax_train.models.unet:UNet2DConditionModel",
+    "AutoencoderKL": "flax_train.models.vae:AutoencoderKL",
+    "CLIPTextModel": "flax_train.models.clip:CLIPTextModel",
+    "CLIPTextModelWithProjection": "flax_train.models.clip:CLIPTextModelWithProjection",
+}
+
+
+def freeze_config(config: Mapping[str, Any]) -> FrozenDict:
+    """Configs live on modules as static, hashable attributes: lists become tuples, dicts FrozenDicts."""
+
+    def freeze(value):
+        if isinstance(value, Mapping):
+            return FrozenDict({k: freeze(v) for k, v in value.items()})
+        if isinstance(value, (list, tuple)):
+            return tuple(freeze(v) for v in value)
+        return value
+
+    return freeze(config)
+
+
+def thaw_config(config: Mapping[str, Any]) -> dict:
+    """The inverse of ``freeze_config``, for writing ``config.json``."""
+
+    def thaw(value):
+        if isinstance(value, Mapping):
+            return {k: thaw(v) for k, v in value.items()}
+        if isinstance(value, tuple):
+            return [thaw(v) for v in value]
+        return value
+
+    return thaw(config)
+
+
+def class_name_of(config: Mapping[str, Any]) -> str | None:
+    if "_class_name" in config:
+        return config["_class_name"]
+    architectures = config.get("architectures") or []
+    return architectures[0] if architectures else None
+
+
+def model_class(config: Mapping[str, Any], source: str = "config") -> type[nnx.Module]:
+    name = class_name_of(config)
+    if name not in REGISTRY:
+        raise WeightsError(
+            f"{source}: model class {name!r} is not an SDXL component this package implements "
+            f"(supported: {', '.join(REGISTRY)})"
+        )
+    module_name, class_name = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise WeightsError(f"{folder}: missing config.json")
+    return json.loads(path.read_text())
+
+
+def resolve_folder(path: str | Path, subfolder: str | None = None) -> Path:
+    """A local component folder, or a Hub id ("org/name") downloaded with huggingface_hub (safetensors only)."""
+    local = Path(path) / subfolder if subfolder else Path(path)
+    if local.exists() or Path(path).exists():
+        return local
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        patterns = [f"{subfolder}/*.json", f"{subfolder}/*.safetensors"] if subfolder else ["*.json", "*.safetensors"]
+        root = Path(snapshot_download(str(path), allow_patterns=patterns))
+        return root / subfolder if subfolder else root
+    raise WeightsError(f"{local}: no such folder")
+
+
+def create(
+    config: Mapping[str, Any],
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    seed: int = 0,
+    **options: Any,
+) -> nnx.Module:
+    """A randomly initialised model of the class the config names."""
+    cls = model_class(config)
+    return cls.from_config(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed), **options)
+
+
+def abstract(config: Mapping[str, Any], **kwargs: Any) -> nnx.Module:
+    """The model with ``jax.ShapeDtypeStruct`` leaves: shapes and metadata, no memory."""
+    return nnx.eval_shape(lambda: create(config, **kwargs))
+
+
+def load(
+    path: str | Path,
+    *,
+    subfolder: str | None = None,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    sharding_fn: Callable[[nnx.Variable], jax.sharding.Sharding] | None = None,
+    **options: Any,
+) -> nnx.Module:
+    """Loads one component folder (``unet/``, ``vae/``, ``text_encoder/``, ``text_encoder_2/``).
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the weights. ``options``
+    are model switches such as ``attention="cudnn"`` or ``remat="dots"``.
+    """
+    folder = resolve_folder(path, subfolder)
+    config = read_config(folder)
+    cls = model_class(config, source=str(folder / "config.json"))
+    files = weights.find_weight_files(folder, cls.WEIGHTS_NAME)
+    model = abstract(config, dtype=dtype, param_dtype=param_dtype, **options)
+    weights.load_into(model, weights.SafetensorsReader(files), source=str(folder), sharding_fn=sharding_fn)
+    return model
+
+
+def save(model: nnx.Module, path: str | Path) -> Path:
+    """Writes ``config.json`` and the safetensors weights that diffusers / transformers load."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(thaw_config(model.config), indent=2, sort_keys=True) + "\n")
+    weights.save_safetensors(model, folder / model.WEIGHTS_NAME)
+    return folder
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of parameters; works on abstract models too."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,139 @@
+"""Device mesh, the logical-axis table, and shardings for parameters and batches.
+
+The mesh has three axes:
+
+* ``data``   — pure data parallelism: parameters replicated, the batch split (the old pmap layout);
+* ``fsdp``   — the batch split too, and parameters / optimizer state sharded along one dimension
+               each (ZeRO-3 style), gathered just in time by XLA inside the step;
+* ``tensor`` — attention heads, MLP width and convolution output channels split across chips.
+
+Weights carry logical axis names (``flax_train.models.layers``); ``RULES`` maps each name to a mesh
+axis. A dimension whose size does not divide by its mesh axis is replicated instead: small models
+(the demo) then still run on any mesh, and the choice is logged once per shape.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flax_train.config import MESH_AXES, MeshConfig, resolve_mesh_shape
+
+# The batch dimension is split over every axis that replicates computation per example.
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name -> mesh axis, tuple of mesh axes, or None (replicated). One table for every model.
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    "embed": "fsdp",
+    "conv_in": "fsdp",
+    "vocab": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "conv_out": "tensor",
+    "norm": None,
+}
+
+
+def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over ``devices`` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(mesh_cfg, len(devices))
+    dims = tuple(sizes[axis] for axis in MESH_AXES)
+    try:
+        # Topology-aware placement on TPU/GPU (keeps `tensor` on the fastest links).
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(dims, devices=devices)
+    except (ValueError, NotImplementedError, AssertionError):
+        grid = np.asarray(devices).reshape(dims)
+    return Mesh(grid, MESH_AXES)
+
+
+def spec_for(
+    axes: tuple[str | None, ...] | None,
+    shape: tuple[int, ...],
+    mesh: Mesh,
+    rules: Mapping[str, str | tuple[str, ...] | None] = RULES,
+) -> P:
+    """The PartitionSpec of one array from its logical axes; indivisible dims are replicated."""
+    if not axes:
+        return P()
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule")
+        target = rules.get(name) if name is not None else None
+        mesh_axes = tuple(a for a in ((target,) if isinstance(target, str) else (target or ())) if mesh.shape[a] > 1)
+        ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or used.intersection(mesh_axes) or size % ways:
+            spec.append(None)
+        else:
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+            used.update(mesh_axes)
+    return P(*spec)
+
+
+def merged_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The default table with a config's ``mesh.rules`` entries on top."""
+    return {**RULES, **dict(overrides or {})}
+
+
+def variable_sharding(variable: nnx.Variable, mesh: Mesh, rules: Mapping[str, str | None] = RULES) -> NamedSharding:
+    axes = variable.get_metadata().get("axes")
+    return NamedSharding(mesh, spec_for(axes, tuple(variable.get_value().shape), mesh, rules))
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Mapping[str, Any] = RULES) -> Any:
+    """Shardings for a pytree holding NNX Variables (abstract or concrete), with the tree's own
+    structure: Variables follow their logical ``axes`` (optimizer moments inherit the parameters'
+    axes), every other leaf (step counters, RNG keys) is replicated."""
+    return jax.tree.map(
+        lambda x: x.replace(variable_sharding(x, mesh, rules)) if isinstance(x, nnx.Variable) else replicated(mesh),
+        tree,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension split over data and fsdp; the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def initialize_distributed() -> None:
+    """Starts JAX's multi-process runtime when this is one process of many.
+
+    On a TPU pod slice ``jax.distributed.initialize()`` finds its peers by itself; elsewhere the
+    coordinator address, process count and id come from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID. A single process on one host needs none of it.
+    """
+    if jax.distributed.is_initialized():
+        return
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if address:
+        # Must not touch a backend before initialize(): decide CPU collectives from the environment.
+        if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+        jax.distributed.initialize()

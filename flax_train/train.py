@@ -1,0 +1,468 @@
+"""The SDXL UNet trainer, top to bottom in pipeline order:
+
+mesh -> latent cache and loader -> UNet (sharded) and optimizer -> resume -> compiled step -> loop
+(metrics one step late, checkpoints, validation images, preemption) -> export.
+
+The step is one ``jax.jit`` with explicit in/out shardings and donated state, compiled ahead of
+time so that shape, sharding and memory problems surface before step 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from flax_train import checkpoint, config as config_lib, diffusion, metrics, models, optim, pipeline, sharding
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: nnx.State  # the UNet's parameters, param_dtype (fp32 by default)
+    opt_state: Any
+    ema: nnx.State | None  # exponential moving average of params (None when EMA is off)
+    rng: jax.Array  # raw uint32 PRNG key; per-step keys are folded in from the step number
+    skipped: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """The static part of the step: everything it needs that is not an array."""
+
+    prediction_type: str
+    snr_gamma: float | None
+    noise_offset: float
+    caption_dropout: float
+    grad_accum_steps: int
+    ema_decay: float
+    ema_start_step: int
+    ema_every: int
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and step
+
+
+def diffusion_loss(
+    params: nnx.State,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    graphdef: nnx.GraphDef,
+    schedule: diffusion.NoiseSchedule,
+    timestep_weights: jax.Array | None,
+    empty: dict[str, jax.Array],
+    cfg: StepConfig,
+) -> jax.Array:
+    unet = nnx.merge(graphdef, params)
+    latents = batch["latents"].astype(jnp.float32)
+    k_noise, k_time, k_drop = jax.random.split(key, 3)
+    noise = diffusion.sample_noise(k_noise, latents.shape, cfg.noise_offset)
+    t = diffusion.sample_timesteps(k_time, latents.shape[0], timestep_weights, schedule.num_train_timesteps)
+    noisy = diffusion.add_noise(schedule, latents, noise, t)
+    prompt_embeds, pooled = diffusion.drop_captions(
+        k_drop,
+        batch["prompt_embeds"],
+        batch["pooled_prompt_embeds"],
+        empty["prompt_embeds"],
+        empty["pooled_prompt_embeds"],
+        cfg.caption_dropout,
+    )
+    pred = unet(noisy, t, prompt_embeds, text_embeds=pooled, time_ids=batch["add_time_ids"]).astype(jnp.float32)
+    target = diffusion.target(schedule, cfg.prediction_type, latents, noise, t)
+    per_example = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, pred.ndim)))
+    if cfg.snr_gamma:
+        per_example = per_example * diffusion.min_snr_weight(schedule, t, cfg.snr_gamma, cfg.prediction_type)
+    return per_example.mean()
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    schedule: diffusion.NoiseSchedule,
+    timestep_weights: jax.Array | None,
+    empty: dict[str, jax.Array],
+    cfg: StepConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    key = jax.random.fold_in(state.rng, state.step)
+    loss_fn = functools.partial(
+        diffusion_loss, graphdef=graphdef, schedule=schedule, timestep_weights=timestep_weights, empty=empty, cfg=cfg
+    )
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    if cfg.grad_accum_steps == 1:
+        loss, grads = grad_fn(state.params, batch, key)
+    else:
+        # Micro-batches run one after another inside the step: one optimizer update, fixed shapes.
+        micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum_steps, -1, *x.shape[1:]), batch)
+
+        def accumulate(carry, inputs):
+            loss_sum, grad_sum = carry
+            index, micro_batch = inputs
+            loss, grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, index))
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(
+            accumulate, (jnp.zeros((), jnp.float32), zeros), (jnp.arange(cfg.grad_accum_steps), micro)
+        )
+        loss = loss_sum / cfg.grad_accum_steps
+        grads = jax.tree.map(lambda g: g / cfg.grad_accum_steps, grad_sum)
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    # A non-finite loss or gradient never reaches the parameters (so no checkpoint is poisoned);
+    # the host decides from the metrics whether to carry on or stop.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_finite(params, state.params)
+    opt_state = keep_if_finite(opt_state, state.opt_state)
+
+    ema = state.ema
+    if ema is not None:
+        due = finite & (state.step >= cfg.ema_start_step) & (state.step % cfg.ema_every == 0)
+        decay = jnp.where(due, cfg.ema_decay, 1.0)
+        # Before start_step the average simply follows the parameters.
+        decay = jnp.where(state.step < cfg.ema_start_step, 0.0, decay)
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(e.dtype), ema, params)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        ema=ema,
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    step_metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "learning_rate": lr_schedule(state.step),
+        "finite": finite,
+    }
+    return new_state, step_metrics
+
+
+# --------------------------------------------------------------------------------------------
+# State creation (abstract first, then shardings, then sharded creation)
+
+
+def unet_options(cfg: config_lib.Config) -> dict[str, Any]:
+    return dict(
+        dtype=jnp.dtype(cfg.model.dtype),
+        param_dtype=jnp.dtype(cfg.model.param_dtype),
+        attention=cfg.model.attention,
+        remat=cfg.model.remat,
+    )
+
+
+def unet_architecture(cfg: config_lib.Config, base: Path) -> dict[str, Any]:
+    """``model.unet_config`` when set (training from scratch), else the pipeline folder's UNet."""
+    if cfg.model.unet_config is not None:
+        return pipeline.unet_config(cfg.model.unet_config, cfg.data.resolution)
+    return models.read_config(models.resolve_folder(base, "unet"))
+
+
+def build_unet(
+    cfg: config_lib.Config, mesh: jax.sharding.Mesh, base: Path, rules: dict[str, Any]
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """The UNet's graph and parameters, each parameter created directly in its sharding.
+
+    With ``model.unet_config`` set the UNet starts from random weights of that architecture;
+    otherwise it is loaded from the pipeline folder's ``unet/``.
+    """
+    options = unet_options(cfg)
+    if cfg.model.unet_config is None:
+        place = functools.partial(sharding.variable_sharding, mesh=mesh, rules=rules)
+        unet = models.load(base, subfolder="unet", sharding_fn=place, **options)
+        return nnx.split(unet, nnx.Param)
+    architecture = unet_architecture(cfg, base)
+    graphdef, abstract_params = nnx.split(models.abstract(architecture, **options), nnx.Param)
+
+    @functools.partial(jax.jit, out_shardings=sharding.tree_shardings(abstract_params, mesh, rules))
+    def init():
+        return nnx.split(models.create(architecture, seed=cfg.train.seed, **options), nnx.Param)[1]
+
+    return graphdef, init()
+
+
+def build_optimizer(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    t = cfg.train
+    lr = optim.learning_rate_schedule(
+        t.learning_rate, kind=t.lr_schedule, warmup_steps=t.warmup_steps, total_steps=t.max_steps
+    )
+    tx = optim.make_optimizer(
+        t.optimizer,
+        lr,
+        b1=t.betas[0],
+        b2=t.betas[1],
+        eps=t.eps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+    )
+    return tx, lr
+
+
+def initial_state_fn(cfg: config_lib.Config, tx: optax.GradientTransformation) -> Callable[[nnx.State], TrainState]:
+    def init(params: nnx.State) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema=jax.tree.map(jnp.copy, params) if cfg.train.ema.enabled else None,
+            rng=jax.random.PRNGKey(cfg.train.seed),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    return init
+
+
+def build_state(
+    cfg: config_lib.Config,
+    params: nnx.State,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules: dict[str, Any],
+) -> tuple[TrainState, Any]:
+    """The initial TrainState, sharded; and the sharding tree of the state for jit and restore."""
+    init = initial_state_fn(cfg, tx)
+    state_shardings = sharding.tree_shardings(jax.eval_shape(init, params), mesh, rules)
+    param_shardings = sharding.tree_shardings(params, mesh, rules)
+    state = jax.jit(init, in_shardings=(param_shardings,), out_shardings=state_shardings)(params)
+    return state, state_shardings
+
+
+def compile_step(
+    step_fn: Callable,
+    state: TrainState,
+    state_shardings: Any,
+    batch_shapes: dict[str, jax.ShapeDtypeStruct],
+    mesh: jax.sharding.Mesh,
+) -> tuple[Any, float]:
+    """Lowers and compiles the step ahead of time; returns the executable and the compile seconds."""
+    batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch_shapes.items()
+    }
+    start = time.perf_counter()
+    compiled = jitted.lower(abstract_state, abstract_batch).compile()
+    return compiled, time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    losses: list[float]
+    export_dir: Path | None
+    stopped_by_preemption: bool
+
+
+def step_config(cfg: config_lib.Config, prediction_type: str) -> StepConfig:
+    t = cfg.train
+    return StepConfig(
+        prediction_type=prediction_type,
+        snr_gamma=t.snr_gamma,
+        noise_offset=t.noise_offset,
+        caption_dropout=t.caption_dropout,
+        grad_accum_steps=t.grad_accum_steps,
+        ema_decay=t.ema.decay,
+        ema_start_step=t.ema.start_step,
+        ema_every=t.ema.every,
+    )
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
+    """Each process contributes its local rows; together they form the global, sharded batch."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
+
+
+def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResult:
+    """Runs (or resumes) the training described by ``cfg``; ``max_steps`` stops early (tests)."""
+    config_lib.validate(cfg, jax.device_count())
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        config_lib.save(cfg, run_dir / "config.yaml")
+
+    # 1. Mesh.
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.merged_rules(cfg.mesh.rules)
+    log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    # 2. Pipeline folder, latent cache and loader.
+    base = pipeline.pipeline_folder(cfg)
+    cache = pipeline.open_cache(cfg, base)
+    scheduler_config = pipeline.scheduler_config(base)
+    schedule = diffusion.NoiseSchedule.from_scheduler_config(scheduler_config)
+    prediction_type = cfg.model.prediction_type or scheduler_config.get("prediction_type", "epsilon")
+    loader = pipeline.make_loader(cfg, cache)
+    empty = {k: jnp.asarray(v) for k, v in cache.empty_prompt().items()}
+
+    # 3. UNet and optimizer, created sharded.
+    graphdef, params = build_unet(cfg, mesh, base, rules)
+    tx, lr = build_optimizer(cfg)
+    state, state_shardings = build_state(cfg, params, tx, mesh, rules)
+    del params
+    log.info("UNet: %s parameters", f"{models.count_params(nnx.merge(graphdef, state.params)):,}")
+
+    # 4. Resume: the newest checkpoint in the run directory, if any.
+    ckpt = checkpoint.Checkpointer(
+        cfg.checkpoint.dir or run_dir / "checkpoints",
+        keep=cfg.checkpoint.keep,
+        every_steps=cfg.checkpoint.every_steps,
+        use_async=cfg.checkpoint.async_save,
+    )
+    if cfg.checkpoint.resume and ckpt.latest_step() is not None:
+        abstract = checkpoint.abstract_with_shardings(jax.eval_shape(lambda: state), state_shardings)
+        state, data_state = ckpt.restore(abstract)
+        if data_state:
+            loader.set_state(data_state)
+        log.info("resumed from step %d", int(state.step))
+
+    # 5. The step, compiled ahead of time.
+    weights = None
+    if cfg.train.timestep_bias.strategy != "none":
+        b = cfg.train.timestep_bias
+        weights = jnp.asarray(
+            diffusion.timestep_weights(schedule.num_train_timesteps, b.strategy, b.multiplier, b.portion, b.begin, b.end)
+        )
+    step_fn = functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        lr_schedule=lr,
+        schedule=schedule,
+        timestep_weights=weights,
+        empty=empty,
+        cfg=step_config(cfg, prediction_type),
+    )
+    first = next(loader)
+    local_rows = cfg.train.global_batch_size * cfg.train.grad_accum_steps // jax.process_count()
+    batch_shapes = {
+        k: jax.ShapeDtypeStruct((cfg.train.global_batch_size * cfg.train.grad_accum_steps, *v.shape[1:]), v.dtype)
+        for k, v in first.items()
+    }
+    assert all(v.shape[0] == local_rows for v in first.values()), "loader batch does not match the config"
+    compiled, compile_s = compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
+    flops = metrics.compiled_flops(compiled)
+    log.info("step compiled in %.1f s; %s", compile_s, metrics.memory_summary(compiled))
+    chip = cfg.logging.chip or metrics.detect_chip()
+    peak = cfg.logging.peak_tflops or config_lib.CHIP_PEAK_TFLOPS.get(chip or "", None)
+    batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
+
+    # 6. The loop.
+    writer = metrics.MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, jsonl=cfg.logging.jsonl)
+    validator = pipeline.Validator(cfg, base, run_dir, writer) if cfg.validation.every_steps else None
+    start_step = int(state.step)
+    end_step = cfg.train.max_steps if max_steps is None else min(cfg.train.max_steps, max_steps)
+    losses: list[float] = []
+    pending: tuple[int, dict, float] | None = None
+    preempted = False
+    bar = tqdm(total=end_step, initial=start_step, desc="train", disable=jax.process_index() != 0, unit="step")
+    last_time = time.perf_counter()
+    batch = first
+
+    def report(step: int, values: dict[str, Any], seconds: float) -> None:
+        values = jax.device_get(values)
+        if not bool(values["finite"]):
+            if cfg.train.nan_policy == "stop":
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {step}; the update was not applied and no "
+                    "checkpoint holds it. Lower the learning rate or set train.nan_policy=skip."
+                )
+            log.warning("step %d: non-finite loss or gradient; update skipped", step)
+        losses.append(float(values["loss"]))
+        if step % cfg.logging.every_steps == 0 or step == end_step:
+            scalars = {k: float(v) for k, v in values.items() if k != "finite"}
+            scalars.update(metrics.throughput(seconds, cfg.train.global_batch_size * cfg.train.grad_accum_steps, flops, peak))
+            writer.scalars(step, scalars)
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+
+    with checkpoint.PreemptionGuard() as guard:
+        step = start_step
+        while step < end_step:
+            state, step_metrics = compiled(state, global_batch(batch, batch_shardings))
+            step += 1
+            # Metrics of the previous step leave the device now that this one is queued.
+            if pending is not None:
+                report(*pending)
+            now = time.perf_counter()
+            pending = (step, step_metrics, now - last_time)
+            last_time = now
+            bar.update(1)
+            if ckpt.due(step) or step == end_step:
+                report(*pending)
+                pending = None
+                ckpt.save(step, state, loader.get_state(), force=step == end_step)
+            if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
+                validator.run(step, graphdef, state.ema if state.ema is not None else state.params)
+            if guard.stop or ckpt.preempted(step):
+                if pending is not None:
+                    report(*pending)
+                    pending = None
+                ckpt.save(step, state, loader.get_state(), force=True)
+                preempted = True
+                break
+            batch = next(loader)
+        if pending is not None:
+            report(*pending)
+    bar.close()
+    ckpt.close()
+
+    export_dir = None
+    if cfg.export.at_end and not preempted and step >= cfg.train.max_steps:
+        use_ema = cfg.export.use_ema if cfg.export.use_ema is not None else cfg.train.ema.enabled
+        params = state.ema if (use_ema and state.ema is not None) else state.params
+        export_dir = pipeline.export(cfg, base, graphdef, params, run_dir)
+    writer.close()
+    return TrainResult(run_dir, step, losses, export_dir, preempted)
+
+
+def export_from_checkpoint(cfg: config_lib.Config, *, out: str | Path | None = None, use_ema: bool = True) -> Path:
+    """Writes a diffusers folder from the newest checkpoint of ``cfg.run_dir``."""
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.merged_rules(cfg.mesh.rules)
+    base = pipeline.pipeline_folder(cfg)
+    graphdef, abstract_params = nnx.split(models.abstract(unet_architecture(cfg, base), **unet_options(cfg)), nnx.Param)
+    tx, _ = build_optimizer(cfg)
+    abstract_state = jax.eval_shape(initial_state_fn(cfg, tx), abstract_params)
+    shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+    ckpt = checkpoint.Checkpointer(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints", use_async=False)
+    state, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract_state, shardings))
+    ckpt.close()
+    params = state.ema if (use_ema and state.ema is not None) else state.params
+    if out is not None:
+        cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dir=str(out)))
+    return pipeline.export(cfg, base, graphdef, params, Path(cfg.run_dir))

@@ -1,0 +1,516 @@
+"""The config system: every shipped YAML loads and validates, layering and overrides work, and
+every kind of mistake is reported with the key that causes it. No JAX here."""
+
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from flax_train import config as cfg
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
+# Devices of the machine each preset is written for (a v5p-8 has 4 chips).
+PRESET_DEVICES = {
+    "tpu_v5e_8": 8,
+    "tpu_v5p_8": 4,
+    "tpu_v6e_8": 8,
+    "gpu_h100": 8,
+    "cpu_8": 8,
+    "mesh_data_parallel": 8,
+    "mesh_fsdp": 8,
+    "mesh_hybrid": 8,
+}
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped files.
+
+
+def test_the_required_files_exist():
+    names = {p.name for p in RECIPES}
+    assert {"sdxl_base.yaml", "demo.yaml"} <= names
+    assert {p.stem for p in PRESETS} == set(PRESET_DEVICES)
+    assert cfg.DEMO_CONFIG.is_file()
+
+
+@pytest.mark.parametrize("path", RECIPES + PRESETS, ids=lambda p: p.name)
+def test_every_yaml_starts_with_the_command_that_runs_it(path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert any("flax-train train" in line and "--config configs/" in line for line in header), path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipes_load_and_validate_on_8_devices(path):
+    config = cfg.load(path)
+    cfg.validate(config, num_devices=8)
+    cfg.validate(config)
+
+
+@pytest.mark.parametrize("recipe", ["sdxl_base.yaml", "demo.yaml"])
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_presets_layer_on_recipes(recipe, preset):
+    base = cfg.load(CONFIGS / recipe)
+    layered = cfg.load([CONFIGS / recipe, preset])
+    cfg.validate(layered, num_devices=PRESET_DEVICES[preset.stem])
+    # The preset changes what it names and nothing else.
+    assert layered.data == base.data
+    assert layered.run_dir == base.run_dir
+    assert layered.model.pretrained == base.model.pretrained
+
+
+def test_sdxl_base_is_the_documented_recipe():
+    c = cfg.load(CONFIGS / "sdxl_base.yaml")
+    assert c.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert (c.model.dtype, c.model.param_dtype) == ("bfloat16", "float32")
+    assert c.data.resolution == 1024
+    assert (c.train.optimizer, c.train.lr_schedule, c.train.learning_rate) == ("adamw", "constant", 1e-6)
+    assert c.train.warmup_steps > 0 and c.train.ema.enabled and c.model.remat != "none"
+    assert cfg.resolve_mesh_shape(c.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+
+
+def test_demo_is_a_small_offline_fsdp_run():
+    c = cfg.load(cfg.DEMO_CONFIG)
+    assert c.model.pretrained is None and c.model.unet_config == "tiny"
+    assert c.data.source == "synthetic" and c.data.resolution == 64
+    assert 100 <= c.train.max_steps <= 1000
+    assert cfg.resolve_mesh_shape(c.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert c.checkpoint.every_steps > 0 and c.validation.every_steps > 0 and c.validation.prompts
+    assert c.export.at_end
+
+
+def test_hybrid_preset_resolves_to_two_replicas():
+    c = cfg.load([CONFIGS / "demo.yaml", CONFIGS / "presets" / "mesh_hybrid.yaml"])
+    assert cfg.resolve_mesh_shape(c.mesh, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    c = cfg.load([CONFIGS / "demo.yaml", CONFIGS / "presets" / "mesh_data_parallel.yaml"])
+    assert cfg.resolve_mesh_shape(c.mesh, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Layering: base files and several files in order.
+
+
+def test_base_is_relative_to_the_file_and_applied_first(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "root.yaml", "train: {max_steps: 5, seed: 3}\nrun_dir: r\n")
+    write(tmp_path / "sub" / "mid.yaml", "base: ../root.yaml\ntrain: {max_steps: 7}\n")
+    child = write(tmp_path / "sub" / "child.yaml", "base: mid.yaml\ntrain:\n  ema: {enabled: true}\n")
+    c = cfg.load(child)
+    assert c.train.max_steps == 7  # mid overrides root
+    assert c.train.seed == 3  # root's key survives: sections merge key by key
+    assert c.train.ema.enabled and c.train.ema.decay == cfg.EmaConfig().decay
+    assert c.run_dir == "r"
+
+
+def test_list_of_bases_and_list_of_files_apply_in_order(tmp_path):
+    write(tmp_path / "a.yaml", "train: {max_steps: 1, seed: 1}\n")
+    write(tmp_path / "b.yaml", "train: {max_steps: 2}\n")
+    c = write(tmp_path / "c.yaml", "base: [a.yaml, b.yaml]\n")
+    d = write(tmp_path / "d.yaml", "train: {seed: 4}\n")
+    assert cfg.load(c).train.max_steps == 2
+    both = cfg.load([c, d])
+    assert (both.train.max_steps, both.train.seed) == (2, 4)
+    reversed_order = cfg.load([d, tmp_path / "a.yaml"])
+    assert reversed_order.train.seed == 1
+
+
+def test_lists_are_replaced_not_merged(tmp_path):
+    write(tmp_path / "a.yaml", "validation: {prompts: [one, two, three]}\n")
+    b = write(tmp_path / "b.yaml", "base: a.yaml\nvalidation: {prompts: [four]}\n")
+    assert cfg.load(b).validation.prompts == ("four",)
+
+
+def test_base_cycle_and_missing_base_are_errors(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(cfg.ConfigError, match="a.yaml -> .*b.yaml -> .*a.yaml"):
+        cfg.load(tmp_path / "a.yaml")
+    write(tmp_path / "c.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(cfg.ConfigError, match="nowhere.yaml.*base of .*c.yaml"):
+        cfg.load(tmp_path / "c.yaml")
+
+
+def test_empty_file_gives_defaults_and_non_mapping_is_an_error(tmp_path):
+    assert cfg.load(write(tmp_path / "empty.yaml", "# nothing\n")) == cfg.Config()
+    with pytest.raises(cfg.ConfigError, match="mapping of sections"):
+        cfg.load(write(tmp_path / "list.yaml", "- a\n- b\n"))
+
+
+def test_duplicate_keys_and_bad_yaml_are_errors(tmp_path):
+    with pytest.raises(cfg.ConfigError, match="dup.yaml.*duplicate key 'seed' at line 3"):
+        cfg.load(write(tmp_path / "dup.yaml", "train:\n  seed: 1\n  seed: 2\n"))
+    with pytest.raises(cfg.ConfigError, match="bad.yaml: not valid YAML"):
+        cfg.load(write(tmp_path / "bad.yaml", "train: [unclosed\n"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides.
+
+
+def test_overrides_nested_lists_and_types():
+    c = cfg.load(
+        cfg.DEMO_CONFIG,
+        [
+            "train.learning_rate=1e-5",  # YAML 1.1 would read a string; we read a number
+            "train.max_steps=2e3",  # a whole number is an integer
+            "train.ema.decay=0.5",
+            "train.ema.enabled=false",
+            "train.betas=[0.8, 0.95]",
+            "validation.prompts=[a cat, 'a dog, sitting']",
+            "train.max_grad_norm=null",
+            "train.snr_gamma=5",  # an integer where a number is expected
+            "run_dir=gs://bucket/runs/x",
+            "model.unet_config={block_out_channels: [32, 64], layers_per_block: 1}",
+            "model.pretrained=/data/sdxl",
+        ],
+    )
+    assert c.train.learning_rate == 1e-5 and isinstance(c.train.learning_rate, float)
+    assert c.train.max_steps == 2000 and isinstance(c.train.max_steps, int)
+    assert c.train.ema == cfg.EmaConfig(enabled=False, decay=0.5, start_step=0, every=1)
+    assert c.train.betas == (0.8, 0.95)
+    assert c.validation.prompts == ("a cat", "a dog, sitting")
+    assert c.train.max_grad_norm is None
+    assert c.train.snr_gamma == 5.0 and isinstance(c.train.snr_gamma, float)
+    assert c.run_dir == "gs://bucket/runs/x"
+    assert c.model.unet_config == {"block_out_channels": (32, 64), "layers_per_block": 1}
+    cfg.validate(c, num_devices=8)
+
+
+def test_override_returns_a_new_config_and_later_overrides_win():
+    base = cfg.load(cfg.DEMO_CONFIG)
+    changed = cfg.apply_overrides(base, ["train.seed=1", "train.seed=2"])
+    assert changed.train.seed == 2 and base.train.seed == 0
+
+
+def test_override_of_a_whole_section_merges_its_keys():
+    c = cfg.apply_overrides(cfg.Config(), ["train.ema={enabled: true}"])
+    assert c.train.ema.enabled and c.train.ema.decay == cfg.EmaConfig().decay
+
+
+def test_override_one_string_where_a_list_is_expected():
+    c = cfg.apply_overrides(cfg.Config(), ["validation.prompts=a single prompt"])
+    assert c.validation.prompts == ("a single prompt",)
+
+
+def test_override_inside_a_free_form_table_keeps_the_rest():
+    c = cfg.apply_overrides(cfg.Config(), ["mesh.rules={embed: fsdp, heads: tensor}", "mesh.rules.mlp=[fsdp, tensor]"])
+    assert c.mesh.rules == {"embed": "fsdp", "heads": "tensor", "mlp": ("fsdp", "tensor")}
+    c = cfg.apply_overrides(c, ["mesh.rules.heads=null"])
+    assert c.mesh.rules["heads"] is None and c.mesh.rules["embed"] == "fsdp"
+
+
+def test_malformed_overrides():
+    with pytest.raises(cfg.ConfigError, match="expected key=value"):
+        cfg.apply_overrides(cfg.Config(), ["train.seed"])
+    with pytest.raises(cfg.ConfigError, match="'train.seed' is an integer; it has no key 'x'"):
+        cfg.apply_overrides(cfg.Config(), ["train.seed.x=1"])
+    with pytest.raises(TypeError):
+        cfg.apply_overrides(cfg.Config(), "train.seed=1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Unknown keys and wrong types.
+
+
+@pytest.mark.parametrize(
+    "override, unknown, suggestion",
+    [
+        ("train.lerning_rate=1e-4", "train.lerning_rate", "train.learning_rate"),
+        ("trian.seed=1", "trian", "train"),
+        ("train.ema.decy=0.9", "train.ema.decy", "train.ema.decay"),
+        ("train.resolution=512", "train.resolution", "data.resolution"),  # the right key, wrong section
+        ("mesh.fdsp=4", "mesh.fdsp", "mesh.fsdp"),
+    ],
+)
+def test_unknown_key_names_full_path_and_closest_key(override, unknown, suggestion):
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.apply_overrides(cfg.Config(), [override])
+    assert f"unknown key '{unknown}'" in str(info.value)
+    assert f"did you mean '{suggestion}'?" in str(info.value)
+
+
+def test_unknown_key_without_a_close_match_lists_the_valid_ones():
+    with pytest.raises(cfg.ConfigError, match="unknown key 'export.zzz'; valid keys here: at_end, use_ema"):
+        cfg.apply_overrides(cfg.Config(), ["export.zzz=1"])
+
+
+def test_unknown_key_in_a_file_names_the_file(tmp_path):
+    path = write(tmp_path / "typo.yaml", "data:\n  synthetic:\n    num_imgs: 3\n")
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.load(path)
+    message = str(info.value)
+    assert "typo.yaml" in message
+    assert "unknown key 'data.synthetic.num_imgs'; did you mean 'data.synthetic.num_images'?" in message
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten' (a string)"),
+        ("train.max_steps=10.5", "train.max_steps: expected an integer, got 10.5 (a number)"),
+        ("train.max_steps=true", "train.max_steps: expected an integer, got True (a boolean)"),
+        ("train.learning_rate=fast", "train.learning_rate: expected a number, got 'fast' (a string)"),
+        ("data.random_flip=1", "data.random_flip: expected true or false, got 1 (an integer)"),
+        ("model.dtype=16", "model.dtype: expected a string, got 16 (an integer)"),
+        ("train.betas=[0.9]", "train.betas: expected a list of 2 items"),
+        ("train.betas=[0.9, x]", "train.betas[1]: expected a number, got 'x' (a string)"),
+        ("validation.prompts=[a, 3]", "validation.prompts[1]: expected a string, got 3"),
+        ("model.unet_config=[1, 2]", "model.unet_config: expected a string or a mapping or null"),
+        ("train.ema=3", "train.ema: expected a mapping of keys, got 3"),
+        ("mesh.rules.embed=7", "mesh.rules.embed: expected a string or a list"),
+        ("train.seed=null", "train.seed: expected an integer, got None (null)"),
+    ],
+)
+def test_type_errors_name_key_expected_type_and_value(override, expected):
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.apply_overrides(cfg.Config(), [override])
+    assert expected in str(info.value)
+
+
+def test_type_error_in_a_file(tmp_path):
+    path = write(tmp_path / "types.yaml", "checkpoint:\n  keep: many\n")
+    with pytest.raises(cfg.ConfigError, match=r"types.yaml: checkpoint.keep: expected an integer or null, got 'many'"):
+        cfg.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values.
+
+
+def demo(*overrides: str) -> cfg.Config:
+    return cfg.load(cfg.DEMO_CONFIG, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.learning_rate=0"], "train.learning_rate"),
+        (["train.learning_rate=-1e-4"], "train.learning_rate"),
+        (["train.learning_rate=.nan"], "train.learning_rate"),
+        (["train.global_batch_size=12"], "train.global_batch_size=12 is not divisible by the data-parallel size 8"),
+        (["train.global_batch_size=0"], "train.global_batch_size"),
+        (["train.grad_accum_steps=0"], "train.grad_accum_steps"),
+        (["train.max_steps=0"], "train.max_steps"),
+        (["train.warmup_steps=301"], "train.warmup_steps"),
+        (["train.warmup_steps=-1"], "train.warmup_steps"),
+        (["data.resolution=100"], "data.resolution must be a positive multiple of 8"),
+        (["data.resolution=0"], "data.resolution"),
+        (["validation.resolution=60"], "validation.resolution"),
+        (["train.optimizer=sgd"], "train.optimizer: unknown value 'sgd'"),
+        (["train.optimizer=adamww"], "did you mean 'adamw'?"),
+        (["train.lr_schedule=cosine_with_restarts"], "train.lr_schedule"),
+        (["model.prediction_type=sample"], "model.prediction_type"),
+        (["model.remat=everything"], "model.remat"),
+        (["model.attention=flash"], "model.attention"),
+        (["model.dtype=float16"], "model.dtype"),
+        (["model.param_dtype=int8"], "model.param_dtype"),
+        (["model.unet_config=huge"], "model.unet_config"),
+        (["model.unet_config={layers_per_block: 1}"], "model.pretrained is null"),
+        (["train.timestep_bias.strategy=middle"], "train.timestep_bias.strategy"),
+        (["train.timestep_bias.multiplier=0"], "train.timestep_bias.multiplier"),
+        (["train.timestep_bias.portion=1.5"], "train.timestep_bias.portion"),
+        (["train.timestep_bias.portion=0"], "train.timestep_bias.portion"),
+        (["train.timestep_bias.begin=500", "train.timestep_bias.end=400"], "train.timestep_bias.begin/end"),
+        (["train.timestep_bias.end=1001"], "train.timestep_bias.begin/end"),
+        (["train.ema.decay=1"], "train.ema.decay must be in (0, 1)"),
+        (["train.ema.decay=0"], "train.ema.decay"),
+        (["train.ema.every=0"], "train.ema.every"),
+        (["train.caption_dropout=1.2"], "train.caption_dropout must be in [0, 1]"),
+        (["train.caption_dropout=-0.1"], "train.caption_dropout"),
+        (["train.betas=[0.9, 1.0]"], "train.betas"),
+        (["train.eps=0"], "train.eps"),
+        (["train.weight_decay=-1"], "train.weight_decay"),
+        (["train.max_grad_norm=0"], "train.max_grad_norm"),
+        (["train.snr_gamma=0"], "train.snr_gamma"),
+        (["train.noise_offset=-0.1"], "train.noise_offset"),
+        (["train.nan_policy=ignore"], "train.nan_policy"),
+        (["data.source=webdataset"], "data.source"),
+        (["data.source=imagefolder"], "data.path is required"),
+        (["data.crop=left"], "data.crop"),
+        (["data.latent_mode=mode"], "data.latent_mode"),
+        (["data.max_pixels=0"], "data.max_pixels"),
+        (["data.synthetic.num_images=0"], "data.synthetic.num_images"),
+        (["mesh.data=-1"], "only one axis may be -1"),
+        (["mesh.fsdp=3"], "mesh: data=1 x fsdp=3 x tensor=1 needs 3 devices, but there are 8"),
+        (["mesh.data=3"], "the fixed axes take 3, which does not divide 8"),
+        (["mesh.tensor=0"], "mesh.tensor must be a positive number of devices or -1"),
+        (["mesh.rules={embed: model}"], "mesh.rules.embed: unknown value 'model'"),
+        (["checkpoint.keep=0"], "checkpoint.keep"),
+        (["checkpoint.every_steps=-5"], "checkpoint.every_steps"),
+        (["validation.prompts=[]"], "validation.prompts is empty"),
+        (["validation.num_steps=0"], "validation.num_steps"),
+        (["validation.guidance_scale=-1"], "validation.guidance_scale"),
+        (["validation.scheduler=dpm"], "validation.scheduler"),
+        (["train.ema.enabled=false", "export.use_ema=true"], "export.use_ema is true but train.ema.enabled is false"),
+        (["logging.every_steps=0"], "logging.every_steps"),
+        (["logging.chip=tpu_v7"], "logging.chip"),
+        (["logging.peak_tflops=0"], "logging.peak_tflops"),
+        (["run_dir=''"], "run_dir"),
+    ],
+)
+def test_invalid_values_are_named(overrides, key):
+    config = demo(*overrides)  # well typed: loading succeeds
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.validate(config, num_devices=8)
+    assert key in str(info.value)
+
+
+def test_every_problem_is_reported_at_once():
+    config = demo("train.learning_rate=0", "data.resolution=30", "train.optimizer=sgd")
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.validate(config)
+    message = str(info.value)
+    assert "train.learning_rate" in message and "data.resolution" in message and "train.optimizer" in message
+
+
+def test_batch_divisibility_counts_data_times_fsdp_not_tensor():
+    hybrid = demo("mesh.data=2", "mesh.fsdp=-1", "mesh.tensor=2", "train.global_batch_size=4")
+    cfg.validate(hybrid, num_devices=8)  # data 2 x fsdp 2: 4 images split 4 ways
+    with pytest.raises(cfg.ConfigError, match="data-parallel size 4"):
+        cfg.validate(cfg.apply_overrides(hybrid, ["train.global_batch_size=6"]), num_devices=8)
+
+
+def test_fixed_mesh_is_checked_without_a_device_count():
+    with pytest.raises(cfg.ConfigError, match="data-parallel size 4"):
+        cfg.validate(demo("mesh.data=4", "mesh.fsdp=1", "train.global_batch_size=6"))
+    cfg.validate(demo("train.global_batch_size=6"))  # fsdp=-1: unknown until the devices are known
+
+
+def test_valid_edge_values_pass():
+    cfg.validate(
+        demo(
+            "train.caption_dropout=0",
+            "train.timestep_bias.strategy=range",
+            "train.timestep_bias.begin=0",
+            "train.timestep_bias.end=1000",
+            "train.timestep_bias.portion=1",
+            "train.warmup_steps=300",
+            "validation.every_steps=0",
+            "validation.prompts=[]",
+            "export.use_ema=false",
+            "train.ema.enabled=false",
+            "checkpoint.keep=null",
+            "model.prediction_type=v_prediction",
+        ),
+        num_devices=8,
+    )
+
+
+def test_inline_unet_config_with_a_pretrained_pipeline_is_valid():
+    c = demo("model.pretrained=/models/sdxl", "model.unet_config={block_out_channels: [32, 64]}")
+    cfg.validate(c, num_devices=8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh resolution.
+
+
+@pytest.mark.parametrize(
+    "axes, devices, shape",
+    [
+        ({"data": -1, "fsdp": 1, "tensor": 1}, 8, (8, 1, 1)),
+        ({"data": 1, "fsdp": -1, "tensor": 1}, 8, (1, 8, 1)),
+        ({"data": 2, "fsdp": -1, "tensor": 1}, 8, (2, 4, 1)),
+        ({"data": 2, "fsdp": -1, "tensor": 2}, 8, (2, 2, 2)),
+        ({"data": 1, "fsdp": 4, "tensor": -1}, 4, (1, 4, 1)),
+        ({"data": 2, "fsdp": 2, "tensor": 2}, 8, (2, 2, 2)),
+        ({"data": 1, "fsdp": -1, "tensor": 1}, 1, (1, 1, 1)),
+    ],
+)
+def test_resolve_mesh_shape(axes, devices, shape):
+    resolved = cfg.resolve_mesh_shape(cfg.MeshConfig(**axes), devices)
+    assert resolved == dict(zip(cfg.MESH_AXES, shape))
+    assert list(resolved) == list(cfg.MESH_AXES)
+
+
+@pytest.mark.parametrize(
+    "axes, devices, message",
+    [
+        ({"data": -1, "fsdp": -1}, 8, "only one axis may be -1"),
+        ({"data": 3, "fsdp": -1}, 8, "does not divide 8"),
+        ({"data": 2, "fsdp": 2}, 8, "needs 4 devices, but there are 8"),
+        ({"data": 0}, 8, "mesh.data must be a positive"),
+        ({"fsdp": -2}, 8, "mesh.fsdp must be a positive"),
+        ({}, 0, "number of devices must be positive"),
+    ],
+)
+def test_resolve_mesh_shape_errors(axes, devices, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.resolve_mesh_shape(cfg.MeshConfig(**axes), devices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving, immutability.
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_save_load_round_trip(tmp_path, path):
+    config = cfg.load(
+        path,
+        [
+            # Strings that YAML would read as other types unless the writer quotes them.
+            "validation.prompts=['1e5', 'yes', 'null', '3', 'a: b', '- x']",
+            "validation.negative_prompt='1.0e3'",
+            "mesh.rules={embed: fsdp, heads: [fsdp, tensor], norm: null}",
+            "train.learning_rate=1.5e-7",
+        ],
+    )
+    out = tmp_path / "run" / "config.yaml"
+    cfg.save(config, out)
+    again = cfg.load(out)
+    assert again == config
+    assert again.validation.prompts[:4] == ("1e5", "yes", "null", "3")
+
+
+def test_to_dict_is_plain_yaml_data():
+    d = cfg.to_dict(cfg.apply_overrides(cfg.Config(), ["mesh.rules={embed: [fsdp]}"]))
+    assert d["train"]["betas"] == [0.9, 0.999]
+    assert type(d["mesh"]["rules"]) is dict and d["mesh"]["rules"]["embed"] == ["fsdp"]
+    assert list(d) == [f.name for f in dataclasses.fields(cfg.Config)]
+
+
+def test_configs_are_immutable_and_hashable():
+    c = cfg.load(cfg.DEMO_CONFIG, ["model.unet_config={block_out_channels: [32, 64]}"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.train.seed = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        c.model.unet_config["block_out_channels"] = (1,)  # type: ignore[index]
+    assert isinstance(c.model.unet_config["block_out_channels"], tuple)
+    assert hash(c) == hash(cfg.load(cfg.DEMO_CONFIG, ["model.unet_config={block_out_channels: [32, 64]}"]))
+    assert dataclasses.replace(c, run_dir="elsewhere").run_dir == "elsewhere" and c.run_dir == "runs/demo"
+
+
+# ---------------------------------------------------------------------------------------------
+# Users coming from the diffusers scripts; the documentation.
+
+
+def test_diffusers_flag_names_point_to_real_keys():
+    keys = set(cfg._all_keys(cfg.Config))
+    for flag, key in cfg.DIFFUSERS_FLAGS.items():
+        assert key in keys, (flag, key)
+
+
+def test_a_diffusers_flag_name_is_answered_with_our_key():
+    with pytest.raises(cfg.ConfigError, match="diffusers' --gradient_checkpointing is 'model.remat' here"):
+        cfg.apply_overrides(cfg.Config(), ["model.gradient_checkpointing=true"])
+    with pytest.raises(cfg.ConfigError, match="diffusers' --train_batch_size is 'train.global_batch_size'"):
+        cfg.apply_overrides(cfg.Config(), ["train.train_batch_size=4"])
+
+
+def test_every_key_and_flag_is_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    for key in cfg._all_keys(cfg.Config):
+        assert f"`{key}`" in doc, key
+    for flag in cfg.DIFFUSERS_FLAGS:
+        assert f"--{flag}" in doc, flag

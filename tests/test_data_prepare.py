@@ -1,0 +1,281 @@
+"""`prepare` on a tiny SDXL folder: the cache holds what the Flax models compute, on any device count; bad files
+are skipped and reported; interrupted runs resume; a mismatched cache is refused."""
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from flax_train.data import synthetic
+from flax_train.data.cache import (
+    EMPTY_PROMPT,
+    MANIFEST,
+    PLAN,
+    SKIPPED,
+    CacheMismatchError,
+    LatentCache,
+    read_json,
+    shard_path,
+    verify_cache,
+    write_json,
+)
+from flax_train.data.prepare import cache_settings, encode_image, prepare_cache
+from flax_train.data.preprocess import PreprocessSpec, prepare_sample
+from flax_train.data.sources import SourceSpec, open_source
+
+pytestmark = pytest.mark.xdist_group("data_prepare")
+
+PREPROCESS = PreprocessSpec(resolution=64, center_crop=False, random_flip=True, max_pixels=100 * 100, seed=3)
+BAD = {
+    "truncated.png": "truncated image",
+    "notes.png": "unreadable image",
+    "huge.png": "image too large",
+    "uncaptioned.png": "empty caption",
+    "../outside.png": "path outside dataset folder",
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from flax_train.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def source_spec(tmp_path_factory):
+    """The synthetic set plus one file of every kind that must be skipped."""
+    root = synthetic.write_synthetic_dataset(tmp_path_factory.mktemp("data") / "set", 14, image_size=64, seed=2)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "full.png")
+    data = (root / "full.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "notes.png").write_text("not an image")
+    Image.new("RGB", (120, 120), "red").save(root / "huge.png")
+    Image.new("RGB", (64, 64), "red").save(root / "uncaptioned.png")
+    Image.new("RGB", (64, 64), "red").save(root.parent / "outside.png")
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    extra = [{"file_name": name, "text": "" if name == "uncaptioned.png" else "a red square"} for name in BAD]
+    extra.append({"file_name": "full.png", "text": ["noise", "static", "a grey noise"]})
+    lines = rows[:3] + extra + rows[3:]  # bad entries among good ones, inside the first shards
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in lines) + "\n")
+    return SourceSpec("imagefolder", str(root))
+
+
+@pytest.fixture(scope="module")
+def cache8(model_dir, source_spec, tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("cache8")
+    report = prepare_cache(cache_dir, model_dir, source_spec, PREPROCESS, batch_size=8, shard_size=6, progress=False)
+    return cache_dir, report
+
+
+def test_bad_files_are_skipped_counted_and_listed(cache8):
+    cache_dir, report = cache8
+    assert len(jax.devices()) == 8
+    assert sorted(report.skipped) == sorted(BAD.items())
+    assert report.num_items == 14 + len(BAD) + 1 and report.num_samples == 15
+    manifest = read_json(cache_dir / MANIFEST)
+    assert manifest["num_samples"] == 15 and manifest["num_skipped"] == 5
+    assert manifest["skipped_by_reason"] == {reason: 1 for reason in BAD.values()}
+    assert sorted(map(tuple, read_json(cache_dir / SKIPPED))) == sorted(BAD.items())
+    cache = LatentCache(cache_dir)
+    assert len(cache) == 15
+    assert cache.caption(3) in ("noise", "static", "a grey noise")  # one of the list, picked with the seed
+    summary = report.summary()
+    assert "skipped 5 of 20" in summary and "truncated.png: truncated image" in summary
+    assert "images/s" in summary
+
+
+def test_cache_holds_what_the_flax_models_compute(cache8, model_dir, source_spec):
+    """Latents = the Flax VAE's posterior mean x scaling factor on the preprocessed pixels; embeddings =
+    both text encoders' penultimate states and encoder 2's projection, run here directly."""
+    from transformers import CLIPTokenizer
+
+    from flax_train import models
+
+    cache = LatentCache(cache8[0])
+    source = open_source(source_spec)
+    samples = [prepare_sample(source[cache.source_index(i)], cache.source_index(i), PREPROCESS) for i in range(len(cache))]
+    for i, sample in enumerate(samples):
+        np.testing.assert_array_equal(cache[i]["add_time_ids"], sample.time_ids)
+        assert cache.caption(i) == sample.caption and cache.key(i) == sample.key
+    flipped = [s for s in samples if s.key.startswith("images/")]
+    assert len({tuple(s.time_ids[2:4]) for s in flipped}) > 3  # random crops really vary
+
+    vae = models.load(model_dir / "vae")
+    pixels = np.stack([s.pixels for s in samples]).astype(np.float32) / 127.5 - 1.0
+    # jit only to compile once instead of op by op; the model is called as it is.
+    mean, _ = jax.jit(vae.encode)(jnp.asarray(pixels.transpose(0, 3, 1, 2)))
+    expected_latents = np.asarray(mean) * vae.config["scaling_factor"]
+    cached = np.stack([cache[i]["latents"] for i in range(len(cache))])
+    np.testing.assert_allclose(cached, expected_latents, rtol=1e-5, atol=1e-5)
+
+    te1 = models.load(model_dir / "text_encoder")
+    te2 = models.load(model_dir / "text_encoder_2")
+    captions = [s.caption for s in samples] + [""]
+    ids = [
+        CLIPTokenizer.from_pretrained(model_dir / name)(captions, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+        for name in ("tokenizer", "tokenizer_2")
+    ]
+    assert ids[1][-1, -1] == 0  # tokenizer_2 pads with "!" (id 0), tokenizer 1 with the end token
+    out1, out2 = jax.jit(lambda a, b: (te1(a), te2(b)))(jnp.asarray(ids[0]), jnp.asarray(ids[1]))
+    expected_embeds = np.concatenate([np.asarray(out1.hidden_states[-2]), np.asarray(out2.hidden_states[-2])], -1)
+    expected_pooled = np.asarray(out2.text_embeds)
+    cached_embeds = np.stack([cache[i]["prompt_embeds"] for i in range(len(cache))])
+    cached_pooled = np.stack([cache[i]["pooled_prompt_embeds"] for i in range(len(cache))])
+    np.testing.assert_allclose(cached_embeds, expected_embeds[:-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cached_pooled, expected_pooled[:-1], rtol=1e-5, atol=1e-5)
+    empty = cache.empty_prompt()
+    np.testing.assert_allclose(empty["prompt_embeds"], expected_embeds[-1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(empty["pooled_prompt_embeds"], expected_pooled[-1], rtol=1e-5, atol=1e-5)
+
+
+def assert_same_cache(a: LatentCache, b: LatentCache) -> None:
+    assert len(a) == len(b) == 15
+    assert a.manifest["settings"] == b.manifest["settings"]
+    assert a.manifest["shards"] == b.manifest["shards"]
+    for i in range(len(a)):
+        assert a.caption(i) == b.caption(i) and a.key(i) == b.key(i)
+        for name, value in a[i].items():
+            # Float32 on both sides; only the batch split over devices differs.
+            np.testing.assert_allclose(value, b[i][name], rtol=1e-6, atol=1e-6, err_msg=name)
+    for name in ("prompt_embeds", "pooled_prompt_embeds"):
+        np.testing.assert_allclose(a.empty_prompt()[name], b.empty_prompt()[name], rtol=1e-6, atol=1e-6)
+
+
+def test_one_device_writes_the_same_cache_as_eight(cache8, model_dir, source_spec, tmp_path):
+    report = prepare_cache(
+        tmp_path, model_dir, source_spec, PREPROCESS, batch_size=8, shard_size=6, devices=jax.devices()[:1], progress=False
+    )
+    assert sorted(report.skipped) == sorted(cache8[1].skipped)
+    assert_same_cache(LatentCache(tmp_path), LatentCache(cache8[0]))
+
+
+WORKER = """
+import dataclasses, json, sys
+from flax_train import sharding
+sharding.initialize_distributed()
+import jax
+from flax_train.data import PreprocessSpec, SourceSpec, prepare_cache
+cache_dir, model_dir, source, preprocess = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+assert jax.process_count() == 2 and len(jax.devices()) == 8
+report = prepare_cache(cache_dir, model_dir, SourceSpec(**source), PreprocessSpec(**preprocess),
+                       batch_size=8, shard_size=6, progress=False)
+print("REPORT", json.dumps(dataclasses.asdict(report)))
+"""
+
+
+def test_two_processes_each_write_their_shards_of_the_same_cache(cache8, model_dir, source_spec, tmp_path):
+    """2 processes x 4 devices (JAX's multi-process runtime on localhost) write what 1 process x 8 does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "worker.py").write_text(WORKER)
+    args = [str(tmp_path / "cache"), str(model_dir), json.dumps(dataclasses.asdict(source_spec)), json.dumps(dataclasses.asdict(PREPROCESS))]
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    workers = [
+        subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), *args], env=dict(env, JAX_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    try:
+        outputs = [w.communicate(timeout=300)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    reports = [json.loads(out.split("REPORT ", 1)[1]) for out in outputs]
+    assert [r["shards_written"] for r in reports] == [2, 2]  # shards 0, 2 and 1, 3
+    assert all(sorted(map(tuple, r["skipped"])) == sorted(BAD.items()) for r in reports)
+    assert_same_cache(LatentCache(tmp_path / "cache"), LatentCache(cache8[0]))
+
+
+def test_interrupted_prepare_resumes_and_finished_one_is_not_redone(cache8, model_dir, source_spec, tmp_path):
+    done_dir, _ = cache8
+    cache_dir = tmp_path / "cache"
+    shutil.copytree(done_dir, cache_dir)
+    # The state a prepare killed mid-way leaves: a plan, some shards, no manifest.
+    manifest = read_json(cache_dir / MANIFEST)
+    write_json(cache_dir / PLAN, {"settings": manifest["settings"], "layout": manifest["layout"]})
+    for name in (MANIFEST, SKIPPED, EMPTY_PROMPT):
+        (cache_dir / name).unlink()
+    shard_path(cache_dir, 1).unlink()
+    kept = shard_path(cache_dir, 0).stat().st_mtime_ns
+
+    report = prepare_cache(cache_dir, model_dir, source_spec, PREPROCESS, batch_size=8, shard_size=6, progress=False)
+    assert (report.shards_written, report.shards_reused) == (1, 3)
+    assert shard_path(cache_dir, 0).stat().st_mtime_ns == kept
+    assert not (cache_dir / PLAN).exists()
+    resumed, original = LatentCache(cache_dir), LatentCache(done_dir)
+    assert len(resumed) == len(original)
+    for i in range(len(resumed)):
+        for name, value in resumed[i].items():
+            np.testing.assert_array_equal(value, original[i][name])
+    assert sorted(report.skipped) == sorted(BAD.items())
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in cache_dir.rglob("*")}
+    again = prepare_cache(cache_dir, model_dir, source_spec, PREPROCESS, batch_size=8, shard_size=6, progress=False)
+    assert again.already_done and again.shards_written == 0 and again.num_samples == 15
+    assert sorted(again.skipped) == sorted(BAD.items())
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.rglob("*")} == stamps
+
+
+def test_mismatched_cache_is_refused(cache8, model_dir, source_spec, tmp_path):
+    cache_dir = cache8[0]
+    verify_cache(cache_dir, cache_settings(source_spec, PREPROCESS, model_dir))
+    with pytest.raises(CacheMismatchError, match=r"preprocess.resolution: cache has 64, config has 32"):
+        verify_cache(cache_dir, cache_settings(source_spec, PreprocessSpec(32, False, True, 100 * 100, 3), model_dir))
+    with pytest.raises(CacheMismatchError, match=r'latent_source: cache has "mean", config has "sample"'):
+        verify_cache(cache_dir, cache_settings(source_spec, PREPROCESS, model_dir, latent_source="sample"))
+    # Another VAE: the fingerprint of its weights differs.
+    other_vae = shutil.copytree(model_dir / "vae", tmp_path / "vae")
+    weights = next(other_vae.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CacheMismatchError, match=r"model.vae: cache has") as info:
+        verify_cache(cache_dir, cache_settings(source_spec, PREPROCESS, model_dir, vae_path=other_vae))
+    assert "text_encoder" not in str(info.value)
+    # prepare refuses to mix settings in one directory before doing any work.
+    with pytest.raises(CacheMismatchError, match="finished cache with different settings"):
+        prepare_cache(cache_dir, model_dir, source_spec, PreprocessSpec(resolution=32), progress=False)
+
+
+def test_sampled_latents_depend_only_on_seed_and_sample_index(model_dir):
+    from flax_train import models
+
+    vae = models.load(model_dir / "vae")
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    indices = np.array([7, 3, 11, 5], np.int32)
+    encode = jax.jit(lambda p, i, source, seed: encode_image(vae, p, i, source, seed), static_argnums=(2,))
+    sampled = np.asarray(encode(pixels, indices, "sample", 0))
+    order = [2, 0, 3, 1]
+    np.testing.assert_allclose(np.asarray(encode(pixels[order], indices[order], "sample", 0)), sampled[order], rtol=1e-6, atol=1e-6)
+    mean = np.asarray(encode(pixels, indices, "mean", 0))
+    assert np.abs(sampled - mean).max() > 1e-3
+    assert np.abs(np.asarray(encode(pixels, indices, "sample", 1)) - sampled).max() > 1e-3
+
+
+def test_an_unexpected_error_on_one_sample_becomes_a_skip():
+    from flax_train.data.prepare import _load_one
+
+    class Flaky:
+        rejected = []
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise RuntimeError("disk hiccup")
+
+    result = _load_one(Flaky(), 1, PREPROCESS)
+    assert (result.index, result.key, result.reason) == (1, "item 1", "unexpected error (RuntimeError)")

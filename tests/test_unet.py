@@ -1,0 +1,305 @@
+"""The Flax SDXL UNet against diffusers' UNet2DConditionModel: same weights, same inputs, same output."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as TorchUNet
+from flax import nnx
+
+import flax_train.models as models
+from flax_train.models.unet import UNet2DConditionModel
+
+# A: two levels, linear projections, per-level heads and transformer depths, SDXL's time settings.
+CONFIG_A = dict(
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 16,
+    sample_size=16,
+)
+# B: SDXL's three-level layout, 1x1-conv projections, one head count for all levels, other
+# cross-attention width, norm groups and sinusoid conventions.
+CONFIG_B = dict(
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    transformer_layers_per_block=[1, 1, 2],
+    attention_head_dim=4,
+    use_linear_projection=False,
+    cross_attention_dim=24,
+    norm_num_groups=16,
+    flip_sin_to_cos=False,
+    freq_shift=1,
+    mid_block_scale_factor=1.5,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=4,
+    projection_class_embeddings_input_dim=6 * 4 + 20,
+    sample_size=16,
+)
+# (config, pooled width, latent height, latent width): B's odd sizes exercise the upsample sizes.
+CASES = {"A": (CONFIG_A, 16, 16, 16), "B": (CONFIG_B, 20, 18, 14)}
+
+SDXL_CONFIG = dict(
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
+    transformer_layers_per_block=[1, 2, 10],
+    use_linear_projection=True,
+)
+SDXL_PARAMS = 2_567_463_684
+
+
+def flax_config(config):
+    """A diffusers config.json as read from a folder (with the class name the registry keys on)."""
+    return {"_class_name": "UNet2DConditionModel", **config}
+
+
+def params_of(unet):
+    return nnx.to_flat_state(nnx.state(unet, nnx.Param))
+
+
+def make_inputs(config, pooled, height, width, seed=0):
+    rng = np.random.default_rng(seed)
+    batch, seq = 2, 8
+    return dict(
+        sample=rng.standard_normal((batch, config.get("in_channels", 4), height, width)).astype(np.float32),
+        timesteps=np.array([999.0, 10.5], np.float32),
+        encoder_hidden_states=rng.standard_normal((batch, seq, config["cross_attention_dim"])).astype(np.float32),
+        text_embeds=rng.standard_normal((batch, pooled)).astype(np.float32),
+        # original size, crop corner, target size, as the SDXL pipeline builds them
+        time_ids=np.array([[1024, 1024, 0, 0, 1024, 1024], [512, 768, 16, 32, 512, 512]], np.float32),
+    )
+
+
+def torch_forward(unet, inputs):
+    t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = unet(
+            t["sample"],
+            t["timesteps"],
+            t["encoder_hidden_states"],
+            added_cond_kwargs={"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]},
+        )
+    return out.sample.numpy()
+
+
+@jax.jit
+def _forward(graphdef, state, inputs):
+    unet = nnx.merge(graphdef, state)
+    return unet(
+        inputs["sample"],
+        inputs["timesteps"],
+        inputs["encoder_hidden_states"],
+        text_embeds=inputs["text_embeds"],
+        time_ids=inputs["time_ids"],
+    )
+
+
+def flax_forward(unet, inputs):
+    graphdef, state = nnx.split(unet)
+    return np.asarray(_forward(graphdef, state, inputs))
+
+
+def build_torch_unet(config, folder, seed=0):
+    """A random diffusers UNet with perturbed norm scales/biases (torch initialises them to 1/0)."""
+    torch.manual_seed(seed)
+    unet = TorchUNet(**config).eval()
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    unet.save_pretrained(folder, safe_serialization=True)
+    return unet
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    config, pooled, height, width = CASES[request.param]
+    folder = tmp_path_factory.mktemp(f"unet_{request.param}")
+    torch_unet = build_torch_unet(config, folder)
+    inputs = make_inputs(config, pooled, height, width)
+    return dict(
+        name=request.param,
+        folder=folder,
+        torch_unet=torch_unet,
+        inputs=inputs,
+        reference=torch_forward(torch_unet, inputs),
+        unet=models.load(folder),
+    )
+
+
+def test_matches_diffusers(case):
+    out = flax_forward(case["unet"], case["inputs"])
+    assert out.shape == case["reference"].shape
+    diff = float(np.abs(out - case["reference"]).max())
+    print(f"unet parity ({case['name']}) max abs diff: {diff:.2e}")
+    assert diff <= 1e-4
+    assert np.abs(case["reference"]).max() > 0.1  # the comparison is not between near-zero outputs
+
+
+def test_save_load_round_trip_is_bit_exact(case, tmp_path):
+    models.save(case["unet"], tmp_path)
+    reloaded = models.load(tmp_path)
+    ours, theirs = params_of(case["unet"]), params_of(reloaded)
+    assert [path for path, _ in ours] == [path for path, _ in theirs]
+    for (path, a), (_, b) in zip(ours, theirs):
+        assert np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value())), path
+    np.testing.assert_array_equal(flax_forward(reloaded, case["inputs"]), flax_forward(case["unet"], case["inputs"]))
+
+
+def test_saved_folder_loads_in_diffusers(case, tmp_path):
+    models.save(case["unet"], tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
+    torch_unet = TorchUNet.from_pretrained(tmp_path).eval()
+    original = case["torch_unet"].state_dict()
+    loaded = torch_unet.state_dict()
+    assert sorted(loaded) == sorted(original)
+    for key, value in original.items():
+        assert torch.equal(loaded[key], value), key
+    np.testing.assert_array_equal(torch_forward(torch_unet, case["inputs"]), case["reference"])
+
+
+def test_sdxl_config_parameter_count_and_axes():
+    unet = models.abstract(flax_config(SDXL_CONFIG))
+    assert isinstance(unet, UNet2DConditionModel)
+    assert models.count_params(unet) == SDXL_PARAMS
+    with torch.device("meta"):
+        torch_unet = TorchUNet(**SDXL_CONFIG)
+    assert sum(p.numel() for p in torch_unet.parameters()) == SDXL_PARAMS
+    # Every weight names one logical axis (or None) per dimension, so one table can shard it.
+    for path, variable in params_of(unet):
+        axes = variable.get_metadata().get("axes")
+        assert axes is not None and len(axes) == variable.get_value().ndim, (path, axes)
+    # Heads are per level (the "attention_head_dim" quirk): head_dim is 64 everywhere.
+    attn = unet.down_blocks[2].attentions[0].transformer_blocks[0].attn1
+    assert (attn.heads, attn.head_dim) == (20, 64)
+    assert len(unet.down_blocks[2].attentions[1].transformer_blocks) == 10
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("class_embed_type", "timestep"),
+        ("encoder_hid_dim_type", "text_proj"),
+        ("time_cond_proj_dim", 16),
+        ("addition_embed_type", "text"),
+        ("time_embedding_type", "fourier"),
+        ("resnet_time_scale_shift", "scale_shift"),
+        ("only_cross_attention", True),
+        ("down_block_types", ("DownBlock2D", "AttnDownBlock2D")),
+    ],
+)
+def test_unsupported_option_is_an_error_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        models.abstract(flax_config({**CONFIG_A, key: value}))
+
+
+def test_num_attention_heads_is_refused_as_diffusers_does():
+    config = {**CONFIG_A, "num_attention_heads": (2, 4)}
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        TorchUNet(**config)
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        models.abstract(flax_config(config))
+
+
+def test_text_time_inputs_are_required(case):
+    inputs = {**case["inputs"], "time_ids": None}
+    with pytest.raises(ValueError, match="time_ids"):
+        flax_forward(case["unet"], inputs)
+
+
+# A smaller UNet for the tests that compile extra programs (gradients, other switches).
+SMALL_CONFIG = flax_config({**CONFIG_A, "layers_per_block": 1, "transformer_layers_per_block": 1})
+
+
+@pytest.fixture(scope="module")
+def small():
+    inputs = make_inputs(SMALL_CONFIG, 16, 8, 8)
+    state = nnx.state(models.create(SMALL_CONFIG, seed=1), nnx.Param)
+    return SMALL_CONFIG, inputs, state
+
+
+def with_state(config, state, **options):
+    unet = models.abstract(config, **options)
+    nnx.update(unet, state)
+    return unet
+
+
+def test_random_init_gives_a_finite_prediction(small):
+    config, inputs, state = small
+    out = flax_forward(with_state(config, state), inputs)
+    assert out.shape == inputs["sample"].shape and np.isfinite(out).all()
+    assert 0.05 < out.std() < 20
+
+
+@pytest.mark.parametrize("attention", ["cudnn", "auto"])
+def test_attention_switch_falls_back_on_cpu(small, attention):
+    config, inputs, state = small
+    expected = flax_forward(with_state(config, state), inputs)
+    np.testing.assert_array_equal(flax_forward(with_state(config, state, attention=attention), inputs), expected)
+
+
+def _loss_and_grads(unet, inputs):
+    graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
+
+    def loss(params):
+        model = nnx.merge(graphdef, params, rest)
+        out = model(
+            inputs["sample"],
+            inputs["timesteps"],
+            inputs["encoder_hidden_states"],
+            text_embeds=inputs["text_embeds"],
+            time_ids=inputs["time_ids"],
+        )
+        return jnp.mean(jnp.square(out - 0.5)), out
+
+    (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return value, out, grads
+
+
+def test_remat_policies_give_identical_outputs_and_gradients(small):
+    config, inputs, state = small
+    _, out_ref, grads_ref = _loss_and_grads(with_state(config, state), inputs)
+    flat_ref = jax.tree.leaves(grads_ref)
+    assert any(float(jnp.abs(g).max()) > 0 for g in flat_ref)
+    for policy in ("full", "dots"):
+        _, out, grads = _loss_and_grads(with_state(config, state, remat=policy), inputs)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(out_ref))
+        for g, g_ref in zip(jax.tree.leaves(grads), flat_ref):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
+
+
+def test_bf16_compute_stays_close_to_fp32(small):
+    config, inputs, state = small
+    expected = flax_forward(with_state(config, state), inputs)  # fp32, proven against diffusers above
+    unet16 = with_state(config, state, dtype=jnp.bfloat16)
+    assert all(v.get_value().dtype == jnp.float32 for _, v in params_of(unet16))  # stored fp32, cast at use
+    out16 = flax_forward(unet16, inputs)
+    assert out16.dtype == jnp.bfloat16
+    rel = float(np.linalg.norm(out16.astype(np.float32) - expected) / np.linalg.norm(expected))
+    print(f"unet bf16 relative error: {rel:.2e}")
+    assert rel < 5e-2
