@@ -26,7 +26,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.models_cpu
+	$(BIN)/python -m benchmarks.train_throughput
+	$(BIN)/python -m benchmarks.prepare_throughput --out benchmarks/results/prepare_throughput_cpu.json
+	$(BIN)/python -m benchmarks.xla_infer_latency
 
 clean:
 	rm -rf $(VENV) runs

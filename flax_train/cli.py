@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -135,12 +136,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def setup_runtime() -> None:
+    """Logging, JAX's multi-process runtime, and the persistent compilation cache.
+
+    The cache (``SDXL_TPU_COMPILATION_CACHE``, default ``~/.cache/sdxl-tpu/jax``; empty to turn it
+    off) means a restarted or resumed job, e.g. after a TPU preemption, loads its compiled step
+    instead of compiling it again.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of every save
+    import jax
+
     from flax_train import sharding
 
     sharding.initialize_distributed()
+    cache = os.environ.get("SDXL_TPU_COMPILATION_CACHE", str(Path.home() / ".cache" / "sdxl-tpu" / "jax"))
+    if cache and jax.config.jax_compilation_cache_dir is None:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_runtime()
     from flax_train.config import ConfigError
     from flax_train.weights import WeightsError
 

@@ -170,7 +170,7 @@ class DataConfig:
     crop: str = "random"  # --center_crop: center
     random_flip: bool = False
     cache_dir: str | None = None  # latent cache; null: <run_dir>/cache
-    latent_mode: str = "sample"  # latents cached as a VAE posterior sample or its mean
+    latent_mode: str = "mean"  # latents cached as a VAE posterior sample or its mean
     max_pixels: int = 89_478_485  # larger source images are refused (decompression bombs)
     synthetic: SyntheticDataConfig = SyntheticDataConfig()
 

@@ -95,15 +95,33 @@ def _learn_merges(words: Iterable[str], byte_chars: dict[int, str]) -> list[tupl
 
 
 def _normalise_words(words: Iterable[str]) -> list[str]:
-    # The CLIP normaliser lower-cases and the pre-tokenizer splits runs of letters, so only
-    # lower-case single words can ever reach the BPE model as one piece.
+    # The CLIP normaliser lower-cases and the pre-tokenizer cuts text into runs of letters, single
+    # digits and runs of punctuation, so only lower-case runs of letters reach the BPE model whole.
     out = []
     for word in words:
         word = word.strip().lower()
-        if not word or any(ch.isspace() for ch in word):
-            raise ValueError(f"tokenizer words must be single non-empty words, got {word!r}")
+        if not word.isalpha():
+            raise ValueError(f"tokenizer words must be single words of letters, got {word!r}")
         out.append(word)
     return out
+
+
+def _vocab_and_merges(words: Iterable[str] | None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    byte_chars = bytes_to_unicode()
+    merges = _learn_merges(_normalise_words(DEFAULT_WORDS if words is None else words), byte_chars)
+    vocab_list = list(byte_chars.values())
+    vocab_list += [c + "</w>" for c in byte_chars.values()]
+    vocab_list += [a + b for a, b in merges]
+    vocab_list += [BOS_TOKEN, EOS_TOKEN]
+    vocab: dict[str, int] = {}
+    for token in vocab_list:  # two merges can spell the same string (ab+c, a+bc): keep the first id
+        vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def tokenizer_vocab_size(words: Iterable[str] | None = None) -> int:
+    """Size of the vocabulary `build_tokenizer(path, words)` writes (without writing it)."""
+    return len(_vocab_and_merges(words)[0])
 
 
 def build_tokenizer(path: str | Path, words: Iterable[str] | None = None, *, pad_token: str = EOS_TOKEN) -> Path:
@@ -116,17 +134,7 @@ def build_tokenizer(path: str | Path, words: Iterable[str] | None = None, *, pad
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    byte_chars = bytes_to_unicode()
-    merges = _learn_merges(_normalise_words(DEFAULT_WORDS if words is None else words), byte_chars)
-
-    vocab_list = list(byte_chars.values())
-    vocab_list += [c + "</w>" for c in byte_chars.values()]
-    vocab_list += [a + b for a, b in merges]
-    vocab_list += [BOS_TOKEN, EOS_TOKEN]
-    vocab: dict[str, int] = {}
-    for token in vocab_list:  # two merges can spell the same string (ab+c, a+bc): keep the first id
-        vocab.setdefault(token, len(vocab))
-
+    vocab, merges = _vocab_and_merges(words)
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
     merges_text = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
     (path / "merges.txt").write_text(merges_text, encoding="utf-8")
@@ -147,7 +155,7 @@ def build_tokenizer(path: str | Path, words: Iterable[str] | None = None, *, pad
 
 def tiny_component_configs(
     *,
-    vocab_size: int,
+    vocab_size: int | None = None,
     image_size: int = 64,
     unet_channels: tuple[int, ...] = (32, 64),
     unet_heads: tuple[int, ...] | None = None,
@@ -167,6 +175,7 @@ def tiny_component_configs(
     no attention, later levels are cross-attention blocks; the UNet conditions on the concatenated
     penultimate states of both encoders (cross_attention_dim = hidden1 + hidden2) and on
     text_time added embeddings (6 micro-conditioning numbers + the pooled projection of encoder 2).
+    `vocab_size` defaults to the default tokenizer's.
     """
     levels = len(unet_channels)
     if levels not in (2, 3):
@@ -217,7 +226,7 @@ def tiny_component_configs(
     # transformers' legacy pooling (argmax of the ids), which finds the end token because it has the
     # highest id in CLIP's vocabulary layout.
     common = dict(
-        vocab_size=vocab_size,
+        vocab_size=tokenizer_vocab_size() if vocab_size is None else vocab_size,
         max_position_embeddings=MAX_LENGTH,
         num_hidden_layers=text_layers,
         layer_norm_eps=1e-5,

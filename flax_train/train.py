@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -159,6 +158,7 @@ def train_step(
         "grad_norm": grad_norm,
         "learning_rate": lr_schedule(state.step),
         "finite": finite,
+        "skipped_steps": new_state.skipped,
     }
     return new_state, step_metrics
 
@@ -402,7 +402,11 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
                     f"non-finite loss or gradient at step {step}; the update was not applied and no "
                     "checkpoint holds it. Lower the learning rate or set train.nan_policy=skip."
                 )
-            log.warning("step %d: non-finite loss or gradient; update skipped", step)
+            log.warning(
+                "step %d: non-finite loss or gradient; update skipped (%d skipped so far)",
+                step,
+                int(values["skipped_steps"]),
+            )
         losses.append(float(values["loss"]))
         if step % cfg.logging.every_steps == 0 or step == end_step:
             scalars = {k: float(v) for k, v in values.items() if k != "finite"}
@@ -450,8 +454,9 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     return TrainResult(run_dir, step, losses, export_dir, preempted)
 
 
-def export_from_checkpoint(cfg: config_lib.Config, *, out: str | Path | None = None, use_ema: bool = True) -> Path:
-    """Writes a diffusers folder from the newest checkpoint of ``cfg.run_dir``."""
+def restore_checkpoint(cfg: config_lib.Config, *, step: int | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """The UNet graph and the TrainState saved at ``step`` (default: the newest) in ``cfg``'s run,
+    restored onto the config's mesh."""
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.merged_rules(cfg.mesh.rules)
     base = pipeline.pipeline_folder(cfg)
@@ -460,9 +465,17 @@ def export_from_checkpoint(cfg: config_lib.Config, *, out: str | Path | None = N
     abstract_state = jax.eval_shape(initial_state_fn(cfg, tx), abstract_params)
     shardings = sharding.tree_shardings(abstract_state, mesh, rules)
     ckpt = checkpoint.Checkpointer(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints", use_async=False)
-    state, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract_state, shardings))
-    ckpt.close()
+    try:
+        state, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract_state, shardings), step)
+    finally:
+        ckpt.close()
+    return graphdef, state
+
+
+def export_from_checkpoint(cfg: config_lib.Config, *, out: str | Path | None = None, use_ema: bool = True) -> Path:
+    """Writes a diffusers folder from the newest checkpoint of ``cfg.run_dir``."""
+    graphdef, state = restore_checkpoint(cfg)
     params = state.ema if (use_ema and state.ema is not None) else state.params
     if out is not None:
         cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dir=str(out)))
-    return pipeline.export(cfg, base, graphdef, params, Path(cfg.run_dir))
+    return pipeline.export(cfg, pipeline.pipeline_folder(cfg), graphdef, params, Path(cfg.run_dir))

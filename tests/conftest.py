@@ -10,3 +10,15 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs two pytest workers on two cores: one intra-op thread each for torch (and any
+# OpenMP code), or the workers oversubscribe the cores and stall each other.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+
+# Many tests compile the same small models: JAX's persistent compilation cache (which works on
+# CPU) lets the second compile of an identical program load the first one's result.
+jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from flax_train.tiny import DEFAULT_WORDS, build_tokenizer, save_tiny_pipeline, tiny_component_configs
+from flax_train.tiny import (
+    DEFAULT_WORDS,
+    build_tokenizer,
+    save_tiny_pipeline,
+    tiny_component_configs,
+    tokenizer_vocab_size,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +41,7 @@ def test_default_tokenizer_is_deterministic_and_round_trips_any_text(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     tok = CLIPTokenizer.from_pretrained(tmp_path / "a")
     assert all(len(tok(w).input_ids) == 3 for w in DEFAULT_WORDS)
+    assert len(tok) == tokenizer_vocab_size() == tiny_component_configs()["text_encoder"]["vocab_size"]
     text = "a red circle, on a blue background! ünïcødé 日本語 😀 zyzzyva"
     ids = tok(text).input_ids
     assert tok.unk_token_id not in ids[1:-1]  # every byte has a token: nothing is unknown

@@ -241,6 +241,30 @@ def test_save_load_round_trip_is_bit_exact(two_level_folder, tmp_path):
     assert np.array_equal(np.asarray(jitted(first)[1](latents)), np.asarray(jitted(second)[1](latents)))
 
 
+def test_pre_refactor_attention_key_names_load(two_level_folder, tmp_path):
+    """Old diffusers checkpoints name the mid-block attention query/key/value/proj_attn."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder, _ = two_level_folder
+    renames = {".to_q.": ".query.", ".to_k.": ".key.", ".to_v.": ".value.", ".to_out.0.": ".proj_attn."}
+    tensors = load_file(str(folder / AutoencoderKL.WEIGHTS_NAME))
+    old = {}
+    for key, value in tensors.items():
+        for new_name, old_name in renames.items():
+            key = key.replace(new_name, old_name) if ".attentions." in key else key
+        old[key] = value
+    assert any(".query." in k for k in old) and not any(".to_q." in k for k in old)
+    (tmp_path / "old").mkdir()
+    shutil.copy(folder / "config.json", tmp_path / "old" / "config.json")
+    save_file(old, str(tmp_path / "old" / AutoencoderKL.WEIGHTS_NAME))
+    expected = weights.to_torch_state_dict(models.load(folder))
+    loaded = weights.to_torch_state_dict(models.load(tmp_path / "old"))
+    assert loaded.keys() == expected.keys()
+    assert all(np.array_equal(loaded[k], expected[k]) for k in expected)
+
+
 def test_saved_folder_loads_in_diffusers(two_level_folder, tmp_path):
     ours = models.load(two_level_folder[0])
     # Move every weight away from the torch original, so diffusers can only match by reading our file.

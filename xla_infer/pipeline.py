@@ -306,10 +306,10 @@ class Pipeline:
                     f"not used: torch_xla cannot load a persistent compilation cache back on {platform}; "
                     "every process start compiles again"
                 )
-                logger.warning("--cache-dir ignored: %s", self.cache_status)
+                logger.warning("--cache-dir: %s", self.cache_status)
             elif torch_xla._XLAC._xla_computation_cache_is_initialized():
                 self.cache_status = "not used: XLA had already compiled in this process before the cache was set"
-                logger.warning("cache dir ignored: %s", self.cache_status)
+                logger.warning("--cache-dir: %s", self.cache_status)
             else:
                 Path(cache_dir).mkdir(parents=True, exist_ok=True)
                 xr.initialize_cache(str(cache_dir), readonly=False)
@@ -603,7 +603,8 @@ class Pipeline:
 
     def _warn_truncation(self, offset, prompts, negatives, dropped):
         for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
-            for text, lost, kind in ((negative, dropped[2 * i], "negative prompt"), (prompt, dropped[2 * i + 1], "prompt")):
+            rows = ((negative, dropped[2 * i], "negative prompt"), (prompt, dropped[2 * i + 1], "prompt"))
+            for text, lost, kind in rows:
                 if lost > 0:
                     logger.warning(
                         "%s %d is longer than CLIP's %d tokens: the last %d token(s) were dropped (%.60r...)",

@@ -60,7 +60,10 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Options this implementation does not support: key -> the values it accepts (diffusers' default
-# first). Anything else is an error naming the key, never a silently different model.
+# first). Anything else is an error naming the key, never a silently different model. Keys read by
+# neither list change nothing for these block types: upcast_attention (attention logits and softmax
+# are float32 here anyway), resnet_out_scale_factor, mid_block_only_cross_attention,
+# addition_embed_type_num_heads, sample_size.
 UNSUPPORTED_UNLESS: dict[str, tuple] = {
     "num_attention_heads": (None,),
     "class_embed_type": (None,),
@@ -374,7 +377,9 @@ class UNet2DConditionModel(nnx.Module):
         self.time_proj_dim = channels[0]
         time_embed_dim = cfg["time_embedding_dim"] or 4 * channels[0]
         conv_in_k, conv_out_k = cfg["conv_in_kernel"], cfg["conv_out_kernel"]
-        self.conv_in = layers.Conv(cfg["in_channels"], channels[0], conv_in_k, padding=(conv_in_k - 1) // 2, rngs=rngs, **kw)
+        self.conv_in = layers.Conv(
+            cfg["in_channels"], channels[0], conv_in_k, padding=(conv_in_k - 1) // 2, rngs=rngs, **kw
+        )
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, rngs=rngs, **kw)
         self.add_embedding = (
             TimestepEmbedding(cfg["projection_class_embeddings_input_dim"], time_embed_dim, rngs=rngs, **kw)

@@ -294,6 +294,12 @@ class AutoencoderKL(nnx.Module):
     """
 
     WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+    # Checkpoints saved by diffusers before its attention refactor name the mid-block attention's
+    # projections query/key/value/proj_attn; diffusers still loads them, and so do we.
+    TORCH_CHECKPOINT_RENAMES = tuple(
+        (rf"(\.attentions\.\d+\.){old}\.", rf"\1{new}.")
+        for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))
+    )
 
     def __init__(
         self,

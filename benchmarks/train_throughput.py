@@ -1,0 +1,170 @@
+"""Training-step throughput of the real compiled train step, on several meshes side by side.
+
+For each mesh layout (pure data parallel, FSDP, hybrid) and remat policy it compiles the trainer's
+own step (`flax_train.train.train_step`, ahead of time, as `flax-train train` does), runs warm-up
+steps, times steady steps, and reports images/s, TFLOP/s per device (from XLA's cost analysis),
+MFU where the chip's peak is known, and each layout's speed relative to the first. Batches are
+random arrays of the cache's shapes, so no dataset or VAE is involved. Not a test: nothing is
+asserted. On a CPU host the 8 devices are simulated and the figures only compare layouts.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m benchmarks.train_throughput
+    python -m benchmarks.train_throughput --unet sdxl --resolution 1024 --batch 8 --dtype bfloat16 \
+        --remat full --layouts fsdp                  # on an accelerator host
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+LAYOUTS = {
+    "data_parallel": {"data": -1, "fsdp": 1, "tensor": 1},
+    "fsdp": {"data": 1, "fsdp": -1, "tensor": 1},
+    "hybrid": {"data": 2, "fsdp": -1, "tensor": 1},
+}
+
+
+def run_layout(cfg, layout: str, args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from flax_train import config as config_lib, diffusion, metrics, pipeline, sharding, train
+
+    cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(**LAYOUTS[layout]))
+    mesh = sharding.make_mesh(cfg.mesh)
+    rules = sharding.merged_rules(cfg.mesh.rules)
+    architecture = pipeline.unet_config(cfg.model.unet_config, cfg.data.resolution)
+    graphdef, params = train.build_unet(cfg, mesh, Path("."), rules)
+    tx, lr = train.build_optimizer(cfg)
+    state, state_shardings = train.build_state(cfg, params, tx, mesh, rules)
+
+    batch = args.batch
+    latent = cfg.data.resolution // args.vae_factor
+    context = architecture["cross_attention_dim"]
+    pooled = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
+    rng = np.random.default_rng(0)
+    host_batch = {
+        "latents": rng.standard_normal((batch, architecture["in_channels"], latent, latent), dtype=np.float32),
+        "prompt_embeds": rng.standard_normal((batch, 77, context), dtype=np.float32),
+        "pooled_prompt_embeds": rng.standard_normal((batch, pooled), dtype=np.float32),
+        "add_time_ids": np.tile(np.array([[cfg.data.resolution] * 2 + [0, 0] + [cfg.data.resolution] * 2], np.int32), (batch, 1)),
+    }
+    empty = {"prompt_embeds": jnp.zeros((77, context)), "pooled_prompt_embeds": jnp.zeros((pooled,))}
+    schedule = diffusion.NoiseSchedule.from_scheduler_config(
+        {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    )
+    step_fn = functools.partial(
+        train.train_step,
+        graphdef=graphdef,
+        tx=tx,
+        lr_schedule=lr,
+        schedule=schedule,
+        timestep_weights=None,
+        empty=empty,
+        cfg=train.step_config(cfg, "epsilon"),
+    )
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
+    compiled, compile_s = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
+    shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host_batch.items()}
+    device_batch = train.global_batch(host_batch, shardings)
+    for _ in range(args.warmup):
+        state, out = compiled(state, device_batch)
+    jax.block_until_ready(out)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, out = compiled(state, device_batch)
+    jax.block_until_ready(out)
+    seconds = (time.perf_counter() - start) / args.steps
+    flops = metrics.compiled_flops(compiled)
+    chip = metrics.detect_chip()
+    peak = config_lib.CHIP_PEAK_TFLOPS.get(chip or "", None)
+    return {
+        "layout": layout,
+        "mesh": dict(mesh.shape),
+        "remat": cfg.model.remat,
+        "compile_s": round(compile_s, 2),
+        "memory": metrics.memory_summary(compiled),
+        **{k: round(v, 5) for k, v in metrics.throughput(seconds, batch, flops, peak).items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--unet", default="tiny", choices=["tiny", "sdxl"])
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--vae-factor", type=int, default=None, help="pixels per latent (default: 8 for sdxl, the demo VAE's for tiny)")
+    parser.add_argument("--batch", type=int, default=16, help="global batch")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--layouts", default="data_parallel,fsdp,hybrid")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+
+    import jax
+
+    from flax_train import config as config_lib, tiny
+
+    if args.vae_factor is None:
+        vae_levels = len(tiny.tiny_component_configs(vocab_size=1)["vae"]["block_out_channels"])
+        args.vae_factor = 8 if args.unet == "sdxl" else 2 ** (vae_levels - 1)
+    cfg = config_lib.load(
+        [config_lib.DEMO_CONFIG],
+        [
+            f"model.unet_config={args.unet}",
+            f"model.dtype={args.dtype}",
+            f"model.remat={args.remat}",
+            f"model.attention={args.attention}",
+            f"data.resolution={args.resolution}",
+            f"train.global_batch_size={args.batch}",
+        ],
+    )
+    results = [run_layout(cfg, layout, args) for layout in args.layouts.split(",")]
+    base = results[0]["images_per_s"]
+    for r in results:
+        r["speed_vs_first"] = round(r["images_per_s"] / base, 3)
+    device = jax.devices()[0]
+    header = f"train step throughput, {args.unet} UNet at {args.resolution}px, global batch {args.batch}, {args.dtype}, on {len(jax.devices())} x {device.device_kind}"
+    print(header)
+    print(f"{'layout':14s} {'mesh':28s} {'compile s':>9s} {'step s':>8s} {'img/s':>8s} {'TFLOP/s/dev':>11s} {'MFU':>6s} {'vs first':>8s}")
+    for r in results:
+        mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
+        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        print(
+            f"{r['layout']:14s} {mesh:28s} {r['compile_s']:9.1f} {r['step_time_s']:8.3f} {r['images_per_s']:8.2f} "
+            f"{r.get('tflops_per_device', float('nan')):11.4f} {mfu:>6s} {r['speed_vs_first']:8.2f}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"train_throughput_{args.unet}_{device.platform}.json"
+    (args.out / name).write_text(
+        json.dumps(
+            {
+                "benchmark": "train_throughput",
+                "date": datetime.date.today().isoformat(),
+                "device": f"{len(jax.devices())} x {device.device_kind} ({device.platform})",
+                "host": platform.platform(),
+                "cpu_count": os.cpu_count(),
+                "settings": {k: str(v) for k, v in vars(args).items()},
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"wrote {args.out / name}")
+
+
+if __name__ == "__main__":
+    main()
