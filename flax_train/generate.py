@@ -136,9 +136,14 @@ class Generator:
         *,
         seed: int = 0,
         guidance_scale: float = 5.0,
+        latents: jax.Array | None = None,
     ) -> np.ndarray:
-        """uint8 images (N, H, W, 3) for pre-encoded prompts, with the given UNet weights."""
-        latents = self.initial_latents(embeds["prompt_embeds"].shape[0], seed)
+        """uint8 images (N, H, W, 3) for pre-encoded prompts, with the given UNet weights.
+
+        ``latents`` (N, C, h, w) replaces the seeded initial noise, e.g. to reproduce another
+        implementation's images exactly."""
+        if latents is None:
+            latents = self.initial_latents(embeds["prompt_embeds"].shape[0], seed)
         images = self._sample(graphdef, params, *self._vae, embeds, latents, jnp.float32(guidance_scale))
         return np.asarray(jax.device_get(images))
 
@@ -149,10 +154,13 @@ class Generator:
         negative_prompt: str = "",
         seed: int = 0,
         guidance_scale: float = 5.0,
+        latents: jax.Array | None = None,
     ) -> list[Image.Image]:
         if self.unet is None:
             raise ValueError("this Generator was built without a UNet; use generate_from_embeds")
         embeds = self.encode(prompts, [negative_prompt] * len(prompts))
         graphdef, params = nnx.split(self.unet)
-        images = self.generate_from_embeds(graphdef, params, embeds, seed=seed, guidance_scale=guidance_scale)
+        images = self.generate_from_embeds(
+            graphdef, params, embeds, seed=seed, guidance_scale=guidance_scale, latents=latents
+        )
         return [Image.fromarray(image) for image in images]
