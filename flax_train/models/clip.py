@@ -208,7 +208,7 @@ class CLIPTextTransformer(nnx.Module):
         return CLIPTextOutput(last_hidden_state=last, hidden_states=tuple(hidden_states), pooler_output=pooled)
 
 
-class _CLIPTextEncoder(nnx.Module):
+class _CLIPTextEncoder(layers.Component):
     """What both public classes share: construction from a transformers config and the weights name."""
 
     WEIGHTS_NAME = "model.safetensors"
@@ -229,20 +229,6 @@ class _CLIPTextEncoder(nnx.Module):
         self.text_model = CLIPTextTransformer(
             config, attention=attention, remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
-
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        rngs: nnx.Rngs,
-        attention: str = "xla",
-        remat: str = "none",
-    ):
-        """Builds the model a transformers ``config.json`` describes (absent keys take transformers' defaults)."""
-        return cls(config, attention=attention, remat=remat, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class CLIPTextModel(_CLIPTextEncoder):

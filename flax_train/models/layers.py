@@ -18,7 +18,7 @@ generic:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -232,6 +232,29 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
     to_torch = from_torch = staticmethod(lambda name, value: value)
+
+
+class Component(nnx.Module):
+    """Base of the top-level SDXL components (UNet, VAE, text encoders).
+
+    Subclasses take ``(config, *, dtype, param_dtype, rngs, attention, remat)`` and keep the config
+    in ``self.config``; ``from_config`` is the diffusers/transformers spelling of the same call.
+    """
+
+    WEIGHTS_NAME: str
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+        attention: str = "xla",
+        remat: str = "none",
+    ):
+        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention, remat=remat)
 
 
 # Layers that own parameters; weights.py walks a model and converts exactly these.

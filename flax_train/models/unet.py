@@ -327,7 +327,7 @@ class _KeyStream:
         return jax.random.fold_in(self._key, self._count)
 
 
-class UNet2DConditionModel(nnx.Module):
+class UNet2DConditionModel(layers.Component):
     """Noise (or v) prediction for SDXL: ``unet(sample, t, text_states, text_embeds=, time_ids=)``."""
 
     WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -458,18 +458,6 @@ class UNet2DConditionModel(nnx.Module):
             channels[0], cfg["out_channels"], conv_out_k, padding=(conv_out_k - 1) // 2, rngs=rngs, **kw
         )
 
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        rngs: nnx.Rngs,
-        attention: str = "xla",
-        remat: str = "none",
-    ) -> "UNet2DConditionModel":
-        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention, remat=remat)
 
     def time_embed(self, timesteps: jax.Array, batch: int, text_embeds: jax.Array | None, time_ids: jax.Array | None):
         """The (B, time_embed_dim) conditioning vector every resnet receives."""

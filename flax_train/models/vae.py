@@ -287,7 +287,7 @@ class Decoder(nnx.Module):
         return self.conv_out(nnx.silu(self.conv_norm_out(x)))
 
 
-class AutoencoderKL(nnx.Module):
+class AutoencoderKL(layers.Component):
     """diffusers' ``AutoencoderKL``: ``encode`` to a diagonal Gaussian over latents, ``decode`` back.
 
     Public methods take and return NCHW arrays like diffusers; the work inside is NHWC.
@@ -339,18 +339,6 @@ class AutoencoderKL(nnx.Module):
         self.quant_conv = layers.Conv(2 * latent, 2 * latent, 1, **kw) if cfg["use_quant_conv"] else None
         self.post_quant_conv = layers.Conv(latent, latent, 1, **kw) if cfg["use_post_quant_conv"] else None
 
-    @classmethod
-    def from_config(
-        cls,
-        config: Mapping[str, Any],
-        *,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        rngs: nnx.Rngs,
-        attention: str = "xla",
-        remat: str = "none",
-    ) -> AutoencoderKL:
-        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention, remat=remat)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images (B, C, H, W) -> (mean, logvar), each (B, latent_channels, H/f, W/f).
