@@ -130,8 +130,11 @@ DEFAULT_SCENARIOS = (
 # One scenario (runs in a worker subprocess)
 
 
-def compile_scenario(scenario: Scenario, unet: str = "sdxl") -> dict[str, Any]:
-    """Compiles the training step of ``scenario`` for its TPU slice; returns the compiler's figures."""
+def compile_scenario(scenario: Scenario, unet: str = "sdxl", program: str = "step") -> dict[str, Any]:
+    """Compiles the training step of ``scenario`` for its TPU slice; returns the compiler's figures.
+
+    ``program="grad"`` compiles the step's forward and backward pass only (see ``compile_gradient``).
+    """
     import jax
     import numpy as np
     from flax import nnx
@@ -202,6 +205,7 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl") -> dict[str, Any]:
         "scenario": scenario.name,
         **dataclasses.asdict(scenario),
         "unet": unet,
+        "program": program,
         "unet_params": num_params,
         "topology": spec.topology,
         "device_kind": devices[0].device_kind,
@@ -216,7 +220,15 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl") -> dict[str, Any]:
     }
     start = time.perf_counter()
     try:
-        compiled, compile_s = train.compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
+        if program == "step":
+            compiled, compile_s = train.compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
+        else:
+            loss_fn = functools.partial(
+                train.diffusion_loss,
+                **{k: step_fn.keywords[k] for k in ("graphdef", "schedule", "timestep_weights", "empty", "cfg")},
+            )
+            compiled, compile_s = compile_gradient(loss_fn, state, state_shardings, batch_shapes, mesh)
+            result["update_bytes_per_chip"] = _update_bytes_per_chip(abstract_state, state_shardings)
     except Exception as e:  # the TPU compiler reports out-of-memory as an error
         message = str(e)
         result.update(
@@ -229,6 +241,55 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl") -> dict[str, Any]:
     result.update(status="compiled", compile_s=compile_s, **_memory(compiled, spec.hbm_gib), **_cost(compiled, chips))
     result.update(_estimates(result, config_lib.CHIP_PEAK_TFLOPS[spec.chip]))
     return result
+
+
+def compile_gradient(
+    loss_fn: Any, state: Any, state_shardings: Any, batch_shapes: dict[str, Any], mesh: Any
+) -> tuple[Any, float]:
+    """The training step without its optimizer update: loss and gradients, as ``train_step`` computes them.
+
+    The whole state stays an argument (``keep_unused``), so the memory analysis still counts the
+    optimizer moments and the EMA that live through the step. Two thirds of the full step's HLO is
+    the per-parameter update (clipping, AdamW, the finite check, EMA: ~60 ops for each of SDXL's
+    1,681 weights); the TPU compiler's host memory grows with that count, so this program compiles
+    on hosts where the full step does not.
+    """
+    import jax
+
+    from flax_train import sharding
+
+    batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
+
+    def gradient(state, batch):
+        key = jax.random.fold_in(state.rng, state.step)  # as train_step draws it
+        return jax.value_and_grad(loss_fn)(state.params, batch, key)
+
+    jitted = jax.jit(
+        gradient,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(sharding.replicated(mesh), state_shardings.params),
+        keep_unused=True,
+    )
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch_shapes.items()
+    }
+    start = time.perf_counter()
+    compiled = jitted.lower(state, abstract_batch).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _update_bytes_per_chip(abstract_state: Any, state_shardings: Any) -> int:
+    """HBM traffic of the optimizer update per chip: it reads the gradients and every
+    parameter-shaped array of the state (weights, moments, EMA) and writes the latter back."""
+    import jax
+    import numpy as np
+
+    def shard_bytes(x, s) -> int:
+        return int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+
+    sizes = jax.tree.leaves(jax.tree.map(shard_bytes, abstract_state, state_shardings))
+    grads = sum(jax.tree.leaves(jax.tree.map(shard_bytes, abstract_state.params, state_shardings.params)))
+    return 2 * sum(sizes) + grads
 
 
 def _pooled_dim(architecture: dict[str, Any]) -> int:
@@ -311,8 +372,8 @@ def _estimates(result: dict[str, Any], peak_tflops: float | None) -> dict[str, A
     return out
 
 
-def run_worker(name: str, unet: str, out: Path) -> None:
-    result = compile_scenario(Scenario.parse(name), unet)
+def run_worker(name: str, unet: str, program: str, out: Path) -> None:
+    result = compile_scenario(Scenario.parse(name), unet, program)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["host_peak_rss_gib"] = usage.ru_maxrss / 1024**2
     # On a shared host the wall time depends on the load; the CPU time of the whole worker does not.
@@ -324,10 +385,11 @@ def run_worker(name: str, unet: str, out: Path) -> None:
 # The driver
 
 
-def run_in_subprocess(name: str, unet: str, timeout_s: float) -> dict[str, Any]:
+def run_in_subprocess(name: str, unet: str, program: str, timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "benchmarks.tpu_aot", "--worker", name, "--unet", unet, "--worker-out", str(out)]
+        command = [sys.executable, "-m", "benchmarks.tpu_aot", "--worker", name, "--unet", unet, "--program", program]
+        command += ["--worker-out", str(out)]
         start = time.perf_counter()
         try:
             proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
@@ -481,6 +543,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenario", action="append", help="a scenario name (repeatable); default: the default list")
     parser.add_argument("--list", action="store_true", help="print the default scenarios and the name grammar")
     parser.add_argument("--unet", choices=("sdxl", "tiny"), default="sdxl", help="tiny: a quick check of the pipeline")
+    parser.add_argument(
+        "--program",
+        choices=("step", "grad"),
+        default="step",
+        help="step: the whole train step; grad: its forward and backward only, for hosts with less than ~24 GB",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per scenario")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -488,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.worker:
-        run_worker(args.worker, args.unet, args.worker_out)
+        run_worker(args.worker, args.unet, args.program, args.worker_out)
         return
     if args.list:
         print("SLICE_MESH_REMAT_RESpx_bBATCH with")
@@ -509,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name in names:
         print(f"compiling {name} ...", flush=True)
-        r = run_in_subprocess(name, args.unet, args.timeout)
+        r = run_in_subprocess(name, args.unet, args.program, args.timeout)
         results.append(r)
         print(
             f"  {r['status']} in {r.get('compile_s', 0):.0f} s"

@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_runtime()
     from flax_train.config import ConfigError
-    from flax_train.weights import WeightsError
+    # Through the models package: flax_train.weights imports flax_train.models.layers, whose package
+    # imports flax_train.weights back, so importing flax_train.weights first fails half-initialised.
+    from flax_train.models import WeightsError
 
     try:
         return args.func(args)

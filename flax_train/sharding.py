@@ -26,7 +26,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax_train.config import MESH_AXES, MeshConfig, resolve_mesh_shape
 
 # The batch dimension is split over every axis that replicates computation per example.
-BATCH_AXES = ("data", "fsdp")
+# fsdp first: with the batch split ("data", "fsdp") on a mesh where data, fsdp and tensor are all
+# > 1, XLA (jax 0.10) miscompiles a matmul whose weight is sharded ("tensor", "fsdp") feeding a
+# residual add — it permutes the batch shards of one operand only, and examples 2..5 of 8 come
+# out wrong. Which process holds which rows does not matter: each contributes its own.
+BATCH_AXES = ("fsdp", "data")
 
 # logical axis name -> mesh axis, tuple of mesh axes, or None (replicated). One table for every model.
 RULES: dict[str, str | tuple[str, ...] | None] = {

@@ -112,7 +112,10 @@ def train_step(
         loss, grads = grad_fn(state.params, batch, key)
     else:
         # Micro-batches run one after another inside the step: one optimizer update, fixed shapes.
-        micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum_steps, -1, *x.shape[1:]), batch)
+        # Micro-batch i is rows i, i + n, i + 2n, ... (n = grad_accum_steps): each device already
+        # holds its share of every micro-batch. Contiguous blocks of rows would live on a few
+        # devices only, and XLA would gather the whole batch onto every device to rebalance them.
+        micro = jax.tree.map(lambda x: x.reshape(-1, cfg.grad_accum_steps, *x.shape[1:]).swapaxes(0, 1), batch)
 
         def accumulate(carry, inputs):
             loss_sum, grad_sum = carry
@@ -414,43 +417,48 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
             writer.scalars(step, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
 
-    with checkpoint.PreemptionGuard() as guard:
-        step = start_step
-        while step < end_step:
-            state, step_metrics = compiled(state, global_batch(batch, batch_shardings))
-            step += 1
-            # Metrics of the previous step leave the device now that this one is queued.
-            if pending is not None:
-                report(*pending)
-            now = time.perf_counter()
-            pending = (step, step_metrics, now - last_time)
-            last_time = now
-            bar.update(1)
-            if ckpt.due(step) or step == end_step:
-                report(*pending)
-                pending = None
-                ckpt.save(step, state, loader.get_state(), force=step == end_step)
-            if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
-                validator.run(step, graphdef, state.ema if state.ema is not None else state.params)
-            if guard.stop or ckpt.preempted(step):
+    step = start_step
+    try:
+        with checkpoint.PreemptionGuard() as guard:
+            while step < end_step:
+                state, step_metrics = compiled(state, global_batch(batch, batch_shardings))
+                step += 1
+                # Metrics of the previous step leave the device now that this one is queued.
                 if pending is not None:
                     report(*pending)
+                now = time.perf_counter()
+                pending = (step, step_metrics, now - last_time)
+                last_time = now
+                bar.update(1)
+                saved = ckpt.due(step) or step == end_step
+                if saved:
+                    report(*pending)
                     pending = None
-                ckpt.save(step, state, loader.get_state(), force=True)
-                preempted = True
-                break
-            batch = next(loader)
-        if pending is not None:
-            report(*pending)
-    bar.close()
-    ckpt.close()
+                    ckpt.save(step, state, loader.get_state(), force=step == end_step)
+                if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
+                    validator.run(step, graphdef, state.ema if state.ema is not None else state.params)
+                if guard.stop or ckpt.preempted(step):
+                    if pending is not None:
+                        report(*pending)
+                        pending = None
+                    if not saved:  # orbax refuses a second save of the same step
+                        ckpt.save(step, state, loader.get_state(), force=True)
+                    preempted = True
+                    break
+                batch = next(loader)
+            if pending is not None:
+                report(*pending)
+    finally:
+        # Also on a non-finite loss with nan_policy=stop: finish pending saves, release the files.
+        bar.close()
+        ckpt.close()
+        writer.close()
 
     export_dir = None
     if cfg.export.at_end and not preempted and step >= cfg.train.max_steps:
         use_ema = cfg.export.use_ema if cfg.export.use_ema is not None else cfg.train.ema.enabled
         params = state.ema if (use_ema and state.ema is not None) else state.params
         export_dir = pipeline.export(cfg, base, graphdef, params, run_dir)
-    writer.close()
     return TrainResult(run_dir, step, losses, export_dir, preempted)
 
 

@@ -71,6 +71,7 @@ def overrides(ws: Workspace, run_dir: Path, *extra: str) -> list[str]:
         "model.unet_config=null",
         f"data.resolution={RESOLUTION}",
         f"data.synthetic.num_images={BATCH}",
+        f"data.path={ws.root / 'synthetic'}",
         f"data.cache_dir={ws.cache}",
         f"train.global_batch_size={BATCH}",
         f"train.max_steps={STEPS}",
@@ -115,7 +116,6 @@ class CompiledStep:
     compiled: Any
     initial: train.TrainState  # never passed to `compiled`, which donates its state: see fresh()
     mesh: jax.sharding.Mesh
-    graphdef: nnx.GraphDef
     batch: dict[str, np.ndarray]  # the first global_batch_size x grad_accum_steps cache samples
 
     def __call__(self, state: train.TrainState, batch: dict[str, np.ndarray]) -> tuple[train.TrainState, dict]:
@@ -159,7 +159,7 @@ def compile_train_step(cfg: config_lib.Config, sgd: bool = False) -> CompiledSte
     batch = {k: np.stack([cache[i % len(cache)][k] for i in range(rows)]) for k in cache[0]}
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     compiled, _ = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
-    return CompiledStep(compiled, state, mesh, graphdef, batch)
+    return CompiledStep(compiled, state, mesh, batch)
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +187,11 @@ def test_one_step_changes_parameters_and_a_fixed_batch_lowers_the_loss(adamw_ste
     # Same samples and, with the step counter held at 0, the same noise, timesteps and caption
     # dropout: one fixed objective, which the optimizer must lower.
     losses = [float(first["loss"])]
+    step_zero = adamw_step.replicated(jnp.zeros((), jnp.int32))
     for _ in range(5):
-        state, step_metrics = adamw_step(state.replace(step=adamw_step.replicated(jnp.zeros((), jnp.int32))), adamw_step.batch)
+        state, step_metrics = adamw_step(state.replace(step=step_zero.copy()), adamw_step.batch)
         losses.append(float(step_metrics["loss"]))
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < 0.6 * losses[0], losses
     assert all(later < earlier for earlier, later in zip(losses, losses[1:])), losses
 
 
@@ -253,7 +254,7 @@ def test_meshes_compute_the_same_step(workspace, sgd_fsdp, mesh):
 def test_gradient_accumulation_averages_the_micro_batches(workspace, sgd_fsdp):
     cfg = make_config(workspace, workspace.root / "unused", "train.grad_accum_steps=2")
     accumulating = compile_train_step(cfg, sgd=True)
-    # 16 rows, micro-batch i is rows [8i, 8i + 8): the cache's 8 samples, then the same reversed.
+    # 16 rows: the cache's 8 samples, then the same reversed. Micro-batch i is rows i, i + 2, ...
     batch = {k: np.concatenate([v[:BATCH], v[:BATCH][::-1]]) for k, v in accumulating.batch.items()}
     rng = host(accumulating.initial.rng)
     loss, gradient = gradient_of_step(accumulating, accumulating.fresh(), batch)
@@ -267,7 +268,7 @@ def test_gradient_accumulation_averages_the_micro_batches(workspace, sgd_fsdp):
         state = state.replace(
             step=sgd_fsdp.replicated(jnp.int32(i)), rng=sgd_fsdp.replicated(jax.random.fold_in(rng, 0))
         )
-        micro_batch = {k: v[i * BATCH : (i + 1) * BATCH] for k, v in batch.items()}
+        micro_batch = {k: v[i::2] for k, v in batch.items()}
         micro_loss, micro_gradient = gradient_of_step(sgd_fsdp, state, micro_batch)
         micro_losses.append(micro_loss)
         micro_gradients.append(micro_gradient)
@@ -275,3 +276,199 @@ def test_gradient_accumulation_averages_the_micro_batches(workspace, sgd_fsdp):
     assert micro_losses[0] != micro_losses[1]  # the two halves really differ
     assert loss == pytest.approx(np.mean(micro_losses), rel=1e-5)
     assert_gradients_close(gradient, jax.tree.map(lambda a, b: (a + b) / 2, *micro_gradients))
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs
+
+
+@pytest.fixture(scope="module")
+def full_run(workspace) -> tuple[config_lib.Config, train.TrainResult]:
+    """STEPS uninterrupted steps with validation images and export at the end."""
+    cfg = make_config(
+        workspace,
+        workspace.root / "full",
+        "validation.every_steps=4",
+        "validation.num_steps=2",
+        "export.at_end=true",
+        "logging.tensorboard=true",
+    )
+    return cfg, train.train(cfg)
+
+
+def test_a_run_logs_metrics_and_writes_validation_grids(full_run):
+    cfg, result = full_run
+    run_dir = Path(cfg.run_dir)
+    assert result.step == STEPS and not result.stopped_by_preemption
+    assert len(result.losses) == STEPS and all(np.isfinite(result.losses))
+    assert config_lib.load(run_dir / "config.yaml") == cfg  # the resolved config is kept with the run
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, STEPS + 1))
+    for row in rows:
+        for key in ("loss", "learning_rate", "grad_norm", "images_per_s"):
+            assert np.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["learning_rate"] == pytest.approx(1e-3)
+        assert row["skipped_steps"] == 0
+    assert [row["loss"] for row in rows] == result.losses
+    assert list((run_dir / "tensorboard").iterdir())
+
+    grids = sorted((run_dir / "samples").iterdir())
+    assert [p.name for p in grids] == [f"step_{STEPS:07d}.png"]
+    with Image.open(grids[0]) as grid:
+        assert grid.format == "PNG" and grid.mode == "RGB"
+        # The demo's two validation prompts side by side.
+        assert grid.size == (2 * RESOLUTION, RESOLUTION)
+        pixels = np.asarray(grid)
+    assert pixels.std() > 0
+
+
+def test_resume_after_preemption_is_bit_exact(workspace, full_run, monkeypatch):
+    full_cfg, full = full_run
+    cfg = make_config(workspace, workspace.root / "resumed")
+    # The multi-host preemption notice, arriving at step 2 — a step that also saves a checkpoint.
+    monkeypatch.setattr(train.checkpoint.Checkpointer, "preempted", lambda self, step: step == 2)
+    first = train.train(cfg)
+    monkeypatch.undo()
+    assert first.stopped_by_preemption and first.step == 2 and first.export_dir is None
+    assert first.losses == full.losses[:2]
+
+    second = train.train(cfg)
+    assert second.step == STEPS and not second.stopped_by_preemption
+    assert second.losses == full.losses[2:]
+    _, resumed = train.restore_checkpoint(cfg, step=STEPS)
+    _, uninterrupted = train.restore_checkpoint(full_cfg, step=STEPS)
+    assert int(resumed.step) == STEPS
+    assert_trees_equal(resumed, uninterrupted)  # params, optimizer state, EMA, step, RNG key
+
+
+def test_export_loads_in_diffusers_and_matches_the_trained_unet(workspace, full_run):
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    cfg, result = full_run
+    assert result.export_dir == Path(cfg.run_dir) / "export"
+    pipe = StableDiffusionXLPipeline.from_pretrained(result.export_dir)
+
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2, 4, RESOLUTION // 2, RESOLUTION // 2), dtype=np.float32)
+    timesteps = np.array([10, 700], np.int32)
+    context = rng.standard_normal((2, 77, pipe.unet.config.cross_attention_dim), dtype=np.float32)
+    unet_config = pipe.unet.config
+    pooled_dim = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    pooled = rng.standard_normal((2, pooled_dim), dtype=np.float32)
+    time_ids = np.array([[16, 16, 0, 0, 16, 16], [24, 20, 2, 1, 16, 16]], np.float32)
+
+    def diffusers_unet(unet: UNet2DConditionModel) -> np.ndarray:
+        with torch.no_grad():
+            return unet(
+                torch.from_numpy(latents),
+                torch.from_numpy(timesteps),
+                encoder_hidden_states=torch.from_numpy(context),
+                added_cond_kwargs={"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)},
+            ).sample.numpy()
+
+    # Our UNet with the trained weights (the EMA, which export writes), straight from the checkpoint.
+    graphdef, state = train.restore_checkpoint(cfg, step=STEPS)
+
+    @jax.jit
+    def flax_unet(params):
+        return nnx.merge(graphdef, params)(latents, timesteps, context, text_embeds=pooled, time_ids=time_ids)
+
+    ours = np.asarray(flax_unet(state.ema))
+    theirs = diffusers_unet(pipe.unet)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+    # ... and those weights are not the ones training started from.
+    untrained = diffusers_unet(UNet2DConditionModel.from_pretrained(workspace.base / "unet"))
+    assert np.abs(theirs - untrained).max() > 1e-3
+
+    images = pipe(
+        prompt="a red circle on a blue background",
+        num_inference_steps=2,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        output_type="np",
+    ).images
+    assert images.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
+
+    # `flax-train export` writes the same UNet from the last checkpoint.
+    again = train.export_from_checkpoint(cfg, out=workspace.root / "export-again")
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (again / weights).read_bytes() == (result.export_dir / weights).read_bytes()
+
+
+def poisoned_cache(source: Path, target: Path) -> Path:
+    """A copy of a latent cache whose latents are all NaN (a corrupt shard, say)."""
+    shutil.copytree(source, target)
+    for shard in (target / "shards").glob("*.safetensors"):
+        with safetensors.safe_open(str(shard), framework="np") as f:
+            metadata = f.metadata()
+        arrays = safetensors.numpy.load_file(str(shard))
+        arrays["latents"] = np.full_like(arrays["latents"], np.nan)
+        safetensors.numpy.save_file(arrays, str(shard), metadata=metadata)
+    return target
+
+
+def test_nan_policy_skip_counts_and_stop_raises(workspace, full_run):
+    nan_cache = poisoned_cache(workspace.cache, workspace.root / "nan-cache")
+
+    cfg = make_config(workspace, workspace.root / "nan-skip", f"data.cache_dir={nan_cache}", "train.nan_policy=skip")
+    result = train.train(cfg, max_steps=2)
+    assert result.step == 2 and not any(np.isfinite(result.losses))
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [row["skipped_steps"] for row in rows] == [1, 2]
+    _, state = train.restore_checkpoint(cfg, step=2)
+    assert int(state.step) == 2 and int(state.skipped) == 2
+    start = nnx.state(models.load(workspace.base, subfolder="unet"), nnx.Param)
+    assert_trees_equal(state.params, start)
+    assert_trees_equal(state.ema, start)
+
+    cfg = make_config(workspace, workspace.root / "nan-stop", f"data.cache_dir={nan_cache}", "train.nan_policy=stop")
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 1"):
+        train.train(cfg)
+    checkpoints = Path(cfg.run_dir) / "checkpoints"
+    assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(workspace, full_run):
+    run_dir = workspace.root / "preempted"
+    extra = ("train.max_steps=100000", "checkpoint.every_steps=0")
+    env = dict(os.environ)
+    # The child compiles the same step: let it use the session's compilation cache, if there is one.
+    if jax.config.jax_compilation_cache_dir:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(jax.config.jax_persistent_cache_min_compile_time_secs)
+    else:
+        env["SDXL_TPU_COMPILATION_CACHE"] = ""  # nor the CLI's default one in the home directory
+    log_path, out_path = workspace.root / "preempted.log", workspace.root / "preempted.out"
+    with open(log_path, "w") as log, open(out_path, "w") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "flax_train.cli", "train", *overrides(workspace, run_dir, *extra)],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=log,
+        )
+        try:
+            metrics_file = run_dir / "metrics.jsonl"
+            deadline = time.monotonic() + 900
+            while not (metrics_file.exists() and metrics_file.read_text().strip()):
+                assert child.poll() is None, f"exited early ({child.returncode}):\n{log_path.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no step logged in time"
+                time.sleep(0.5)
+            child.send_signal(signal.SIGTERM)
+            child.wait(timeout=300)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    assert child.returncode == 0, log_path.read_text()[-3000:]
+    stdout = out_path.read_text()
+    assert "on SIGTERM" in stdout, stdout
+    stopped = int(stdout.split("stopped at step ")[1].split()[0])
+    assert stopped >= 2  # the metrics of step 1 are written once step 2 is under way
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [stopped]
+
+    rerun = train.train(make_config(workspace, run_dir, *extra), max_steps=stopped + 1)
+    assert rerun.step == stopped + 1 and len(rerun.losses) == 1  # one new step: it resumed
