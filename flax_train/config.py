@@ -765,6 +765,11 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         not config.export.use_ema or t.ema.enabled,
         "export.use_ema is true but train.ema.enabled is false; enable EMA or set export.use_ema: null",
     )
+    check(
+        not config.export.single_file,
+        "export.single_file: the single-file checkpoint format is not written yet; export the diffusers folder "
+        "(export.single_file: false)",
+    )
 
     log = config.logging
     check(log.every_steps >= 1, f"logging.every_steps must be >= 1, got {log.every_steps}")

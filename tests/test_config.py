@@ -514,3 +514,9 @@ def test_every_key_and_flag_is_documented():
         assert f"`{key}`" in doc, key
     for flag in cfg.DIFFUSERS_FLAGS:
         assert f"--{flag}" in doc, flag
+
+
+def test_single_file_export_is_refused_until_it_exists():
+    demo = cfg.load([cfg.DEMO_CONFIG], ["export.single_file=true"])
+    with pytest.raises(cfg.ConfigError, match="export.single_file"):
+        cfg.validate(demo, 8)
