@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import platform
@@ -63,16 +62,7 @@ def run_layout(cfg, layout: str, args) -> dict:
     schedule = diffusion.NoiseSchedule.from_scheduler_config(
         {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
     )
-    step_fn = functools.partial(
-        train.train_step,
-        graphdef=graphdef,
-        tx=tx,
-        lr_schedule=lr,
-        schedule=schedule,
-        timestep_weights=None,
-        empty=empty,
-        cfg=train.step_config(cfg, "epsilon"),
-    )
+    step_fn = train.make_step_fn(cfg, graphdef, tx, lr, schedule, empty, "epsilon")
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
     compiled, compile_s = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
     shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host_batch.items()}

@@ -306,6 +306,34 @@ def step_config(cfg: config_lib.Config, prediction_type: str) -> StepConfig:
     )
 
 
+def make_step_fn(
+    cfg: config_lib.Config,
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    lr: optax.Schedule,
+    schedule: diffusion.NoiseSchedule,
+    empty: dict[str, jax.Array],
+    prediction_type: str,
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """``train_step`` with everything but the state and the batch bound from the config."""
+    weights = None
+    if cfg.train.timestep_bias.strategy != "none":
+        b = cfg.train.timestep_bias
+        weights = jnp.asarray(
+            diffusion.timestep_weights(schedule.num_train_timesteps, b.strategy, b.multiplier, b.portion, b.begin, b.end)
+        )
+    return functools.partial(
+        train_step,
+        graphdef=graphdef,
+        tx=tx,
+        lr_schedule=lr,
+        schedule=schedule,
+        timestep_weights=weights,
+        empty=empty,
+        cfg=step_config(cfg, prediction_type),
+    )
+
+
 def global_batch(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
     """Each process contributes its local rows; together they form the global, sharded batch."""
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
@@ -355,22 +383,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
         log.info("resumed from step %d", int(state.step))
 
     # 5. The step, compiled ahead of time.
-    weights = None
-    if cfg.train.timestep_bias.strategy != "none":
-        b = cfg.train.timestep_bias
-        weights = jnp.asarray(
-            diffusion.timestep_weights(schedule.num_train_timesteps, b.strategy, b.multiplier, b.portion, b.begin, b.end)
-        )
-    step_fn = functools.partial(
-        train_step,
-        graphdef=graphdef,
-        tx=tx,
-        lr_schedule=lr,
-        schedule=schedule,
-        timestep_weights=weights,
-        empty=empty,
-        cfg=step_config(cfg, prediction_type),
-    )
+    step_fn = make_step_fn(cfg, graphdef, tx, lr, schedule, empty, prediction_type)
     first = next(loader)
     local_rows = cfg.train.global_batch_size * cfg.train.grad_accum_steps // jax.process_count()
     batch_shapes = {
