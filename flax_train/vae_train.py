@@ -145,7 +145,8 @@ def train_step(
     )
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
-    return (params, opt_state), {"loss": loss, "reconstruction": reconstruction, "kl": kl}
+    metrics = {"loss": loss, "reconstruction": reconstruction, "kl": kl, "grad_norm": optax.global_norm(grads)}
+    return (params, opt_state), metrics
 
 
 def encode_means(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
