@@ -43,7 +43,7 @@ def run_layout(cfg, layout: str, args) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.merged_rules(cfg.mesh.rules)
     architecture = pipeline.unet_config(cfg.model.unet_config, cfg.data.resolution)
-    graphdef, params = train.build_unet(cfg, mesh, Path("."), rules)
+    graphdef, params = train.init_unet(cfg, architecture, mesh, rules)
     tx, lr = train.build_optimizer(cfg)
     state, state_shardings = train.build_state(cfg, params, tx, mesh, rules)
 

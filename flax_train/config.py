@@ -136,7 +136,7 @@ class FrozenDict(Mapping):
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # --pretrained_model_name_or_path: a diffusers SDXL folder or Hub id. null: every component
-    # is built with random weights at the named size in `unet_config` (the demo's tiny pipeline).
+    # is built offline with random weights at the demo's size (`unet_config: tiny`).
     pretrained: str | None = "stabilityai/stable-diffusion-xl-base-1.0"
     # --pretrained_vae_model_name_or_path: a VAE folder or Hub id used instead of pretrained/vae.
     vae: str | None = None
@@ -656,9 +656,10 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         choice("model.unet_config", m.unet_config, UNET_SIZES)
     check(m.pretrained != "", "model.pretrained: empty; give a folder or Hub id, or null for random weights")
     check(
-        m.pretrained is not None or isinstance(m.unet_config, str),
-        "model.pretrained is null (random weights), so model.unet_config must name a size for the whole "
-        f"pipeline ({', '.join(UNET_SIZES)}); an inline dict only reshapes the UNet of a pretrained pipeline",
+        m.pretrained is not None or m.unet_config == "tiny",
+        "model.pretrained is null, so the whole pipeline is built offline with random weights at the "
+        f"demo's size: model.unet_config must be 'tiny', got {m.unet_config!r}; other sizes and inline "
+        "dicts reshape the UNet of a pretrained pipeline",
     )
 
     d = config.data

@@ -46,6 +46,26 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
 }
 
 
+# The demo pipeline's shape beyond the tiny defaults, sized for a 2-core CPU. A 3-level VAE (factor
+# 4) gives 8x8 latents for the demo's 32x32 images; its narrow first level (16 channels, where the
+# convolutions run at full resolution) halves the cost of training it, and two minutes of that
+# still keep every shape's colours (`python -m flax_train.vae_train`). One transformer layer per
+# attention block instead of SDXL-style growth (1, 2) makes a UNet step 18% cheaper and learned the
+# captions as well in 500 steps (90% seen-caption adherence against 85%).
+DEMO_PIPELINE: dict[str, Any] = {"vae_channels": (16, 32, 32), "layers_per_block": 1, "transformer_layers_per_block": (1, 1)}
+# The demo's noise schedule: SDXL's betas rescaled to zero terminal SNR, trailing timesteps and
+# v-prediction (Lin et al., 2023). With SDXL's own schedule the last timestep still shows about 7%
+# of the image; averaged over a flat-coloured background that is a clear signal, so the UNet reads
+# the colours off its noisy input instead of learning them from the caption, and images sampled
+# from pure noise come out in random colours.
+DEMO_SCHEDULER: dict[str, Any] = {
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
+    "steps_offset": 0,
+}
+
+
 def unet_config(spec: str | Mapping[str, Any], resolution: int) -> dict[str, Any]:
     """``model.unet_config``: "sdxl", "tiny" (the demo pipeline's UNet) or a config dict."""
     if isinstance(spec, Mapping):
@@ -56,7 +76,7 @@ def unet_config(spec: str | Mapping[str, Any], resolution: int) -> dict[str, Any
         from flax_train import tiny
 
         # The UNet's architecture does not depend on the tokenizer's vocabulary.
-        configs = tiny.tiny_component_configs(vocab_size=1, image_size=resolution)
+        configs = tiny.tiny_component_configs(vocab_size=1, image_size=resolution, **DEMO_PIPELINE)
         return {"_class_name": "UNet2DConditionModel", **configs["unet"]}
     raise config_lib.ConfigError(f"model.unet_config: {spec!r}; use 'sdxl', 'tiny' or a config table")
 
@@ -92,7 +112,9 @@ def build_demo_pipeline(cfg: config_lib.Config, base: Path) -> None:
     from flax_train.data.sources import open_source
 
     partial = base.with_name(base.name + ".partial")
-    tiny.save_tiny_pipeline(partial, seed=cfg.train.seed, image_size=cfg.data.resolution)
+    tiny.save_tiny_pipeline(
+        partial, seed=cfg.train.seed, image_size=cfg.data.resolution, scheduler=DEMO_SCHEDULER, **DEMO_PIPELINE
+    )
     # The VAE learns from exactly the pixels the latent cache will encode.
     source_spec, preprocess = data_specs(cfg)
     source = open_source(source_spec)

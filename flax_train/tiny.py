@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -281,12 +281,14 @@ def save_tiny_pipeline(
     seed: int = 0,
     image_size: int = 64,
     words: Iterable[str] | None = None,
+    scheduler: Mapping[str, Any] | None = None,
     **config_overrides: Any,
 ) -> Path:
     """Write a complete SDXL diffusers folder with random weights drawn from `seed`.
 
     `diffusers.StableDiffusionXLPipeline.from_pretrained(path)` loads it offline. Extra keyword
-    arguments go to `tiny_component_configs` (e.g. `unet_channels=(32, 64, 64)`).
+    arguments go to `tiny_component_configs` (e.g. `unet_channels=(32, 64, 64)`); `scheduler`
+    overrides keys of SDXL's scheduler config (e.g. `prediction_type="v_prediction"`).
     """
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -316,7 +318,7 @@ def save_tiny_pipeline(
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet.eval(),
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+        scheduler=EulerDiscreteScheduler(**{**SDXL_SCHEDULER_CONFIG, **(scheduler or {})}),
         add_watermarker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)

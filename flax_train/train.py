@@ -179,11 +179,22 @@ def unet_options(cfg: config_lib.Config) -> dict[str, Any]:
     )
 
 
+def starts_from_folder_unet(cfg: config_lib.Config) -> bool:
+    """Whether training starts from the pipeline folder's UNet weights.
+
+    Pretrained folders: unless ``model.unet_config`` asks for a new UNet. The pipeline built offline
+    (``model.pretrained: null``) already holds a randomly initialised UNet of ``model.unet_config``'s
+    architecture; loading it costs nothing, where initialising under ``jit`` compiles one random-number
+    kernel per parameter (about 45 s on a 2-core CPU for the demo's UNet).
+    """
+    return cfg.model.unet_config is None or cfg.model.pretrained is None
+
+
 def unet_architecture(cfg: config_lib.Config, base: Path) -> dict[str, Any]:
-    """``model.unet_config`` when set (training from scratch), else the pipeline folder's UNet."""
-    if cfg.model.unet_config is not None:
-        return pipeline.unet_config(cfg.model.unet_config, cfg.data.resolution)
-    return models.read_config(models.resolve_folder(base, "unet"))
+    """The pipeline folder's UNet config, or ``model.unet_config`` for a new UNet."""
+    if starts_from_folder_unet(cfg):
+        return models.read_config(models.resolve_folder(base, "unet"))
+    return pipeline.unet_config(cfg.model.unet_config, cfg.data.resolution)
 
 
 def build_unet(
@@ -191,15 +202,21 @@ def build_unet(
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """The UNet's graph and parameters, each parameter created directly in its sharding.
 
-    With ``model.unet_config`` set the UNet starts from random weights of that architecture;
-    otherwise it is loaded from the pipeline folder's ``unet/``.
+    The UNet is loaded from the pipeline folder's ``unet/`` (see ``starts_from_folder_unet``), or
+    initialised with random weights of ``model.unet_config``'s architecture.
     """
-    options = unet_options(cfg)
-    if cfg.model.unet_config is None:
+    if starts_from_folder_unet(cfg):
         place = functools.partial(sharding.variable_sharding, mesh=mesh, rules=rules)
-        unet = models.load(base, subfolder="unet", sharding_fn=place, **options)
+        unet = models.load(base, subfolder="unet", sharding_fn=place, **unet_options(cfg))
         return nnx.split(unet, nnx.Param)
-    architecture = unet_architecture(cfg, base)
+    return init_unet(cfg, unet_architecture(cfg, base), mesh, rules)
+
+
+def init_unet(
+    cfg: config_lib.Config, architecture: dict[str, Any], mesh: jax.sharding.Mesh, rules: dict[str, Any]
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """A UNet of ``architecture`` with random weights drawn from ``train.seed``, created sharded."""
+    options = unet_options(cfg)
     graphdef, abstract_params = nnx.split(models.abstract(architecture, **options), nnx.Param)
 
     @functools.partial(jax.jit, out_shardings=sharding.tree_shardings(abstract_params, mesh, rules))

@@ -168,6 +168,22 @@ def adamw_step(workspace) -> CompiledStep:
     return compile_train_step(make_config(workspace, workspace.root / "unused"))
 
 
+def test_where_the_unet_starts(workspace, tmp_path):
+    # A pretrained folder's UNet, unless model.unet_config asks for a new one; the pipeline built
+    # offline (pretrained: null) already holds random weights of model.unet_config's architecture.
+    assert train.starts_from_folder_unet(make_config(workspace, tmp_path))
+    assert not train.starts_from_folder_unet(make_config(workspace, tmp_path, "model.unet_config=tiny"))
+    assert train.starts_from_folder_unet(config_lib.load([config_lib.DEMO_CONFIG], []))
+
+    # Loaded weights are the folder's, already in their FSDP shardings.
+    cfg = make_config(workspace, tmp_path)
+    mesh = sharding.make_mesh(cfg.mesh)
+    _, params = train.build_unet(cfg, mesh, workspace.base, sharding.merged_rules(cfg.mesh.rules))
+    reference = nnx.state(models.load(workspace.base, subfolder="unet"), nnx.Param)
+    assert_trees_equal(params, reference)
+    assert any(len(x.sharding.device_set) == 8 and x.sharding.shard_shape(x.shape) != x.shape for x in jax.tree.leaves(params))
+
+
 def test_one_step_changes_parameters_and_a_fixed_batch_lowers_the_loss(adamw_step):
     before = host(adamw_step.initial)
     state, first = adamw_step(adamw_step.fresh(), adamw_step.batch)
