@@ -1,10 +1,10 @@
-"""Ahead-of-time estimates of SDXL UNet training on Cloud TPU, compiled on a CPU-only host.
+"""Ahead-of-time estimates of SDXL UNet training on Cloud TPU, compiled on a host without a TPU.
 
 libtpu describes a TPU slice (``jax.experimental.topologies``) without any TPU attached, and the
-TPU compiler then compiles the trainer's real step (``flax_train.train.train_step``: the 2.6B
-SDXL UNet, AdamW, EMA, bf16 compute over fp32 weights) for that slice's mesh. Nothing is
-allocated: the state and batch are ``jax.ShapeDtypeStruct``s with their shardings attached. Each
-scenario reports what the compiler says about the step:
+TPU compiler then compiles the trainer's real step (``flax_train.train.train_step``: the SDXL UNet,
+AdamW, EMA, bf16 compute over fp32 weights, ``configs/sdxl_base.yaml``) for that slice's mesh.
+Nothing is allocated: state and batch are ``jax.ShapeDtypeStruct``s carrying their shardings.
+Each scenario reports what the compiler says about one step:
 
 * per-chip memory (arguments, outputs, temporaries) against the chip's HBM, or the compiler's
   out-of-memory error when it does not fit;
@@ -13,15 +13,22 @@ scenario reports what the compiler says about the step:
 * ``optimal_seconds``, the TPU compiler's cost-model estimate of one step, and from it images/s
   and MFU. These are compiler cost-model estimates, not measurements.
 
-Needs the project's ``tpu`` extra (libtpu), no TPU:
+The TPU compiler's host memory and time grow with the UNet's depth: on a 2-core, 23 GiB host the
+copy with 1 transformer layer at the deepest level took 35 min and 15.6 GiB, with 2 layers 39 min
+and 18.4 GiB, so full SDXL (10) does not fit such a host. There, ``--depths 1,2`` compiles two shallower copies of SDXL instead
+(the deepest level's 10 transformer layers cut to 1 and 2; every other layer as in SDXL) and
+extrapolates each figure linearly to 10 layers. Parameters, FLOPs and the cost model's time are
+sums over layers, so they are linear in that depth; a third depth (``--depths 1,2,3``) reports
+how far the others' line misses it.
 
-    .venv/bin/pip install -c constraints.txt 'libtpu==0.0.42.*'
-    .venv/bin/python -m benchmarks.tpu_aot                   # the default scenarios, ~10-15 min on 2 cores
-    .venv/bin/python -m benchmarks.tpu_aot --list            # scenario names and the grammar
-    .venv/bin/python -m benchmarks.tpu_aot --scenario v5e-8_fsdp_full_512px_b1 --no-write
+    .venv/bin/pip install -c constraints.txt 'libtpu==0.0.42.*'     # the project's tpu extra
+    .venv/bin/python -m benchmarks.tpu_aot --list
+    .venv/bin/python -m benchmarks.tpu_aot                          # full SDXL; needs well over 23 GiB of RAM
+    .venv/bin/python -m benchmarks.tpu_aot --depths 1,2             # extrapolated; ~19 GiB of RAM, ~75 min on 2 cores
+    .venv/bin/python -m benchmarks.tpu_aot --scenario v5e-8_fsdp_full_512px_b1 --unet tiny --no-write
 
-Each scenario compiles in its own subprocess, so a compiler crash or the host memory of one
-compile does not carry over to the next. Results go to ``benchmarks/results/tpu_aot_<date>.json``
+Each compile runs in its own subprocess (libtpu allows one user at a time, and a compiler crash
+or its host memory then does not carry over). Results go to ``benchmarks/results/tpu_aot_<date>.json``
 and ``benchmarks/results/tpu_aot.md``.
 """
 
@@ -65,14 +72,15 @@ class Slice:
     topology: str  # libtpu topology name
     host_bounds: tuple[int, int, int]  # chips per host along x, y, z (one host holds the slice)
     chip: str  # key of flax_train.config.CHIP_PEAK_TFLOPS
-    hbm_gib: float  # HBM per chip (REFERENCE.md)
+    hbm_gib: float  # HBM per chip
+    hbm_gb_per_s: float  # HBM bandwidth per chip (Cloud TPU documentation)
 
 
 SLICES: dict[str, Slice] = {
-    "v5e-8": Slice("v5e:2x4", (2, 4, 1), "tpu_v5e", 16.0),
+    "v5e-8": Slice("v5e:2x4", (2, 4, 1), "tpu_v5e", 16.0, 819.0),
     # v5p-8 is 4 chips (8 TensorCores, fused in pairs as megacores): JAX sees 4 devices.
-    "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0),
-    "v6e-8": Slice("v6e:2x4", (2, 4, 1), "tpu_v6e", 32.0),
+    "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0, 2765.0),
+    "v6e-8": Slice("v6e:2x4", (2, 4, 1), "tpu_v6e", 32.0, 1640.0),
 }
 
 # Mesh layouts (flax_train.config.MeshConfig fields).
@@ -83,8 +91,11 @@ MESHES: dict[str, dict[str, int]] = {
 }
 REMATS = ("none", "full", "dots", "dots_no_batch")
 
-# Forward TFLOP per image of the SDXL UNet (torch FlopCounterMode, REFERENCE.md).
+# Forward TFLOP per image of the SDXL UNet (torch FlopCounterMode on the diffusers UNet).
 FORWARD_TFLOP_PER_IMAGE = {1024: 6.761, 512: 1.589}
+
+# SDXL's transformer_layers_per_block is [1, 2, 10]; the shallower copies change the last entry.
+SDXL_DEPTH = 10
 
 _NAME = re.compile(r"^(?P<slice>[a-z0-9]+-\d+)_(?P<mesh>[a-z]+)_(?P<remat>[a-z_]+?)_(?P<res>\d+)px_b(?P<batch>\d+)$")
 
@@ -109,38 +120,45 @@ class Scenario:
                 f"scenario {name!r}: expected SLICE_MESH_REMAT_RESpx_bBATCH with SLICE in {sorted(SLICES)}, "
                 f"MESH in {sorted(MESHES)}, REMAT in {list(REMATS)}, e.g. v5e-8_fsdp_full_1024px_b1"
             )
-        if int(m["res"]) % 8:
-            raise ValueError(f"scenario {name!r}: the resolution must be a multiple of 8 (the VAE's factor)")
+        if int(m["res"]) % 64:
+            raise ValueError(f"scenario {name!r}: the resolution must be a multiple of 64 (VAE x UNet downsampling)")
         return cls(m["slice"], m["mesh"], m["remat"], int(m["res"]), int(m["batch"]))
 
 
-# Kept to what compiles in about 10-15 minutes on a loaded 2-core host (about a minute or two each).
 DEFAULT_SCENARIOS = (
     "v5e-8_fsdp_full_1024px_b1",  # the tpu_v5e_8 preset
-    "v5e-8_dp_full_1024px_b1",  # pure data parallel: the replicated fp32 state cannot fit 16 GiB
+    "v5e-8_dp_full_1024px_b1",  # pure data parallel: 41 GB of replicated fp32 state cannot fit 16 GiB
     "v5e-8_fsdp_dots_1024px_b1",
-    "v5e-8_fsdp_full_1024px_b2",
-    "v5e-8_fsdp_full_512px_b2",
     "v5p-8_hybrid_dots_1024px_b4",  # the tpu_v5p_8 preset
     "v6e-8_fsdp_full_1024px_b2",  # the tpu_v6e_8 preset
 )
 
 
 # --------------------------------------------------------------------------------------------
-# One scenario (runs in a worker subprocess)
+# One compile (runs in a worker subprocess)
 
 
-def compile_scenario(scenario: Scenario, unet: str = "sdxl", program: str = "step") -> dict[str, Any]:
-    """Compiles the training step of ``scenario`` for its TPU slice; returns the compiler's figures.
+def unet_architecture(unet: str, resolution: int, depth: int | None) -> dict[str, Any]:
+    from flax_train import pipeline
 
-    ``program="grad"`` compiles the step's forward and backward pass only (see ``compile_gradient``).
+    architecture = pipeline.unet_config(unet, resolution)
+    if depth is not None:
+        layers = list(architecture["transformer_layers_per_block"])
+        architecture["transformer_layers_per_block"] = layers[:-1] + [depth]
+    return architecture
+
+
+def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None = None) -> dict[str, Any]:
+    """Compiles the training step of ``scenario`` for its TPU slice; returns the compiler's raw figures.
+
+    ``depth`` replaces the number of transformer layers of the UNet's deepest level (SDXL: 10).
     """
     import jax
     import numpy as np
     from flax import nnx
     from jax.experimental import topologies
 
-    from flax_train import checkpoint, config as config_lib, diffusion, models, pipeline, sharding, tiny, train
+    from flax_train import checkpoint, config as config_lib, diffusion, models, sharding, tiny, train
 
     spec = SLICES[scenario.slice]
     devices = topologies.get_topology_desc(
@@ -151,13 +169,12 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", program: str = "ste
         num_slices=1,
     ).devices
     chips = len(devices)
-    mesh_overrides = [f"mesh.{axis}={size}" for axis, size in MESHES[scenario.mesh].items()]
     mesh_shape = config_lib.resolve_mesh_shape(config_lib.MeshConfig(**MESHES[scenario.mesh]), chips)
     global_batch = scenario.per_chip_batch * mesh_shape["data"] * mesh_shape["fsdp"]
     cfg = config_lib.load(
         SDXL_CONFIG,
         [
-            *mesh_overrides,
+            *(f"mesh.{axis}={size}" for axis, size in MESHES[scenario.mesh].items()),
             f"model.remat={scenario.remat}",
             "model.attention=xla",
             f"data.resolution={scenario.resolution}",
@@ -168,34 +185,47 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", program: str = "ste
 
     mesh = sharding.make_mesh(cfg.mesh, devices=devices)
     rules = sharding.merged_rules(cfg.mesh.rules)
-    architecture = pipeline.unet_config(unet, scenario.resolution)
-    graphdef, abstract_params = nnx.split(models.abstract(architecture, **train.unet_options(cfg)), nnx.Param)
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params))
     tx, lr = train.build_optimizer(cfg)
-    abstract_state = jax.eval_shape(train.initial_state_fn(cfg, tx), abstract_params)
-    state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+
+    def abstract_state_of(architecture: dict[str, Any]) -> tuple[Any, Any, Any, int]:
+        graphdef, params = nnx.split(models.abstract(architecture, **train.unet_options(cfg)), nnx.Param)
+        state = jax.eval_shape(train.initial_state_fn(cfg, tx), params)
+        shardings = sharding.tree_shardings(state, mesh, rules)
+        # Bytes per chip of the state, from the shardings.
+        shard_bytes = lambda x, s: int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize  # noqa: E731
+        nbytes = sum(jax.tree.leaves(jax.tree.map(shard_bytes, state, shardings)))
+        return graphdef, state, shardings, nbytes
+
+    architecture = unet_architecture(unet, scenario.resolution, depth)
+    graphdef, abstract_state, state_shardings, state_bytes = abstract_state_of(architecture)
     state = checkpoint.abstract_with_shardings(abstract_state, state_shardings)
+    # The model being estimated: a shallower copy stands in for it in the compile.
+    target_state_bytes = state_bytes
+    if depth is not None:
+        target_state_bytes = abstract_state_of(unet_architecture(unet, scenario.resolution, None))[3]
 
     # The trainer reads these from the latent cache; numpy arrays become constants of the step,
-    # exactly as the cached empty-prompt embeddings do.
+    # as the cached empty-prompt embeddings do.
+    text_dim = architecture["cross_attention_dim"]
+    # The text_time embedding's input is the pooled text embedding + 6 time ids x addition_time_embed_dim.
+    pooled_dim = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
     empty = {
-        "prompt_embeds": np.zeros((77, architecture["cross_attention_dim"]), np.float32),
-        "pooled_prompt_embeds": np.zeros((_pooled_dim(architecture),), np.float32),
+        "prompt_embeds": np.zeros((77, text_dim), np.float32),
+        "pooled_prompt_embeds": np.zeros((pooled_dim,), np.float32),
     }
     latent = scenario.resolution // 8
     batch_shapes = {
         "latents": jax.ShapeDtypeStruct((global_batch, 4, latent, latent), np.float32),
-        "prompt_embeds": jax.ShapeDtypeStruct((global_batch, 77, empty["prompt_embeds"].shape[1]), np.float32),
-        "pooled_prompt_embeds": jax.ShapeDtypeStruct((global_batch, empty["pooled_prompt_embeds"].shape[0]), np.float32),
+        "prompt_embeds": jax.ShapeDtypeStruct((global_batch, 77, text_dim), np.float32),
+        "pooled_prompt_embeds": jax.ShapeDtypeStruct((global_batch, pooled_dim), np.float32),
         "add_time_ids": jax.ShapeDtypeStruct((global_batch, 6), np.int32),
     }
-    schedule = diffusion.NoiseSchedule.from_scheduler_config(tiny.SDXL_SCHEDULER_CONFIG)
     step_fn = functools.partial(
         train.train_step,
         graphdef=graphdef,
         tx=tx,
         lr_schedule=lr,
-        schedule=schedule,
+        schedule=diffusion.NoiseSchedule.from_scheduler_config(tiny.SDXL_SCHEDULER_CONFIG),
         timestep_weights=None,
         empty=empty,
         cfg=train.step_config(cfg, "epsilon"),
@@ -205,8 +235,8 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", program: str = "ste
         "scenario": scenario.name,
         **dataclasses.asdict(scenario),
         "unet": unet,
-        "program": program,
-        "unet_params": num_params,
+        "depth": architecture["transformer_layers_per_block"][-1],
+        "unet_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params)),
         "topology": spec.topology,
         "device_kind": devices[0].device_kind,
         "chips": chips,
@@ -216,19 +246,18 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", program: str = "ste
         "optimizer": cfg.train.optimizer,
         "dtype": cfg.model.dtype,
         "param_dtype": cfg.model.param_dtype,
-        "hbm_gib": spec.hbm_gib,
     }
+    # No compile is needed to see that a layout (say, fp32 state replicated on 16 GiB chips)
+    # cannot fit: the state alone, per chip, exceeds the HBM.
+    result["state_gib_per_chip"] = state_bytes / 1024**3
+    result["target_state_gib_per_chip"] = target_state_bytes / 1024**3
+    if target_state_bytes / 1024**3 > spec.hbm_gib:
+        result.update(status="over_hbm", compile_s=0.0, error="the training state alone exceeds the chip's HBM")
+        return result
+
     start = time.perf_counter()
     try:
-        if program == "step":
-            compiled, compile_s = train.compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
-        else:
-            loss_fn = functools.partial(
-                train.diffusion_loss,
-                **{k: step_fn.keywords[k] for k in ("graphdef", "schedule", "timestep_weights", "empty", "cfg")},
-            )
-            compiled, compile_s = compile_gradient(loss_fn, state, state_shardings, batch_shapes, mesh)
-            result["update_bytes_per_chip"] = _update_bytes_per_chip(abstract_state, state_shardings)
+        compiled, compile_s = train.compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
     except Exception as e:  # the TPU compiler reports out-of-memory as an error
         message = str(e)
         result.update(
@@ -238,67 +267,12 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", program: str = "ste
             **_oom_figures(message),
         )
         return result
-    result.update(status="compiled", compile_s=compile_s, **_memory(compiled, spec.hbm_gib), **_cost(compiled, chips))
-    result.update(_estimates(result, config_lib.CHIP_PEAK_TFLOPS[spec.chip]))
+    result.update(status="compiled", compile_s=compile_s, **_memory(compiled), **_cost(compiled))
     return result
 
 
-def compile_gradient(
-    loss_fn: Any, state: Any, state_shardings: Any, batch_shapes: dict[str, Any], mesh: Any
-) -> tuple[Any, float]:
-    """The training step without its optimizer update: loss and gradients, as ``train_step`` computes them.
-
-    The whole state stays an argument (``keep_unused``), so the memory analysis still counts the
-    optimizer moments and the EMA that live through the step. Two thirds of the full step's HLO is
-    the per-parameter update (clipping, AdamW, the finite check, EMA: ~60 ops for each of SDXL's
-    1,681 weights); the TPU compiler's host memory grows with that count, so this program compiles
-    on hosts where the full step does not.
-    """
-    import jax
-
-    from flax_train import sharding
-
-    batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
-
-    def gradient(state, batch):
-        key = jax.random.fold_in(state.rng, state.step)  # as train_step draws it
-        return jax.value_and_grad(loss_fn)(state.params, batch, key)
-
-    jitted = jax.jit(
-        gradient,
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(sharding.replicated(mesh), state_shardings.params),
-        keep_unused=True,
-    )
-    abstract_batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch_shapes.items()
-    }
-    start = time.perf_counter()
-    compiled = jitted.lower(state, abstract_batch).compile()
-    return compiled, time.perf_counter() - start
-
-
-def _update_bytes_per_chip(abstract_state: Any, state_shardings: Any) -> int:
-    """HBM traffic of the optimizer update per chip: it reads the gradients and every
-    parameter-shaped array of the state (weights, moments, EMA) and writes the latter back."""
-    import jax
-    import numpy as np
-
-    def shard_bytes(x, s) -> int:
-        return int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
-
-    sizes = jax.tree.leaves(jax.tree.map(shard_bytes, abstract_state, state_shardings))
-    grads = sum(jax.tree.leaves(jax.tree.map(shard_bytes, abstract_state.params, state_shardings.params)))
-    return 2 * sum(sizes) + grads
-
-
-def _pooled_dim(architecture: dict[str, Any]) -> int:
-    # text_time embedding input = pooled text + 6 time ids x addition_time_embed_dim.
-    return architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
-
-
 def _is_oom(message: str) -> bool:
-    return any(s in message for s in ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory", "exceeds"))
+    return any(s in message for s in ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory"))
 
 
 def _oom_figures(message: str) -> dict[str, Any]:
@@ -314,133 +288,203 @@ def _oom_figures(message: str) -> dict[str, Any]:
     }
 
 
-def _memory(compiled: Any, hbm_gib: float) -> dict[str, Any]:
+def _memory(compiled: Any) -> dict[str, float]:
     m = compiled.memory_analysis()
     if m is None:
         return {}
     gib = 1024**3
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    total += getattr(m, "generated_code_size_in_bytes", 0)
     return {
         "argument_gib": m.argument_size_in_bytes / gib,
         "output_gib": m.output_size_in_bytes / gib,
         "alias_gib": m.alias_size_in_bytes / gib,
         "temp_gib": m.temp_size_in_bytes / gib,
         "code_gib": getattr(m, "generated_code_size_in_bytes", 0) / gib,
-        "total_gib": total / gib,
-        "fits_hbm": total / gib <= hbm_gib,
     }
 
 
-def _cost(compiled: Any, chips: int) -> dict[str, Any]:
+def _cost(compiled: Any) -> dict[str, float]:
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else None
     if not analysis:
         return {}
-    out: dict[str, Any] = {}
-    if "flops" in analysis:
-        # Cost analysis of an SPMD executable describes one chip's program.
-        out["flops_per_chip"] = float(analysis["flops"])
-        out["flops_per_step"] = float(analysis["flops"]) * chips
-    if "bytes accessed" in analysis:
-        out["bytes_accessed_per_chip"] = float(analysis["bytes accessed"])
-    if "optimal_seconds" in analysis:
-        out["optimal_seconds"] = float(analysis["optimal_seconds"])
+    # Cost analysis of an SPMD executable describes one chip's program.
+    keys = {"flops": "flops_per_chip", "bytes accessed": "bytes_accessed_per_chip", "optimal_seconds": "optimal_seconds"}
+    out = {ours: float(analysis[theirs]) for theirs, ours in keys.items() if theirs in analysis}
+    # The cost model answers a negative time when it cannot price part of the program (seen on the
+    # tiny UNet's whole step, while each of its ops alone prices fine): that is no estimate at all.
+    if out.get("optimal_seconds", 1.0) <= 0:
+        out["optimal_seconds_unpriced"] = out.pop("optimal_seconds")
     return out
 
 
-def _estimates(result: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"peak_tflops_per_chip": peak_tflops}
-    forward = FORWARD_TFLOP_PER_IMAGE.get(result["resolution"]) if result["unet"] == "sdxl" else None
-    if forward:
-        # Model FLOPs (for MFU) count forward + backward once; full remat runs the forward twice.
-        out["analytic_model_flops_per_step"] = 3 * forward * 1e12 * result["global_batch"]
-        recompute = 4 if result["remat"] == "full" else 3
-        out["analytic_executed_flops_per_step"] = recompute * forward * 1e12 * result["global_batch"]
-        if "flops_per_step" in result:
-            out["compiler_vs_analytic_executed"] = result["flops_per_step"] / out["analytic_executed_flops_per_step"]
-    seconds = result.get("optimal_seconds")
-    if seconds and seconds > 0:
-        out["estimate_note"] = NOTE
-        out["images_per_s"] = result["global_batch"] / seconds
-        out["images_per_s_per_chip"] = out["images_per_s"] / result["chips"]
-        if peak_tflops and "analytic_model_flops_per_step" in out:
-            out["mfu"] = out["analytic_model_flops_per_step"] / (seconds * peak_tflops * 1e12 * result["chips"])
-        if peak_tflops and "flops_per_chip" in result:
-            out["hardware_flops_utilisation"] = result["flops_per_chip"] / (seconds * peak_tflops * 1e12)
-    return out
-
-
-def run_worker(name: str, unet: str, program: str, out: Path) -> None:
-    result = compile_scenario(Scenario.parse(name), unet, program)
+def run_worker(name: str, unet: str, depth: int | None, out: Path) -> None:
+    result = compile_scenario(Scenario.parse(name), unet, depth)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["host_peak_rss_gib"] = usage.ru_maxrss / 1024**2
-    # On a shared host the wall time depends on the load; the CPU time of the whole worker does not.
+    # On a shared host the wall time depends on the load; the CPU time does not.
     result["host_cpu_s"] = usage.ru_utime + usage.ru_stime
     out.write_text(json.dumps(result, indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# Derived figures and extrapolation (in the driver)
+
+# Raw per-chip figures that are sums over the UNet's layers, hence linear in the transformer depth.
+LINEAR_FIELDS = (
+    "unet_params",
+    "state_gib_per_chip",
+    "argument_gib",
+    "output_gib",
+    "alias_gib",
+    "temp_gib",
+    "code_gib",
+    "flops_per_chip",
+    "bytes_accessed_per_chip",
+    "optimal_seconds",
+)
+
+
+def derive(row: dict[str, Any]) -> dict[str, Any]:
+    """Adds totals, the HBM check, the analytic FLOPs and the cost-model throughput and MFU."""
+    from flax_train.config import CHIP_PEAK_TFLOPS
+
+    spec = SLICES[row["slice"]]
+    row = {**row, "hbm_gib": spec.hbm_gib}
+    if "temp_gib" in row:
+        row["total_gib"] = row["argument_gib"] + row["output_gib"] + row["temp_gib"] + row["code_gib"] - row["alias_gib"]
+        row["fits_hbm"] = row["total_gib"] <= spec.hbm_gib
+    if "flops_per_chip" in row:
+        row["flops_per_step"] = row["flops_per_chip"] * row["chips"]
+    forward = FORWARD_TFLOP_PER_IMAGE.get(row["resolution"])
+    if row["unet"] == "sdxl" and row.get("depth") == SDXL_DEPTH and forward:
+        # Model FLOPs (for MFU) count forward + backward once; full remat runs the forward twice.
+        row["analytic_model_flops_per_step"] = 3 * forward * 1e12 * row["global_batch"]
+        executed = (4 if row["remat"] == "full" else 3) * forward * 1e12 * row["global_batch"]
+        row["analytic_executed_flops_per_step"] = executed
+        if "flops_per_step" in row:
+            row["compiler_vs_analytic_flops"] = row["flops_per_step"] / executed
+    peak = CHIP_PEAK_TFLOPS[spec.chip]
+    row["peak_tflops_per_chip"] = peak
+    if "flops_per_chip" in row and "bytes_accessed_per_chip" in row:
+        # No step can beat both the chip's peak FLOP/s and its HBM bandwidth.
+        row["roofline_seconds"] = max(
+            row["flops_per_chip"] / (peak * 1e12), row["bytes_accessed_per_chip"] / (spec.hbm_gb_per_s * 1e9)
+        )
+    seconds = row.get("optimal_seconds")
+    if seconds:
+        row["estimate_note"] = NOTE
+        row["images_per_s"] = row["global_batch"] / seconds
+        row["images_per_s_per_chip"] = row["images_per_s"] / row["chips"]
+        if "analytic_model_flops_per_step" in row:
+            row["mfu"] = row["analytic_model_flops_per_step"] / (seconds * peak * 1e12 * row["chips"])
+        if "flops_per_chip" in row:
+            row["hardware_flops_utilisation"] = row["flops_per_chip"] / (seconds * peak * 1e12)
+    return row
+
+
+def extrapolate(rows: list[dict[str, Any]], depth: int = SDXL_DEPTH) -> dict[str, Any]:
+    """The scenario at ``depth`` from raw compiles of the same scenario at shallower depths: each
+    linear field on the least-squares line through them (with two depths, the line through both)."""
+    import numpy as np
+
+    rows = sorted(rows, key=lambda r: r["depth"])
+    base = {k: v for k, v in rows[0].items() if k not in LINEAR_FIELDS and k not in ("compile_s", "host_peak_rss_gib", "host_cpu_s", "error", "optimal_seconds_unpriced")}
+    out: dict[str, Any] = {**base, "depth": depth, "method": f"extrapolated from depths {', '.join(str(r['depth']) for r in rows)}"}
+    out["analog_compile_s"] = [r.get("compile_s") for r in rows]
+    out["compile_s"] = sum(r.get("compile_s") or 0.0 for r in rows)
+    out["analog_host_peak_rss_gib"] = [r.get("host_peak_rss_gib") for r in rows]
+    failed = [r for r in rows if r["status"] != "compiled"]
+    if failed:
+        # A shallower UNet that does not fit means SDXL does not either.
+        first = failed[0]
+        out.update(status=first["status"], failed_at_depth=first["depth"], error=first.get("error", ""))
+        out.update({k: first[k] for k in ("oom_used_gib", "oom_capacity_gib", "oom_memory_space") if k in first})
+        return out
+    depths = np.array([r["depth"] for r in rows], dtype=np.float64)
+    residuals = {}
+    for field in LINEAR_FIELDS:
+        if not all(field in r for r in rows):
+            continue
+        values = np.array([r[field] for r in rows], dtype=np.float64)
+        slope, intercept = np.polyfit(depths, values, 1)
+        out[field] = float(slope * depth + intercept)
+        if len(rows) > 2:
+            fitted = slope * depths + intercept
+            residuals[field] = float(np.max(np.abs(fitted - values) / np.maximum(np.abs(values), 1e-30)))
+    out["unet_params"] = int(round(out["unet_params"]))
+    if residuals:
+        out["fit_max_relative_residual"] = residuals
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # The driver
 
 
-def run_in_subprocess(name: str, unet: str, program: str, timeout_s: float) -> dict[str, Any]:
+def run_in_subprocess(name: str, unet: str, depth: int | None, timeout_s: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "benchmarks.tpu_aot", "--worker", name, "--unet", unet, "--program", program]
-        command += ["--worker-out", str(out)]
+        command = [sys.executable, "-m", "benchmarks.tpu_aot", "--worker", name, "--unet", unet, "--worker-out", str(out)]
+        if depth is not None:
+            command += ["--worker-depth", str(depth)]
         start = time.perf_counter()
+        scenario = dataclasses.asdict(Scenario.parse(name))
+        failure = {"scenario": name, **scenario, "unet": unet, "depth": depth}
         try:
             proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            return {"scenario": name, "status": "timeout", "compile_s": time.perf_counter() - start}
+            return {**failure, "status": "timeout", "compile_s": time.perf_counter() - start}
         if out.exists():
             return json.loads(out.read_text())
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        return {"scenario": name, "status": "crashed", "returncode": proc.returncode, "error": tail}
+        return {**failure, "status": "crashed", "returncode": proc.returncode, "error": tail}
 
 
-def _fmt(value: Any, spec: str, missing: str = "-") -> str:
-    return missing if value is None else format(value, spec)
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    head = (
-        "| scenario | chips | global batch | status | compile s | args GiB | temp GiB | total GiB / HBM | "
-        "compiler TFLOP/step | analytic TFLOP/step | est. step s | est. img/s | est. MFU |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
-        status = r["status"]
-        total = None
-        if status == "compiled":
-            total = f"{r['total_gib']:.1f} / {r['hbm_gib']:.0f}" + ("" if r["fits_hbm"] else " (over)")
+def table(rows: list[dict[str, Any]]) -> str:
+    columns = (
+        "scenario", "how", "chips", "global batch", "status", "compile s", "args GiB", "temp GiB",
+        "total GiB / HBM", "compiler TFLOP/step", "analytic TFLOP/step", "roofline s", "est. step s", "est. img/s",
+        "est. MFU",
+    )  # fmt: skip
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        total = "-"
+        if "total_gib" in r:
+            total = f"{r['total_gib']:.1f} / {r['hbm_gib']:.0f}" + ("" if r["fits_hbm"] else " **over**")
         elif "oom_used_gib" in r:
             total = f"{r['oom_used_gib']:.1f} / {r['oom_capacity_gib']:.1f} (compiler OOM)"
-        flops = r.get("flops_per_step")
-        analytic = r.get("analytic_executed_flops_per_step")
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["scenario"],
-                    _fmt(r.get("chips"), "d"),
-                    _fmt(r.get("global_batch"), "d"),
-                    status,
-                    _fmt(r.get("compile_s"), ".0f"),
-                    _fmt(r.get("argument_gib"), ".2f"),
-                    _fmt(r.get("temp_gib"), ".2f"),
-                    total or "-",
-                    _fmt(flops / 1e12 if flops else None, ".1f"),
-                    _fmt(analytic / 1e12 if analytic else None, ".1f"),
-                    _fmt(r.get("optimal_seconds"), ".3f"),
-                    _fmt(r.get("images_per_s"), ".2f"),
-                    _fmt(r.get("mfu") * 100 if r.get("mfu") is not None else None, ".0f", "-") + ("%" if r.get("mfu") else ""),
-                ]
-            )
-            + " |"
-        )
+        elif r["status"] == "over_hbm":
+            total = f"{r['target_state_gib_per_chip']:.1f} / {r['hbm_gib']:.0f} (state alone)"
+        how = "compiled" if r.get("method") is None else r["method"].replace("extrapolated from depths ", "extrap. ")
+        if r["status"] == "over_hbm":
+            how = "not compiled"
+        elif r.get("failed_at_depth") is not None:
+            how += f" ({r['status']} at depth {r['failed_at_depth']})"
+        flops, analytic = r.get("flops_per_step"), r.get("analytic_executed_flops_per_step")
+        mfu = r.get("mfu")
+        cells = [
+            r["scenario"] + (f" (depth {r['depth']})" if r["unet"] == "sdxl" and r.get("depth") not in (None, SDXL_DEPTH) else ""),
+            how,
+            _fmt(r.get("chips"), "d"),
+            _fmt(r.get("global_batch"), "d"),
+            r["status"],
+            _fmt(r.get("compile_s"), ".0f"),
+            _fmt(r.get("argument_gib"), ".2f"),
+            _fmt(r.get("temp_gib"), ".2f"),
+            total,
+            _fmt(flops / 1e12 if flops else None, ".1f"),
+            _fmt(analytic / 1e12 if analytic else None, ".1f"),
+            _fmt(r.get("roofline_seconds"), ".3f"),
+            _fmt(r.get("optimal_seconds"), ".3f"),
+            _fmt(r.get("images_per_s"), ".2f"),
+            "-" if mfu is None else f"{100 * mfu:.0f}%",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -451,70 +495,82 @@ def host_info() -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             return None
 
+    memory_gib = None
+    if Path("/proc/meminfo").exists():
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text())[1])
+        memory_gib = round(kb / 1024**2, 1)
     return {
         "host": "CPU-only (no TPU attached); TPU programs compiled ahead of time by libtpu",
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "memory_gib": memory_gib,
         "python": platform.python_version(),
-        "jax": version("jax"),
-        "jaxlib": version("jaxlib"),
-        "libtpu": version("libtpu"),
-        "flax": version("flax"),
-        "optax": version("optax"),
+        **{package: version(package) for package in ("jax", "jaxlib", "libtpu", "flax", "optax")},
     }
 
 
 MARKDOWN_NOTES = """\
 ## What the columns mean
 
-- **compile s**: wall time of `lower().compile()` on this host (CPU-only, 2 shared cores, AOT for
-  the TPU slice); on a TPU VM's host CPU it is faster.
+- **how**: `compiled` is the full SDXL step compiled as is. `extrap. 1, 2` means the step was
+  compiled for two shallower copies of SDXL (the deepest level's 10 transformer layers cut to 1
+  and 2, everything else unchanged) and every per-chip figure (parameters, memory, FLOPs, cost-model
+  time) was extrapolated linearly to 10 layers. The extrapolated parameter count is checked against
+  the real one below.
+- **compile s**: wall time of `lower().compile()` on this host (shared and loaded, so slow); for
+  extrapolated rows, the sum of the two shallower compiles. A TPU VM's host compiles much faster.
 - **args / temp / total GiB**: per chip, from the compiler's `memory_analysis()`; total =
-  arguments + outputs + temporaries + code - aliased (the donated state). A status of `oom` is the
-  TPU compiler refusing the program for HBM; its message's "used / capacity" figures are shown.
+  arguments + outputs + temporaries + code - aliased (the donated state). `oom` is the TPU compiler
+  refusing the program for HBM, with its message's used / capacity figures.
 - **compiler TFLOP/step**: `cost_analysis()["flops"]` x chips. **analytic**: 6.761 TFLOP forward per
   image at 1024px, 1.589 at 512px (torch FlopCounterMode on the diffusers UNet), x3 for forward +
   backward, x4 with full rematerialisation (the forward runs again in the backward pass).
-- **est. step s**: the compiler's `optimal_seconds` - {note}. **est. img/s** = global batch /
-  est. step s. **est. MFU** = analytic model FLOPs (3 x forward, no recompute counted) /
-  (est. step s x peak bf16 FLOP/s x chips), with peaks of 197 (v5e), 459 (v5p), 918 (v6e) TFLOP/s.
-  Real steps are slower than the cost model's figure (input feeding, host overhead, imperfect
-  overlap of collectives); treat these as an upper bound until measured on a TPU.
+- **roofline s**: the least time the compiled program could take on the chip, max(compiler FLOPs /
+  peak FLOP/s, compiler bytes accessed / HBM bandwidth), bandwidths 819 (v5e), 2765 (v5p), 1640
+  (v6e) GB/s. It ignores collectives and assumes perfect overlap: a bound, not an estimate.
+- **est. step s**: the compiler's `optimal_seconds`, a {note}; `-` where the cost model could not
+  price the program (it then answers a negative time, kept in the JSON as `optimal_seconds_unpriced`). **est. img/s** = global batch /
+  est. step s. **est. MFU** = analytic model FLOPs (3 x forward; recomputation not counted) /
+  (est. step s x peak bf16 FLOP/s x chips), peaks 197 (v5e), 459 (v5p), 918 (v6e) TFLOP/s.
+  A real step is slower than the cost model's figure (input feeding, host work, collectives that
+  do not overlap as planned): read these as an upper bound on throughput until measured on a TPU.
 
 ## Published figures for comparison (not from this project)
 
-- Hugging Face blog "Accelerating SDXL inference with JAX on Cloud TPU v5e" (2023): **inference**,
-  not training - 1024x1024, 20 Euler steps: v5e-4 batch 4 in 2.33 s, batch 8 in 4.99 s; v4-8
-  batch 4 in 2.16 s; about 3 min to compile. 20 steps x batch 4 with classifier-free guidance is
-  160 UNet forwards in 2.33 s on 4 chips, about 69 forwards/s: a training step (3-4 forwards' work
-  per image) cannot be compared one to one.
-- MaxDiffusion trains SDXL on TPU without EMA, without rematerialisation, without LoRA; the
-  scenarios here keep EMA (one more fp32 copy of the weights) and AdamW in fp32, as the
-  `configs/sdxl_base.yaml` recipe does, so their memory is not comparable to MaxDiffusion's.
+- Hugging Face blog "Accelerating SDXL inference with JAX on Cloud TPU v5e" (2023) - **inference,
+  not training**: 1024x1024, 20 Euler steps, v5e-4 batch 4 in 2.33 s, batch 8 in 4.99 s; v4-8
+  batch 4 in 2.16 s; about 3 minutes to compile. With classifier-free guidance that is 160 UNet
+  forwards in 2.33 s on 4 chips; a training step (forward, backward, optimizer, 3-4 forwards' work
+  per image) is not comparable one to one.
+- MaxDiffusion trains SDXL on TPU without EMA and without rematerialisation; the scenarios here
+  keep EMA (one more fp32 copy of the weights) and fp32 AdamW, as `configs/sdxl_base.yaml` does,
+  so their memory is not comparable to MaxDiffusion's.
 - torch_xla: compiling SDXL can take about an hour on TPU (torch_xla docs); no published SDXL
   training throughput.
 """
 
 
-def write_results(results: list[dict[str, Any]], info: dict[str, Any], command: str) -> tuple[Path, Path]:
+def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: dict[str, Any], command: str) -> list[Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     today = datetime.date.today().isoformat()
     json_path = RESULTS / f"tpu_aot_{today}.json"
-    json_path.write_text(
-        json.dumps(
-            {"benchmark": "tpu_aot", "date": today, "command": command, "estimate_note": NOTE, "host": info, "results": results},
-            indent=2,
-        )
-        + "\n"
-    )
+    payload = {
+        "benchmark": "tpu_aot",
+        "date": today,
+        "command": command,
+        "estimate_note": NOTE,
+        "host": info,
+        "results": rows,
+        "shallow_compiles": analogs,
+    }
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md = [
         "# SDXL training on Cloud TPU: ahead-of-time compiler estimates",
         "",
-        f"Compiled {today} on a **CPU-only host** ({info['cpu_count']} cores, {info['platform']}); no TPU was used.",
-        f"jax {info['jax']}, libtpu {info['libtpu']}, flax {info['flax']}. Full SDXL UNet "
-        f"({results[0].get('unet_params', 0):,} parameters) with `configs/sdxl_base.yaml`: AdamW, EMA, bf16 compute, "
-        "fp32 weights and optimizer state, XLA attention.",
+        f"Compiled {today} on a **CPU-only host** ({info['cpu_count']} cores, {info['memory_gib']} GiB, shared "
+        f"with other work; {info['platform']}); no TPU was used. jax {info['jax']}, libtpu {info['libtpu']}, "
+        f"flax {info['flax']}. The trainer's own step (`flax_train.train.train_step`) with "
+        "`configs/sdxl_base.yaml`: AdamW, EMA, bf16 compute, fp32 weights and optimizer state, XLA attention.",
         "",
         f"Step times, images/s and MFU are the TPU **{NOTE}**.",
         "",
@@ -522,20 +578,29 @@ def write_results(results: list[dict[str, Any]], info: dict[str, Any], command: 
         command,
         "```",
         "",
-        table(results),
+        table(rows),
         "",
-        f"Raw figures: `{json_path.relative_to(REPO)}`.",
-        "",
-        MARKDOWN_NOTES.format(note=NOTE),
     ]
-    failed = [r for r in results if r["status"] not in ("compiled", "oom")]
+    if analogs:
+        real = sdxl_param_count()
+        checks = sorted({(r["unet_params"], r["method"]) for r in rows if r.get("method") and "unet_params" in r})
+        md += [f"SDXL UNet parameters: {real:,}; extrapolated: " + ", ".join(f"{p:,} ({m})" for p, m in checks) + ".", ""]
+        md += ["The shallower compiles the extrapolated rows come from:", "", table(analogs), ""]
+    failed = [r for r in rows + analogs if r["status"] not in ("compiled", "oom", "over_hbm")]
     if failed:
-        md += ["## Scenarios that did not compile", ""]
-        md += [f"- `{r['scenario']}`: {r['status']} - {str(r.get('error', ''))[:300]}" for r in failed]
+        md += ["## Compiles that failed", ""]
+        md += [f"- `{r['scenario']}` (depth {r.get('depth')}): {r['status']} - {str(r.get('error', ''))[:300]}" for r in failed]
         md.append("")
+    md += [f"Raw figures: `{json_path.relative_to(REPO)}`.", "", MARKDOWN_NOTES.format(note=NOTE)]
     md_path = RESULTS / "tpu_aot.md"
     md_path.write_text("\n".join(md))
-    return json_path, md_path
+    return [json_path, md_path]
+
+
+def sdxl_param_count() -> int:
+    from flax_train import models, pipeline
+
+    return models.count_params(models.abstract(pipeline.unet_config("sdxl", 1024)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -544,53 +609,69 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--list", action="store_true", help="print the default scenarios and the name grammar")
     parser.add_argument("--unet", choices=("sdxl", "tiny"), default="sdxl", help="tiny: a quick check of the pipeline")
     parser.add_argument(
-        "--program",
-        choices=("step", "grad"),
-        default="step",
-        help="step: the whole train step; grad: its forward and backward only, for hosts with less than ~24 GB",
+        "--depths",
+        help="comma-separated transformer depths of the deepest level to compile and extrapolate to SDXL's 10 "
+        "(e.g. 1,2); default: compile SDXL itself",
     )
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per scenario")
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds per compile")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-depth", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        run_worker(args.worker, args.unet, args.program, args.worker_out)
+        run_worker(args.worker, args.unet, args.worker_depth, args.worker_out)
         return
     if args.list:
         print("SLICE_MESH_REMAT_RESpx_bBATCH with")
         print(f"  SLICE {', '.join(f'{k} ({v.topology})' for k, v in SLICES.items())}")
         print(f"  MESH  {', '.join(f'{k} {v}' for k, v in MESHES.items())}")
-        print(f"  REMAT {', '.join(REMATS)}; BATCH per chip (per data-parallel rank)")
+        print(f"  REMAT {', '.join(REMATS)}; BATCH per data-parallel rank (per chip)")
         print("default scenarios:\n  " + "\n  ".join(DEFAULT_SCENARIOS))
         return
 
     names = args.scenario or list(DEFAULT_SCENARIOS)
     for name in names:
         Scenario.parse(name)  # fail on a bad name before compiling anything
-    command = "python -m benchmarks.tpu_aot " + " ".join(sys.argv[1:] if argv is None else argv)
+    depths = [int(d) for d in args.depths.split(",")] if args.depths else [None]
+    if args.depths and (args.unet != "sdxl" or len(set(depths)) < 2):
+        parser.error("--depths needs --unet sdxl and at least two different depths")
     info = host_info()
     if info["libtpu"] is None:
         sys.exit("libtpu is not installed: pip install -c constraints.txt 'libtpu==0.0.42.*' (the project's tpu extra)")
+    command = " ".join(["python -m benchmarks.tpu_aot", *(sys.argv[1:] if argv is None else argv)])
 
-    results = []
+    rows, analogs = [], []
     for name in names:
-        print(f"compiling {name} ...", flush=True)
-        r = run_in_subprocess(name, args.unet, args.program, args.timeout)
-        results.append(r)
-        print(
-            f"  {r['status']} in {r.get('compile_s', 0):.0f} s"
-            + (f"; {r['total_gib']:.2f} GiB per chip" if "total_gib" in r else "")
-            + (f"; est. {r['images_per_s']:.2f} img/s" if "images_per_s" in r else "")
-            + (f"; host RSS {r['host_peak_rss_gib']:.1f} GiB" if "host_peak_rss_gib" in r else ""),
-            flush=True,
-        )
+        compiled = []
+        for depth in depths:
+            print(f"compiling {name}" + (f" at depth {depth}" if depth else "") + " ...", flush=True)
+            r = run_in_subprocess(name, args.unet, depth, args.timeout)
+            shown = derive(r)
+            print(
+                f"  {r['status']} in {r.get('compile_s', 0):.0f} s"
+                + (f"; {shown['total_gib']:.2f} GiB per chip" if "total_gib" in shown else "")
+                + (f"; est. {shown['images_per_s']:.2f} img/s" if "images_per_s" in shown else "")
+                + (f"; host peak RSS {r['host_peak_rss_gib']:.1f} GiB" if "host_peak_rss_gib" in r else ""),
+                flush=True,
+            )
+            compiled.append(r)
+            if r["status"] != "compiled":
+                break  # a deeper copy would fail the same way
+        if args.depths:
+            analogs += compiled
+            rows.append(extrapolate(compiled))
+        else:
+            rows += compiled
+    rows, analogs = [derive(r) for r in rows], [derive(r) for r in analogs]
     print()
-    print(table(results))
+    print(table(rows))
+    if analogs:
+        print("\nshallower compiles:\n" + table(analogs))
     print(f"\nstep times, images/s and MFU: {NOTE}")
     if not args.no_write and args.unet == "sdxl":
-        for path in write_results(results, info, command.strip()):
+        for path in write_results(rows, analogs, info, command):
             print(f"wrote {path.relative_to(REPO)}")
 
 
