@@ -31,8 +31,9 @@ def main() -> None:
 
     import jax
 
-    from flax_train.data import PreprocessSpec, SourceSpec, prepare_cache
-    from flax_train.tiny import save_tiny_pipeline
+    from flax_train.data.prepare import prepare_cache
+    from flax_train.data.images import PreprocessSpec, SourceSpec
+    from flax_train.demo.tiny import save_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         model = save_tiny_pipeline(Path(tmp) / "model", image_size=args.resolution)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import platform
@@ -139,9 +138,10 @@ DEFAULT_SCENARIOS = (
 
 
 def unet_architecture(unet: str, resolution: int, depth: int | None) -> dict[str, Any]:
-    from flax_train import pipeline
+    from flax_train import sdxl
+    from flax_train.demo import tiny
 
-    architecture = pipeline.unet_config(unet, resolution)
+    architecture = dict(sdxl.UNET_CONFIG) if unet == "sdxl" else tiny.unet_config(resolution, **tiny.DEMO_SIZES)
     if depth is not None:
         layers = list(architecture["transformer_layers_per_block"])
         architecture["transformer_layers_per_block"] = layers[:-1] + [depth]
@@ -158,7 +158,7 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
     from flax import nnx
     from jax.experimental import topologies
 
-    from flax_train import checkpoint, config as config_lib, diffusion, models, sharding, tiny, train
+    from flax_train import checkpoint, config as config_lib, diffusion, models, sdxl, sharding, train
 
     spec = SLICES[scenario.slice]
     devices = topologies.get_topology_desc(
@@ -169,7 +169,7 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
         num_slices=1,
     ).devices
     chips = len(devices)
-    mesh_shape = config_lib.resolve_mesh_shape(config_lib.MeshConfig(**MESHES[scenario.mesh]), chips)
+    mesh_shape = sharding.resolve_mesh_shape(config_lib.MeshConfig(**MESHES[scenario.mesh]), chips)
     global_batch = scenario.per_chip_batch * mesh_shape["data"] * mesh_shape["fsdp"]
     cfg = config_lib.load(
         SDXL_CONFIG,
@@ -204,32 +204,9 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
     if depth is not None:
         target_state_bytes = abstract_state_of(unet_architecture(unet, scenario.resolution, None))[3]
 
-    # The trainer reads these from the latent cache; numpy arrays become constants of the step,
-    # as the cached empty-prompt embeddings do.
-    text_dim = architecture["cross_attention_dim"]
-    # The text_time embedding's input is the pooled text embedding + 6 time ids x addition_time_embed_dim.
-    pooled_dim = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
-    empty = {
-        "prompt_embeds": np.zeros((77, text_dim), np.float32),
-        "pooled_prompt_embeds": np.zeros((pooled_dim,), np.float32),
-    }
-    latent = scenario.resolution // 8
-    batch_shapes = {
-        "latents": jax.ShapeDtypeStruct((global_batch, 4, latent, latent), np.float32),
-        "prompt_embeds": jax.ShapeDtypeStruct((global_batch, 77, text_dim), np.float32),
-        "pooled_prompt_embeds": jax.ShapeDtypeStruct((global_batch, pooled_dim), np.float32),
-        "add_time_ids": jax.ShapeDtypeStruct((global_batch, 6), np.int32),
-    }
-    step_fn = functools.partial(
-        train.train_step,
-        graphdef=graphdef,
-        tx=tx,
-        lr_schedule=lr,
-        schedule=diffusion.NoiseSchedule.from_scheduler_config(tiny.SDXL_SCHEDULER_CONFIG),
-        timestep_weights=None,
-        empty=empty,
-        cfg=train.step_config(cfg, "epsilon"),
-    )
+    batch_shapes, empty = train.batch_spec(architecture, global_batch, scenario.resolution // 8)
+    schedule = diffusion.NoiseSchedule.from_scheduler_config(sdxl.SCHEDULER_CONFIG)
+    step_fn = train.make_step_fn(cfg, graphdef, tx, lr, schedule, empty, "epsilon")
 
     result: dict[str, Any] = {
         "scenario": scenario.name,
@@ -347,7 +324,7 @@ LINEAR_FIELDS = (
 
 def derive(row: dict[str, Any]) -> dict[str, Any]:
     """Adds totals, the HBM check, the analytic FLOPs and the cost-model throughput and MFU."""
-    from flax_train.config import CHIP_PEAK_TFLOPS
+    from flax_train.metrics import CHIP_PEAK_TFLOPS
 
     spec = SLICES[row["slice"]]
     row = {**row, "hbm_gib": spec.hbm_gib}
@@ -598,9 +575,9 @@ def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], inf
 
 
 def sdxl_param_count() -> int:
-    from flax_train import models, pipeline
+    from flax_train import models, sdxl
 
-    return models.count_params(models.abstract(pipeline.unet_config("sdxl", 1024)))
+    return models.count_params(models.abstract(sdxl.UNET_CONFIG))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,36 +34,25 @@ LAYOUTS = {
 
 def run_layout(cfg, layout: str, args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from flax_train import config as config_lib, diffusion, metrics, pipeline, sharding, train
+    from flax_train import config as config_lib, diffusion, metrics, sdxl, sharding, train
 
     cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(**LAYOUTS[layout]))
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.merged_rules(cfg.mesh.rules)
-    architecture = pipeline.unet_config(cfg.model.unet_config, cfg.data.resolution)
+    architecture = unet_architecture(args.unet, cfg.data.resolution)
     graphdef, params = train.init_unet(cfg, architecture, mesh, rules)
     tx, lr = train.build_optimizer(cfg)
     state, state_shardings = train.build_state(cfg, params, tx, mesh, rules)
 
     batch = args.batch
-    latent = cfg.data.resolution // args.vae_factor
-    context = architecture["cross_attention_dim"]
-    pooled = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
+    shapes, empty = train.batch_spec(architecture, batch, cfg.data.resolution // args.vae_factor)
     rng = np.random.default_rng(0)
-    host_batch = {
-        "latents": rng.standard_normal((batch, architecture["in_channels"], latent, latent), dtype=np.float32),
-        "prompt_embeds": rng.standard_normal((batch, 77, context), dtype=np.float32),
-        "pooled_prompt_embeds": rng.standard_normal((batch, pooled), dtype=np.float32),
-        "add_time_ids": np.tile(np.array([[cfg.data.resolution] * 2 + [0, 0] + [cfg.data.resolution] * 2], np.int32), (batch, 1)),
-    }
-    empty = {"prompt_embeds": jnp.zeros((77, context)), "pooled_prompt_embeds": jnp.zeros((pooled,))}
-    schedule = diffusion.NoiseSchedule.from_scheduler_config(
-        {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
-    )
+    host_batch = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in shapes.items()}
+    host_batch["add_time_ids"][:] = [cfg.data.resolution] * 2 + [0, 0] + [cfg.data.resolution] * 2
+    schedule = diffusion.NoiseSchedule.from_scheduler_config(sdxl.SCHEDULER_CONFIG)
     step_fn = train.make_step_fn(cfg, graphdef, tx, lr, schedule, empty, "epsilon")
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in host_batch.items()}
     compiled, compile_s = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
     shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host_batch.items()}
     device_batch = train.global_batch(host_batch, shardings)
@@ -77,7 +66,7 @@ def run_layout(cfg, layout: str, args) -> dict:
     seconds = (time.perf_counter() - start) / args.steps
     flops = metrics.compiled_flops(compiled)
     chip = metrics.detect_chip()
-    peak = config_lib.CHIP_PEAK_TFLOPS.get(chip or "", None)
+    peak = metrics.CHIP_PEAK_TFLOPS.get(chip or "", None)
     return {
         "layout": layout,
         "mesh": dict(mesh.shape),
@@ -86,6 +75,13 @@ def run_layout(cfg, layout: str, args) -> dict:
         "memory": metrics.memory_summary(compiled),
         **{k: round(v, 5) for k, v in metrics.throughput(seconds, batch, flops, peak).items()},
     }
+
+
+def unet_architecture(unet: str, resolution: int) -> dict:
+    from flax_train import sdxl
+    from flax_train.demo import tiny
+
+    return dict(sdxl.UNET_CONFIG) if unet == "sdxl" else tiny.unet_config(resolution, **tiny.DEMO_SIZES)
 
 
 def main() -> None:
@@ -105,15 +101,14 @@ def main() -> None:
 
     import jax
 
-    from flax_train import config as config_lib, tiny
+    from flax_train import config as config_lib, sdxl
+    from flax_train.demo import CONFIG as DEMO_CONFIG, tiny
 
     if args.vae_factor is None:
-        vae_levels = len(tiny.tiny_component_configs(vocab_size=1)["vae"]["block_out_channels"])
-        args.vae_factor = 8 if args.unet == "sdxl" else 2 ** (vae_levels - 1)
+        args.vae_factor = 8 if args.unet == "sdxl" else sdxl.vae_scale_factor({"block_out_channels": tiny.DEMO_SIZES["vae_channels"]})
     cfg = config_lib.load(
-        [config_lib.DEMO_CONFIG],
+        [DEMO_CONFIG],
         [
-            f"model.unet_config={args.unet}",
             f"model.dtype={args.dtype}",
             f"model.remat={args.remat}",
             f"model.attention={args.attention}",

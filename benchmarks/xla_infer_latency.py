@@ -111,7 +111,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from flax_train.tiny import save_tiny_pipeline
+            from flax_train.demo.tiny import save_tiny_pipeline
 
             model = str(save_tiny_pipeline(Path(tmp) / "tiny_sdxl", seed=0))
         runs = [measure(model, device, args) for device in devices]

@@ -1,13 +1,14 @@
 """``flax-train``: prepare, train, sample, export. A thin layer: it parses, starts the
 distributed runtime, and calls the same functions the tests call.
 
-    flax-train train   --config configs/demo.yaml [key=value ...]
+    flax-train train   --config configs/sdxl_base.yaml [key=value ...]
     flax-train prepare --config configs/sdxl_base.yaml data.path=/data/images
     flax-train sample  --model runs/demo/export --prompt "a red circle on a blue background" --out samples/
     flax-train export  --config runs/demo/config.yaml [--out DIR] [--raw]
 
 Every config-driven command accepts ``--config`` several times (later files override earlier
-ones) and ``a.b=value`` overrides. Without ``--config`` the embedded demo config is used.
+ones) and ``a.b=value`` overrides. Without ``--config`` the schema's defaults apply: the SDXL
+base fine-tune (docs/configuration.md).
 """
 
 from __future__ import annotations
@@ -19,19 +20,23 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+from PIL.PngImagePlugin import PngInfo
+
+from flax_train import config as config_lib, models, sharding, train
+from flax_train.config import ConfigError
+from flax_train.data import prepare
+from flax_train.models import WeightsError
+from flax_train.sampling import Generator, read_prompt_file
+
 EXIT_USAGE = 2
 
 
 def _config(args: argparse.Namespace):
-    from flax_train import config as config_lib
-
-    paths = args.config or [config_lib.DEMO_CONFIG]
-    return config_lib.load(paths, args.overrides)
+    return config_lib.load(args.config or [], args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from flax_train import train
-
     result = train.train(_config(args), max_steps=args.max_steps)
     if result.stopped_by_preemption:
         print(f"stopped at step {result.step} on SIGTERM; checkpoint saved in {result.run_dir}")
@@ -43,25 +48,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from flax_train import config as config_lib, pipeline
-
-    import jax
-
     cfg = _config(args)
     config_lib.validate(cfg, jax.device_count())
-    base = pipeline.pipeline_folder(cfg)
+    base = models.resolve_pipeline(cfg.model.pretrained)
     start = time.perf_counter()
-    cache = pipeline.open_cache(cfg, base)
+    cache = prepare.open_cache(cfg, base)
     seconds = time.perf_counter() - start
-    print(f"latent cache {pipeline.cache_dir(cfg)}: {len(cache)} samples ({seconds:.1f} s)")
+    print(f"latent cache {prepare.cache_dir(cfg)}: {len(cache)} samples ({seconds:.1f} s)")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from PIL.PngImagePlugin import PngInfo
-
-    from flax_train.generate import Generator, read_prompt_file
-
     prompts = list(args.prompt)
     if args.prompts:
         prompts += read_prompt_file(args.prompts)
@@ -77,7 +74,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         info = PngInfo()
         for key, value in {
             "prompt": prompt,
-            "negative_prompt": args.negative_prompt,
+            "negative_prompt": args.negative_prompt or "",
             "seed": str(args.seed + i),
             "steps": str(args.steps),
             "guidance_scale": str(args.guidance),
@@ -91,8 +88,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from flax_train import train
-
     out = train.export_from_checkpoint(_config(args), out=args.out, use_ema=not args.raw)
     print(f"diffusers pipeline: {out}")
     return 0
@@ -119,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="diffusers SDXL folder (e.g. an export) or Hub id")
     p.add_argument("--prompt", action="append", default=[])
     p.add_argument("--prompts", help="file with one prompt per line")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default=None, help="default: the model's unconditional input, as diffusers")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--scheduler", default="euler", choices=["euler", "ddim"])
@@ -145,10 +140,6 @@ def setup_runtime() -> None:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of every save
-    import jax
-
-    from flax_train import sharding
-
     sharding.initialize_distributed()
     cache = os.environ.get("SDXL_TPU_COMPILATION_CACHE", str(Path.home() / ".cache" / "sdxl-tpu" / "jax"))
     if cache and jax.config.jax_compilation_cache_dir is None:
@@ -159,11 +150,6 @@ def setup_runtime() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_runtime()
-    from flax_train.config import ConfigError
-    # Through the models package: flax_train.weights imports flax_train.models.layers, whose package
-    # imports flax_train.weights back, so importing flax_train.weights first fails half-initialised.
-    from flax_train.models import WeightsError
-
     try:
         return args.func(args)
     except (ConfigError, WeightsError, FileNotFoundError, ValueError) as error:

@@ -8,57 +8,47 @@ A run's config is built in layers, each overriding the one before:
 3. ``section.key=value`` overrides from the command line, values parsed as YAML.
 
 Sections merge key by key; any other value (a list, a free-form table) is replaced whole.
-Unknown keys and values of the wrong type are errors as soon as they are read. Values that are
-well typed but unusable (lr <= 0, a batch the mesh cannot split, ...) are errors in `validate`,
-which the trainer calls before anything is compiled. `save` writes the resolved config into
-the run directory, in a form `load` reads back to an equal config.
+Unknown keys, values of the wrong type and unknown choices are errors as soon as they are read.
+Values that are well typed but unusable (lr <= 0, a batch the mesh cannot split, ...) are errors
+in `validate`, which the trainer calls before anything is compiled. `save` writes the resolved
+config into the run directory, in a form `load` reads back to an equal config.
+
+The dataclasses are an OmegaConf structured-config schema: OmegaConf reads the YAML, checks each
+value against its field's type (`Literal` choices included) and builds the dataclasses. It was
+chosen over draccus, which on this schema took `true` and `null` for integers, split a lone string
+into characters, accepted duplicate YAML keys and could not set one key of a table.
 """
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import os
 import re
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal
 
 import yaml
 from etils import epath
+from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf.errors import OmegaConfBaseException
 
-# The demo recipe: the config to run when none is named (it ships with the source checkout).
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+from flax_train import metrics, sharding
+from flax_train.data.images import DataSource
+from flax_train.diffusion import PredictionType, TimestepBias
+from flax_train.models.layers import Attention, Remat
+from flax_train.optim import LrSchedule, Optimizer
+from flax_train.schedulers import Sampler
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Dense bf16 peak per chip, used for MFU. None: no meaningful peak (MFU is only reported when
-# logging.peak_tflops is given).
-CHIP_PEAK_TFLOPS: dict[str, float | None] = {
-    "tpu_v4": 275.0,
-    "tpu_v5e": 197.0,
-    "tpu_v5p": 459.0,
-    "tpu_v6e": 918.0,
-    "h100": 989.0,
-    "cpu": None,
-}
-
-# Choices for the string-valued keys. Named UNet architectures are built by flax_train.models.
-UNET_SIZES = ("sdxl", "tiny")
-COMPUTE_DTYPES = ("bfloat16", "float32")
-PARAM_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-DATA_SOURCES = ("synthetic", "imagefolder", "hf", "captions_txt")
-CROPS = ("random", "center")
-LATENT_MODES = ("sample", "mean")
-OPTIMIZERS = ("adamw", "adafactor", "lion")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
-NAN_POLICIES = ("stop", "skip")
-SAMPLERS = ("euler", "ddim")
+# Choices only the config has; the others come from the modules that act on them.
+UnetName = Literal["sdxl"]  # named UNet architectures, built by flax_train.models
+ComputeDtype = Literal["bfloat16", "float32"]
+ParamDtype = Literal["float32", "bfloat16"]
+Crop = Literal["random", "center"]
+LatentMode = Literal["sample", "mean"]
+NanPolicy = Literal["stop", "skip"]
+Chip = Literal[tuple(metrics.CHIP_PEAK_TFLOPS)]  # the table's keys, so the names are written once
 
 # Flags of diffusers' train_text_to_image_sdxl.py whose names differ from ours, so a config that
 # uses one is told the key to use instead (docs/configuration.md has the full table).
@@ -104,29 +94,29 @@ class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type or invalid value."""
 
 
-class FrozenDict(Mapping):
-    """A read-only, hashable mapping for the free-form tables (`model.unet_config`, `mesh.rules`),
-    so the whole config stays immutable and can be a static argument to `jax.jit`."""
-
-    __slots__ = ("_items",)
-
-    def __init__(self, items: Mapping | Sequence = ()):
-        self._items = dict(items)
-
-    def __getitem__(self, key):
-        return self._items[key]
-
-    def __iter__(self):
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
+class FrozenDict(dict):
+    """A read-only, hashable dict for the free-form tables (`model.unet_config`, `mesh.rules`),
+    so the whole config stays immutable and can be a static argument to `jax.jit`. A dict, not
+    a Mapping, because OmegaConf takes only dicts for a table."""
 
     def __hash__(self) -> int:
-        return hash(frozenset(self._items.items()))
+        return hash(frozenset(self.items()))
 
-    def __repr__(self) -> str:
-        return f"FrozenDict({self._items!r})"
+    def __reduce__(self):  # pickle and deepcopy would otherwise refill it key by key
+        return FrozenDict, (dict(self),)
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("config tables are read-only; use config.apply_overrides or dataclasses.replace")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return FrozenDict({key: _freeze(item) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(item) for item in value)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,31 +125,29 @@ class FrozenDict(Mapping):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # --pretrained_model_name_or_path: a diffusers SDXL folder or Hub id. null: every component
-    # is built offline with random weights at the demo's size (`unet_config: tiny`).
-    pretrained: str | None = "stabilityai/stable-diffusion-xl-base-1.0"
+    # --pretrained_model_name_or_path: the diffusers SDXL folder or Hub id the run starts from.
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
     # --pretrained_vae_model_name_or_path: a VAE folder or Hub id used instead of pretrained/vae.
     vae: str | None = None
     revision: str | None = None
-    # With `pretrained` set: null loads its UNet; a named size or an inline dict of
-    # UNet2DConditionModel config keys trains a UNet of that shape from scratch instead.
-    unet_config: str | Mapping[str, Any] | None = None
-    dtype: str = "bfloat16"  # compute dtype (--mixed_precision bf16 | no)
-    param_dtype: str = "float32"  # master weights and optimizer state
-    attention: str = "auto"
-    remat: str = "none"  # --gradient_checkpointing: full
-    prediction_type: str | None = None  # null: the scheduler config's own
+    # null: fine-tune the pretrained folder's UNet. A UnetName or an inline dict of
+    # UNet2DConditionModel config keys: train a new UNet of that shape from random weights, with
+    # the folder's VAE and text encoders. Any, because OmegaConf has no union of a string and a
+    # mapping; `validate` checks it.
+    unet_config: Any = None
+    dtype: ComputeDtype = "bfloat16"  # --mixed_precision bf16 | no
+    param_dtype: ParamDtype = "float32"  # master weights and optimizer state
+    attention: Attention = "auto"
+    remat: Remat = "none"  # --gradient_checkpointing: full
+    prediction_type: PredictionType | None = None  # null: the scheduler config's own
 
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticDataConfig:
-    num_images: int = 64
-    seed: int = 0
+    def __post_init__(self):
+        object.__setattr__(self, "unet_config", _freeze(self.unet_config))
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "imagefolder"
+    source: DataSource = "imagefolder"
     # --train_data_dir (imagefolder, captions_txt) or --dataset_name (hf: Hub id or local folder).
     path: str | None = None
     dataset_config: str | None = None  # --dataset_config_name
@@ -167,12 +155,11 @@ class DataConfig:
     caption_column: str = "text"
     image_column: str = "image"
     resolution: int = 1024
-    crop: str = "random"  # --center_crop: center
+    crop: Crop = "random"  # --center_crop: center
     random_flip: bool = False
     cache_dir: str | None = None  # latent cache; null: <run_dir>/cache
-    latent_mode: str = "mean"  # latents cached as a VAE posterior sample or its mean
+    latent_mode: LatentMode = "mean"  # latents cached as a VAE posterior sample or its mean
     max_pixels: int = 89_478_485  # larger source images are refused (decompression bombs)
-    synthetic: SyntheticDataConfig = SyntheticDataConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +172,7 @@ class EmaConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TimestepBiasConfig:
-    strategy: str = "none"  # --timestep_bias_strategy
+    strategy: TimestepBias = "none"  # --timestep_bias_strategy
     multiplier: float = 1.0
     portion: float = 0.25  # share of timesteps biased by earlier / later
     begin: int = 0  # [begin, end) for range
@@ -201,9 +188,9 @@ class TrainConfig:
     max_steps: int = 10_000
     seed: int = 0
     learning_rate: float = 1e-6
-    lr_schedule: str = "constant"
+    lr_schedule: LrSchedule = "constant"
     warmup_steps: int = 0
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     betas: tuple[float, float] = (0.9, 0.999)  # --adam_beta1/2
     weight_decay: float = 1e-2
     eps: float = 1e-8
@@ -213,7 +200,7 @@ class TrainConfig:
     timestep_bias: TimestepBiasConfig = TimestepBiasConfig()
     noise_offset: float = 0.0
     caption_dropout: float = 0.0  # --proportion_empty_prompts, drawn anew every step
-    nan_policy: str = "stop"  # a non-finite loss stops the run, or its update is skipped
+    nan_policy: NanPolicy = "stop"  # a non-finite loss stops the run, or its update is skipped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +210,12 @@ class MeshConfig:
     fsdp: int = -1
     tensor: int = 1
     # Logical axis name -> mesh axis (or list of axes, or null for replicated), overriding
-    # entries of the default table in flax_train.sharding.
-    rules: Mapping[str, str | tuple[str, ...] | None] = FrozenDict()
+    # entries of the default table in flax_train.sharding. Values are checked by `validate`:
+    # OmegaConf has no union of a string and a list.
+    rules: dict[str, Any] = FrozenDict()
+
+    def __post_init__(self):
+        object.__setattr__(self, "rules", _freeze(self.rules))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,10 +231,10 @@ class CheckpointConfig:
 class ValidationConfig:
     every_steps: int = 0  # 0: no validation images
     prompts: tuple[str, ...] = ()  # --validation_prompt
-    negative_prompt: str = ""
+    negative_prompt: str | None = None  # null: the model's unconditional input (zeros for SDXL), as diffusers
     num_steps: int = 25
     guidance_scale: float = 5.0
-    scheduler: str = "euler"
+    scheduler: Sampler = "euler"
     seed: int = 0
     resolution: int | None = None  # null: data.resolution
 
@@ -261,7 +252,7 @@ class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
     jsonl: bool = True
-    chip: str | None = None  # key of CHIP_PEAK_TFLOPS; null: detected from the devices
+    chip: Chip | None = None  # null: detected from the devices
     peak_tflops: float | None = None  # per chip; overrides the chip's table entry
 
 
@@ -279,74 +270,7 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# YAML reading and writing.
-
-# YAML 1.1 reads `1e-6` and `1.0e6` as strings (it wants a dot and a signed exponent); every
-# config author means a number, so both the loader and the dumper resolve them as floats.
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-
-
-class _Loader(yaml.SafeLoader):
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, typing.Hashable):
-                continue  # the base class reports it
-            if key in seen:
-                raise ConfigError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
-
-
-def _parse_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
-
-
-def _file_layers(path: str | os.PathLike, chain: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-    """The (source, mapping) layers of one file, its bases first."""
-    name = os.fspath(path)
-    if "://" not in name:  # URLs (gs://) are not normalised: it would merge their slashes
-        name = os.path.normpath(name)
-    if name in chain:
-        raise ConfigError("config files name each other as base: " + " -> ".join(chain + (name,)))
-    try:
-        text = epath.Path(path).read_text()
-    except FileNotFoundError:
-        via = f" (base of {chain[-1]})" if chain else ""
-        raise ConfigError(f"config file not found: {path}{via}") from None
-    data = _parse_yaml(text, name)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{name}: expected a mapping of sections at the top level, got {_describe_value(data)}")
-    bases = data.pop("base", None)
-    if isinstance(bases, str):
-        bases = [bases]
-    if bases is None:
-        bases = []
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{name}: base: expected a path or a list of paths, got {_describe_value(bases)}")
-    layers = []
-    for base in bases:
-        layers += _file_layers(epath.Path(path).parent / base, chain + (name,))
-    layers.append((name, data))
-    return layers
+# Reading, layering and writing.
 
 
 def load(
@@ -355,18 +279,16 @@ def load(
 ) -> Config:
     """Reads config files in order (later ones override earlier ones), then `key=value` overrides.
 
-    Checks keys and types; call `validate` for the values.
+    Checks keys, types and choices; call `validate` for the values.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    config = Config()
+    tree = OmegaConf.structured(Config)
     for path in paths:
         for source, data in _file_layers(path):
-            try:
-                config = _apply_mapping(config, data, "")
-            except ConfigError as e:
-                raise ConfigError(f"{source}: {e}") from None
-    return apply_overrides(config, overrides)
+            with _naming(source):
+                _set_all(tree, data)
+    return _with_overrides(tree, overrides)
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
@@ -374,19 +296,10 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
 
     A key inside a free-form table is set on its own (`mesh.rules.embed=fsdp`), keeping the rest.
     """
-    if isinstance(overrides, str):
-        raise TypeError("overrides must be a list of 'key=value' strings, not one string")
-    for override in overrides:
-        key, sep, text = override.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {override!r}: expected key=value, e.g. train.learning_rate=1e-5")
-        value = _parse_yaml(text, f"override {override!r}")
-        try:
-            config = _set_path(config, key.split("."), value, "")
-        except ConfigError as e:
-            raise ConfigError(f"override {override!r}: {e}") from None
-    return config
+    tree = OmegaConf.structured(Config)
+    with _naming("config"):
+        _set_all(tree, _literal(to_dict(config)))
+    return _with_overrides(tree, overrides)
 
 
 def to_dict(config: Any) -> Any:
@@ -401,42 +314,141 @@ def to_dict(config: Any) -> Any:
 
 
 def save(config: Config, path: str | os.PathLike) -> None:
-    """Writes `config` as YAML (local path or gs:// URL); `load(path)` gives back an equal config."""
-    text = yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+    """Writes `config` as YAML (a local path or a URL); `load(path)` gives back an equal config."""
+    text = OmegaConf.to_yaml(_literal(to_dict(config)))  # quotes strings its reader would retype
     path = epath.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# Resolved configuration of this run, every key included.\n" + text)
 
 
-# ----------------------------------------------------------------------------------------------
-# Applying mappings and overrides onto the typed tree.
+@contextlib.contextmanager
+def _naming(source: str):
+    """Turns errors inside into one-line ConfigErrors that start with `source`."""
+    try:
+        yield
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except OmegaConfBaseException as e:
+        # The first line says what is wrong, with the value; the rest is OmegaConf's context.
+        key = f"{e.full_key}: " if e.full_key else ""
+        raise ConfigError(f"{source}: {key}{str(e).splitlines()[0]}") from None
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+def _parse_yaml(text: str) -> Any:
+    # OmegaConf's YAML reader, public only through dotlists: it reads `1e-6` as a number (plain
+    # YAML 1.1 reads a string) and refuses duplicate keys.
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(["value=" + text]))["value"]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {e}") from None
+    except OmegaConfBaseException as e:  # a malformed `${...}` reference
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def _file_layers(path: str | os.PathLike, chain: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
+    """The (source, mapping) layers of one file, its bases first."""
+    name = os.fspath(path)
+    if "://" not in name:  # URLs (gs://) are not normalised: it would merge their slashes
+        name = os.path.normpath(name)
+    if name in chain:
+        raise ConfigError("config files name each other as base: " + " -> ".join(chain + (name,)))
+    try:
+        text = epath.Path(path).read_text()
+    except FileNotFoundError:
+        via = f" (base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{via}") from None
+    with _naming(name):
+        data = _parse_yaml(text)
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected a mapping of sections at the top level, got {data!r}")
+        bases = data.pop("base", None) or []
+        bases = [bases] if isinstance(bases, str) else bases
+        if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+            raise ConfigError(f"base: expected a path or a list of paths, got {bases!r}")
+    layers = []
+    for base in bases:
+        layers += _file_layers(epath.Path(path).parent / base, chain + (name,))
+    layers.append((name, data))
+    return layers
+
+
+def _with_overrides(tree: DictConfig, overrides: Sequence[str]) -> Config:
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a list of 'key=value' strings, not one string")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        with _naming(f"override {override!r}"):
+            if not sep or not key.strip():
+                raise ConfigError("expected key=value, e.g. train.learning_rate=1e-5")
+            _set(tree, key.strip(), _parse_yaml(text))
+    with _naming("config"):
+        return OmegaConf.to_object(tree)
+
+
+def _set_all(tree: DictConfig, mapping: Mapping) -> None:
+    for key, value in mapping.items():
+        _set(tree, str(key), value)
+
+
+def _literal(value: Any) -> Any:
+    """`value` with `${` escaped in its strings: the references in a built config are resolved
+    already, and what is left of `${` is text."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m[1] * 2 + "\\${", value)
+    if isinstance(value, Mapping):
+        return {key: _literal(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_literal(item) for item in value]
+    return value
+
+
+def _set(tree: DictConfig, key: str, value: Any) -> None:
+    """Sets the dotted `key` of `tree`; a mapping given for a section sets its keys one by one."""
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"'{'.'.join(parts[:i])}' is a value; it has no key '{'.'.join(parts[i:])}'")
+        section = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(section) and part not in {f.name for f in dataclasses.fields(section)}:
+            raise _unknown_key(section, ".".join(parts[:i]), part)
+        parent, node = node, node.get(part)
+    if dataclasses.is_dataclass(OmegaConf.get_type(node)) and isinstance(value, Mapping):
+        for name, item in value.items():
+            _set(tree, f"{key}.{name}", item)
+        return
+    if dataclasses.is_dataclass(section):
+        # OmegaConf checks choices too, but without naming the closest.
+        problems = _choice_problems(key, value, _choices(typing.get_type_hints(section)[part]))
+        if problems:
+            raise ConfigError(problems[0])
+    if isinstance(value, str) and OmegaConf.is_sequence(node):
+        value = [value]  # one prompt where a list of them is expected
+    with read_write(parent):
+        OmegaConf.update(parent, part, value, merge=False)
 
 
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
-    for name, tp in _field_types(cls).items():
-        keys.append(prefix + name)
-        if dataclasses.is_dataclass(tp):
-            keys += _all_keys(tp, f"{prefix}{name}.")
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(f.type):
+            keys += _all_keys(f.type, f"{prefix}{f.name}.")
     return keys
 
 
-def _unknown_key(cls: type, prefix: str, key: Any) -> ConfigError:
-    key, where = str(key), f"unknown key '{prefix}{key}'"
+def _unknown_key(cls: type, section: str, key: str) -> ConfigError:
+    prefix = section + "." if section else ""
+    where = f"unknown key '{prefix}{key}'"
     if key in DIFFUSERS_FLAGS:
         return ConfigError(f"{where}; diffusers' --{key} is '{DIFFUSERS_FLAGS[key]}' here")
-    valid = list(_field_types(cls))
+    valid = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, valid, n=1)
     if close:
         suggestion = prefix + close[0]
     else:
         # A key put in the wrong section: `train.resolution` -> `data.resolution`.
-        section = prefix.rstrip(".")
         outside = [k for k in _all_keys(Config) if k.rpartition(".")[0] != section and not prefix.startswith(k + ".")]
         same_name = [k for k in outside if k.rpartition(".")[2] == key]
         similar = difflib.get_close_matches(prefix + key, outside, n=1, cutoff=0.75)
@@ -446,188 +458,28 @@ def _unknown_key(cls: type, prefix: str, key: Any) -> ConfigError:
     return ConfigError(f"{where}; valid keys here: {', '.join(valid)}")
 
 
-def _apply_mapping(section: Any, values: Any, prefix: str) -> Any:
-    """`section` with the keys of `values` set; sub-sections merge key by key."""
-    if not isinstance(values, Mapping):
-        where = prefix.rstrip(".") or "the top level"
-        raise ConfigError(f"{where}: expected a mapping of keys, got {_describe_value(values)}")
-    types_ = _field_types(type(section))
-    changes = {}
-    for key, value in values.items():
-        if key not in types_:
-            raise _unknown_key(type(section), prefix, key)
-        tp = types_[key]
-        if dataclasses.is_dataclass(tp):
-            changes[key] = _apply_mapping(getattr(section, key), value, f"{prefix}{key}.")
-        else:
-            changes[key] = _coerce(value, tp, f"{prefix}{key}")
-    return dataclasses.replace(section, **changes)
+def _choices(tp: Any) -> tuple | None:
+    """The values a Literal field (optional or not) allows; None for other fields."""
+    args = typing.get_args(tp)
+    optional = type(None) in args
+    if optional:
+        tp = next(arg for arg in args if arg is not type(None))
+    if typing.get_origin(tp) is not Literal:
+        return None
+    return typing.get_args(tp) + ((None,) if optional else ())
 
 
-def _set_path(section: Any, parts: list[str], value: Any, prefix: str) -> Any:
-    """`section` with the dotted key `parts` set to `value`."""
-    name, rest = parts[0], parts[1:]
-    types_ = _field_types(type(section))
-    if name not in types_:
-        raise _unknown_key(type(section), prefix, name)
-    tp, key = types_[name], f"{prefix}{name}"
-    current = getattr(section, name)
-    if dataclasses.is_dataclass(tp):
-        new = _set_path(current, rest, value, key + ".") if rest else _apply_mapping(current, value, key + ".")
-    elif rest:
-        if not _accepts_mapping(tp):
-            raise ConfigError(f"'{key}' is {_describe_type(tp)}; it has no key '{'.'.join(rest)}'")
-        table = to_dict(current) if isinstance(current, Mapping) else {}
-        inner = table
-        for part in rest[:-1]:
-            if not isinstance(inner.get(part), dict):
-                inner[part] = {}
-            inner = inner[part]
-        inner[rest[-1]] = value
-        new = _coerce(table, tp, key)
-    else:
-        new = _coerce(value, tp, key)
-    return dataclasses.replace(section, **{name: new})
-
-
-def _accepts_mapping(tp: Any) -> bool:
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        return any(_accepts_mapping(arg) for arg in typing.get_args(tp))
-    return typing.get_origin(tp) is Mapping or tp is Any
-
-
-def _freeze(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return FrozenDict({key: _freeze(item) for key, item in value.items()})
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(item) for item in value)
-    return value
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` as type `tp`, or a ConfigError naming the key, the type expected and the value.
-
-    Lenient only where no meaning is lost: integers where numbers are expected, whole numbers
-    (1e4) where integers are, and one string where a list of strings is.
-    """
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return _freeze(value)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(value, arg, key)
-                except ConfigError:
-                    pass
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        variadic = len(args) == 2 and args[1] is Ellipsis
-        if variadic and isinstance(value, str):
-            value = [value]
-        if isinstance(value, (list, tuple)) and (variadic or len(value) == len(args)):
-            item_types = [args[0]] * len(value) if variadic else args
-            return tuple(_coerce(item, t, f"{key}[{i}]") for i, (item, t) in enumerate(zip(value, item_types)))
-    elif origin is Mapping:
-        if isinstance(value, Mapping):
-            key_type, value_type = args
-            return FrozenDict(
-                {_coerce(k, key_type, f"{key}.{k}"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-            )
-    else:
-        raise TypeError(f"config field type {tp!r} is not handled")
-    raise ConfigError(f"{key}: expected {_describe_type(tp)}, got {_describe_value(value)}")
-
-
-def _describe_type(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe_type(arg) for arg in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list (each item {_describe_type(args[0])})"
-        return f"a list of {len(args)} items ({', '.join(_describe_type(a) for a in args)})"
-    if origin is Mapping:
-        return "a mapping"
-    names = {
-        type(None): "null",
-        bool: "true or false",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        Any: "any value",
-    }
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _describe_value(value: Any) -> str:
-    kinds = {
-        type(None): "null",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }
-    return f"{value!r} ({kinds.get(type(value), type(value).__name__)})"
+def _choice_problems(key: str, value: Any, choices: Sequence | None) -> list[str]:
+    if choices is None or value in choices:
+        return []
+    names = [str(choice) for choice in choices if choice is not None]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return [f"{key}: unknown value {value!r}; choose one of {', '.join(names)}{hint}"]
 
 
 # ----------------------------------------------------------------------------------------------
 # Validation of values.
-
-
-def _mesh_axis_problems(mesh: MeshConfig) -> list[str]:
-    problems = []
-    for axis in MESH_AXES:
-        size = getattr(mesh, axis)
-        if size != -1 and size < 1:
-            problems.append(f"mesh.{axis} must be a positive number of devices or -1 (the rest), got {size}")
-    filled = [axis for axis in MESH_AXES if getattr(mesh, axis) == -1]
-    if len(filled) > 1:
-        problems.append(
-            f"mesh: only one axis may be -1, got {' and '.join(f'mesh.{a}=-1' for a in filled)}; "
-            "give the others explicit sizes"
-        )
-    return problems
-
-
-def resolve_mesh_shape(mesh_cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Axis sizes {data, fsdp, tensor} on `num_devices` devices, the -1 axis taking the rest."""
-    problems = _mesh_axis_problems(mesh_cfg)
-    if problems:
-        raise ConfigError("; ".join(problems))
-    if num_devices < 1:
-        raise ConfigError(f"the number of devices must be positive, got {num_devices}")
-    shape = {axis: getattr(mesh_cfg, axis) for axis in MESH_AXES}
-    fixed = math.prod(size for size in shape.values() if size != -1)
-    described = " x ".join(f"{axis}={size}" for axis, size in shape.items())
-    filled = [axis for axis, size in shape.items() if size == -1]
-    if filled:
-        if num_devices % fixed:
-            raise ConfigError(
-                f"mesh: {described} cannot be laid on {num_devices} devices: "
-                f"the fixed axes take {fixed}, which does not divide {num_devices}"
-            )
-        shape[filled[0]] = num_devices // fixed
-    elif fixed != num_devices:
-        raise ConfigError(f"mesh: {described} needs {fixed} devices, but there are {num_devices}")
-    return shape
 
 
 def validate(config: Config, num_devices: int | None = None) -> None:
@@ -639,45 +491,35 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         if not ok:
             problems.append(message)
 
-    def choice(key: str, value: Any, choices: Sequence[str]) -> None:
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(f"{key}: unknown value {value!r}; choose one of {', '.join(choices)}{hint}")
+    # Choices again: a config built in Python (dataclasses.replace) was never read.
+    def choices(section: Any, prefix: str) -> None:
+        for name, tp in typing.get_type_hints(type(section)).items():
+            value = getattr(section, name)
+            if dataclasses.is_dataclass(tp):
+                choices(value, f"{prefix}{name}.")
+            else:
+                problems.extend(_choice_problems(prefix + name, value, _choices(tp)))
+
+    choices(config, "")
 
     m = config.model
-    choice("model.dtype", m.dtype, COMPUTE_DTYPES)
-    choice("model.param_dtype", m.param_dtype, PARAM_DTYPES)
-    choice("model.attention", m.attention, ATTENTION_IMPLS)
-    choice("model.remat", m.remat, REMAT_POLICIES)
-    if m.prediction_type is not None:
-        choice("model.prediction_type", m.prediction_type, PREDICTION_TYPES)
-    if isinstance(m.unet_config, str):
-        choice("model.unet_config", m.unet_config, UNET_SIZES)
-    check(m.pretrained != "", "model.pretrained: empty; give a folder or Hub id, or null for random weights")
+    check(bool(m.pretrained), "model.pretrained: empty; give a diffusers SDXL folder or Hub id")
+    names = typing.get_args(UnetName)
     check(
-        m.pretrained is not None or m.unet_config == "tiny",
-        "model.pretrained is null, so the whole pipeline is built offline with random weights at the "
-        f"demo's size: model.unet_config must be 'tiny', got {m.unet_config!r}; other sizes and inline "
-        "dicts reshape the UNet of a pretrained pipeline",
+        m.unet_config is None or isinstance(m.unet_config, Mapping) or m.unet_config in names,
+        f"model.unet_config must be null, a mapping of UNet config keys or one of {', '.join(names)}; "
+        f"got {m.unet_config!r}",
     )
 
     d = config.data
-    choice("data.source", d.source, DATA_SOURCES)
-    check(
-        d.source == "synthetic" or bool(d.path),
-        f"data.path is required for data.source {d.source!r} (a folder, or a dataset id for hf)",
-    )
+    check(bool(d.path), f"data.path is required for data.source {d.source!r} (a folder, or a dataset id for hf)")
     check(
         d.resolution > 0 and d.resolution % 8 == 0,
         f"data.resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {d.resolution}",
     )
-    choice("data.crop", d.crop, CROPS)
-    choice("data.latent_mode", d.latent_mode, LATENT_MODES)
     check(d.max_pixels > 0, f"data.max_pixels must be positive, got {d.max_pixels}")
     check(bool(d.caption_column), "data.caption_column must not be empty")
     check(bool(d.image_column), "data.image_column must not be empty")
-    check(d.synthetic.num_images >= 1, f"data.synthetic.num_images must be >= 1, got {d.synthetic.num_images}")
 
     t = config.train
     check(t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}")
@@ -687,12 +529,10 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         math.isfinite(t.learning_rate) and t.learning_rate > 0,
         f"train.learning_rate must be a positive number, got {t.learning_rate}",
     )
-    choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
     check(
         0 <= t.warmup_steps <= t.max_steps,
         f"train.warmup_steps must be between 0 and train.max_steps ({t.max_steps}), got {t.warmup_steps}",
     )
-    choice("train.optimizer", t.optimizer, OPTIMIZERS)
     check(all(0 <= b < 1 for b in t.betas), f"train.betas must each be in [0, 1), got {list(t.betas)}")
     check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     check(t.eps > 0, f"train.eps must be > 0, got {t.eps}")
@@ -708,7 +548,6 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         f"train.snr_gamma must be > 0 (or null for no min-SNR weighting), got {t.snr_gamma}",
     )
     bias = t.timestep_bias
-    choice("train.timestep_bias.strategy", bias.strategy, TIMESTEP_BIAS_STRATEGIES)
     check(bias.multiplier > 0, f"train.timestep_bias.multiplier must be > 0, got {bias.multiplier}")
     check(0 < bias.portion <= 1, f"train.timestep_bias.portion must be in (0, 1], got {bias.portion}")
     check(
@@ -718,20 +557,19 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     )
     check(t.noise_offset >= 0, f"train.noise_offset must be >= 0, got {t.noise_offset}")
     check(0 <= t.caption_dropout <= 1, f"train.caption_dropout must be in [0, 1], got {t.caption_dropout}")
-    choice("train.nan_policy", t.nan_policy, NAN_POLICIES)
 
     mesh = config.mesh
     shape = None
-    mesh_problems = _mesh_axis_problems(mesh)
+    mesh_problems = sharding.mesh_axis_problems(mesh)
     problems += mesh_problems
     if not mesh_problems:
         if num_devices is not None:
             try:
-                shape = resolve_mesh_shape(mesh, num_devices)
-            except ConfigError as e:
+                shape = sharding.resolve_mesh_shape(mesh, num_devices)
+            except ValueError as e:
                 problems.append(str(e))
         elif -1 not in (mesh.data, mesh.fsdp, mesh.tensor):
-            shape = {axis: getattr(mesh, axis) for axis in MESH_AXES}
+            shape = {axis: getattr(mesh, axis) for axis in sharding.MESH_AXES}
     if shape is not None:
         data_parallel = shape["data"] * shape["fsdp"]
         check(
@@ -742,7 +580,7 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     for logical, target in mesh.rules.items():
         targets = target if isinstance(target, tuple) else () if target is None else (target,)
         for axis in targets:
-            choice(f"mesh.rules.{logical}", axis, MESH_AXES)
+            problems += _choice_problems(f"mesh.rules.{logical}", axis, sharding.MESH_AXES)
 
     c = config.checkpoint
     check(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0: no periodic saves), got {c.every_steps}")
@@ -756,7 +594,6 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     )
     check(v.num_steps >= 1, f"validation.num_steps must be >= 1, got {v.num_steps}")
     check(v.guidance_scale >= 0, f"validation.guidance_scale must be >= 0, got {v.guidance_scale}")
-    choice("validation.scheduler", v.scheduler, SAMPLERS)
     check(
         v.resolution is None or (v.resolution > 0 and v.resolution % 8 == 0),
         f"validation.resolution must be a positive multiple of 8 (or null for data.resolution), got {v.resolution}",
@@ -774,8 +611,6 @@ def validate(config: Config, num_devices: int | None = None) -> None:
 
     log = config.logging
     check(log.every_steps >= 1, f"logging.every_steps must be >= 1, got {log.every_steps}")
-    if log.chip is not None:
-        choice("logging.chip", log.chip, list(CHIP_PEAK_TFLOPS))
     check(
         log.peak_tflops is None or log.peak_tflops > 0,
         f"logging.peak_tflops must be > 0 (or null for the chip's table entry), got {log.peak_tflops}",

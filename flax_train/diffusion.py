@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+PredictionType = Literal["epsilon", "v_prediction"]
+TimestepBias = Literal["none", "earlier", "later", "range"]
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+TIMESTEP_BIAS_STRATEGIES: tuple[str, ...] = get_args(TimestepBias)
+# The beta schedules diffusers' Euler and DDIM schedulers implement too, so that validation
+# sampling can follow the schedule a model is trained on.
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -24,53 +29,28 @@ BIAS_STRATEGIES = ("none", "earlier", "later", "range")
 # --------------------------------------------------------------------------------------------
 
 
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
-    # Nichol & Dhariwal's cosine alpha-bar, discretised: beta_i = 1 - abar(t_{i+1}) / abar(t_i).
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+def _betas(config: Mapping[str, Any]) -> tuple[np.ndarray, str]:
+    """The betas (float64) and prediction type diffusers' DDPMScheduler makes of `config`."""
+    from diffusers import DDPMScheduler  # imports torch: only when a schedule is built
+    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
 
-    steps = np.arange(num_train_timesteps + 1) / num_train_timesteps
-    abar = np.array([alpha_bar(t) for t in steps])
-    return np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)
-
-
-def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
-    # Lin et al. 2023, Algorithm 1: shift sqrt(alpha_bar) so the last step is pure noise (SNR 0),
-    # then rescale so the first step keeps its original value.
-    sqrt_abar = np.sqrt(np.cumprod(1.0 - betas))
-    first, last = sqrt_abar[0], sqrt_abar[-1]
-    sqrt_abar = (sqrt_abar - last) * first / (first - last)
-    abar = sqrt_abar**2
-    alphas = np.concatenate([abar[:1], abar[1:] / abar[:-1]])
-    return 1.0 - alphas
-
-
-def betas_from_config(config: Mapping[str, Any]) -> np.ndarray:
-    """The betas (float64, on the host) a diffusers scheduler config describes.
-
-    Keys missing from `config` take diffusers' scheduler defaults (linear 1e-4 .. 0.02 over 1000
-    steps). Computed in float64: diffusers computes in float32, which agrees to about
-    1e-6 relative except where 1 - alpha_bar is itself near float32 resolution (the first steps).
-    """
-    cfg = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
-    cfg.update({k: v for k, v in config.items() if v is not None})
-    n = int(cfg["num_train_timesteps"])
-    if cfg.get("trained_betas") is not None:
-        betas = np.asarray(cfg["trained_betas"], dtype=np.float64)
-    elif cfg["beta_schedule"] == "linear":
-        betas = np.linspace(cfg["beta_start"], cfg["beta_end"], n, dtype=np.float64)
-    elif cfg["beta_schedule"] == "scaled_linear":
-        # Linear in sqrt(beta): the latent-diffusion schedule SD and SDXL were trained with.
-        betas = np.linspace(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n, dtype=np.float64) ** 2
-    elif cfg["beta_schedule"] == "squaredcos_cap_v2":
-        betas = _cosine_betas(n)
-    else:
-        raise ValueError(
-            f"beta_schedule {cfg['beta_schedule']!r} is not supported; use linear, scaled_linear or squaredcos_cap_v2"
-        )
-    if cfg.get("rescale_betas_zero_snr", False):
-        betas = _rescale_zero_terminal_snr(betas)
-    return betas
+    # A JSON null means "unset": let the class default apply instead of storing None.
+    config = {k: v for k, v in config.items() if v is not None}
+    try:
+        # diffusers rescales for zero terminal SNR in float32, where recovering betas as
+        # 1 - abar_t / abar_{t-1} cancels to ~1e-4 relative error: rescale below, in float64.
+        scheduler = DDPMScheduler.from_config(config, rescale_betas_zero_snr=False)
+    except (NotImplementedError, ValueError) as e:
+        raise ValueError(f"scheduler config not accepted by diffusers' DDPMScheduler: {e}") from e
+    cfg = scheduler.config
+    if cfg.trained_betas is None and cfg.beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+    betas = scheduler.betas.double()
+    if config.get("rescale_betas_zero_snr", False):
+        betas = rescale_zero_terminal_snr(betas)
+    return betas.numpy(), cfg.prediction_type
 
 
 @jax.tree_util.register_dataclass
@@ -95,12 +75,15 @@ class NoiseSchedule:
 
     @classmethod
     def from_scheduler_config(cls, config: Mapping[str, Any]) -> "NoiseSchedule":
-        """Build from a diffusers `scheduler_config.json` dict (the keys that define the schedule)."""
-        betas = betas_from_config(config)
+        """Build from a diffusers `scheduler_config.json` dict, as diffusers' DDPMScheduler reads it.
+
+        Missing keys take DDPMScheduler's defaults (linear 1e-4 .. 0.02 over 1000 steps). diffusers
+        computes the betas in float32; the products and the zero-SNR rescale are done in float64
+        here, then every table is stored in float32.
+        """
+        betas, prediction_type = _betas(config)
+        # Zero terminal SNR gives a last beta of exactly 1, hence alphas_cumprod exactly 0 there.
         alphas_cumprod = np.cumprod(1.0 - betas)
-        prediction_type = config.get("prediction_type") or "epsilon"
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
         f32 = lambda x: jnp.asarray(x, dtype=jnp.float32)  # noqa: E731
         return cls(
             betas=f32(betas),
@@ -131,7 +114,9 @@ def velocity(schedule: NoiseSchedule, x0: jax.Array, noise: jax.Array, t: jax.Ar
     ) * x0
 
 
-def target(schedule: NoiseSchedule, prediction_type: str, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
+def target(
+    schedule: NoiseSchedule, prediction_type: PredictionType, x0: jax.Array, noise: jax.Array, t: jax.Array
+) -> jax.Array:
     """What the UNet is trained to predict: the noise ("epsilon") or the velocity ("v_prediction")."""
     if prediction_type == "epsilon":
         return noise
@@ -151,7 +136,7 @@ def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
     return abar / (1.0 - abar)
 
 
-def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float, prediction_type: PredictionType) -> jax.Array:
     """Min-SNR-gamma loss weights (Hang et al. 2023), one per timestep in t.
 
     epsilon: min(snr, gamma) / snr; v_prediction: min(snr, gamma) / (snr + 1).
@@ -172,7 +157,7 @@ def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float, predicti
 
 def timestep_weights(
     num_train_timesteps: int,
-    strategy: str = "none",
+    strategy: TimestepBias = "none",
     multiplier: float = 1.0,
     portion: float = 0.25,
     begin: int = 0,
@@ -184,8 +169,8 @@ def timestep_weights(
     `multiplier`, `later` the last ones, `range` those in [begin, end); then normalises to sum 1.
     `none` gives the uniform distribution. Invalid settings raise ValueError.
     """
-    if strategy not in BIAS_STRATEGIES:
-        raise ValueError(f"timestep bias strategy {strategy!r} is unknown; use one of {BIAS_STRATEGIES}")
+    if strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise ValueError(f"timestep bias strategy {strategy!r} is unknown; use one of {TIMESTEP_BIAS_STRATEGIES}")
     n = int(num_train_timesteps)
     weights = np.ones(n, dtype=np.float64)
     if strategy != "none":

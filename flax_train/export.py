@@ -9,12 +9,17 @@ run started from, so ``StableDiffusionXLPipeline.from_pretrained(out)`` loads th
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
+import jax
+import numpy as np
 from flax import nnx
 
-from flax_train import models
+from flax_train import config as config_lib, models, sharding
+
+log = logging.getLogger(__name__)
 
 # Files worth copying from a component folder: configs, weights, tokenizer vocabularies.
 _COPY_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
@@ -35,10 +40,7 @@ def export_pipeline(unet: nnx.Module, base: str | Path, out: str | Path, *, vae:
     folder that replaced the pipeline's own (for example an fp16-safe SDXL VAE).
     """
     out = Path(out)
-    base_root = models.resolve_folder(base)
-    index_path = base_root / "model_index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{base_root}: not a diffusers pipeline folder (no model_index.json)")
+    index_path = models.resolve_pipeline(base) / "model_index.json"
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -55,4 +57,18 @@ def export_pipeline(unet: nnx.Module, base: str | Path, out: str | Path, *, vae:
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+    return out
+
+
+def export_run(cfg: config_lib.Config, graphdef: nnx.GraphDef, params: nnx.State) -> Path:
+    """Writes a run's diffusers folder to ``export.dir`` (default ``<run_dir>/export``).
+
+    Parameters are gathered from the mesh first; process 0 writes, the others wait for it.
+    """
+    out = Path(cfg.export.dir or Path(cfg.run_dir) / "export")
+    host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if hasattr(x, "shape") else x, params)
+    if jax.process_index() == 0:
+        export_pipeline(nnx.merge(graphdef, host_params), cfg.model.pretrained, out, vae=cfg.model.vae)
+        log.info("exported the diffusers pipeline to %s", out)
+    sharding.sync("export")
     return out

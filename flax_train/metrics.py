@@ -13,6 +13,17 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+# Dense bf16 peak per chip, for MFU. None: no meaningful peak (MFU is reported only when
+# logging.peak_tflops is given).
+CHIP_PEAK_TFLOPS: dict[str, float | None] = {
+    "tpu_v4": 275.0,
+    "tpu_v5e": 197.0,
+    "tpu_v5p": 459.0,
+    "tpu_v6e": 918.0,
+    "h100": 989.0,
+    "cpu": None,
+}
+
 def detect_chip(device: Any | None = None) -> str | None:
     """Maps ``device_kind`` ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...) to a CHIP_PEAK_TFLOPS key."""
     kind = (device or jax.devices()[0]).device_kind.lower()

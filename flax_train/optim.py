@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import optax
 
+Optimizer = Literal["adamw", "adafactor", "lion"]
+LrSchedule = Literal["constant", "linear", "cosine"]
+
 
 def learning_rate_schedule(
-    peak: float, *, kind: str = "constant", warmup_steps: int = 0, total_steps: int = 1
+    peak: float, *, kind: LrSchedule = "constant", warmup_steps: int = 0, total_steps: int = 1
 ) -> optax.Schedule:
     """Linear warm-up from 0 to ``peak``, then constant, linear decay to 0, or cosine decay to 0."""
     decay_steps = max(total_steps - warmup_steps, 1)
@@ -19,7 +22,7 @@ def learning_rate_schedule(
     elif kind == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_steps)
     else:
-        raise ValueError(f"lr schedule {kind!r}; choose constant, linear or cosine")
+        raise ValueError(f"lr schedule {kind!r}; choose one of {get_args(LrSchedule)}")
     if warmup_steps <= 0:
         return after
     warmup = optax.linear_schedule(0.0, peak, warmup_steps)
@@ -27,7 +30,7 @@ def learning_rate_schedule(
 
 
 def make_optimizer(
-    name: str,
+    name: Optimizer,
     schedule: optax.Schedule,
     *,
     b1: float = 0.9,
@@ -46,7 +49,7 @@ def make_optimizer(
     elif name == "lion":
         core = optax.lion(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
     else:
-        raise ValueError(f"optimizer {name!r}; choose adamw, adafactor or lion")
+        raise ValueError(f"optimizer {name!r}; choose one of {get_args(Optimizer)}")
     parts: list[Any] = []
     if max_grad_norm:
         parts.append(optax.clip_by_global_norm(max_grad_norm))

@@ -1,10 +1,11 @@
-"""The JAX SDXL sampler: text encoding, the guided denoising loop, VAE decoding.
+"""The JAX SDXL sampler: text encoding, the guided denoising loop, VAE decoding; and the
+`Generator` built on them (validation images during training, `flax-train sample`).
 
 The pieces are written against plain callables and duck-typed modules, so they take the Flax
 models of `flax_train.models` as they are, and stand-ins in tests:
 
-* `encode_prompts(text_encoder, text_encoder_2, ids1, ids2)`: the encoders return objects with
-  `.hidden_states` (embeddings output, then every layer's) and, for encoder 2, `.text_embeds`.
+* `clip.encode_prompts(text_encoder, text_encoder_2, ids1, ids2)` (in `flax_train.models.clip`):
+  SDXL's text conditioning from its two encoders.
 * `sample_latents(unet_fn, tables, ...)`: `unet_fn(sample, timesteps, encoder_hidden_states, *,
   text_embeds, time_ids) -> prediction`, NCHW in and out, the Flax UNet's calling convention.
 * `decode_latents(vae, latents)`: `vae.decode(z)` maps latents (already divided by the scaling
@@ -12,15 +13,28 @@ models of `flax_train.models` as they are, and stand-ins in tests:
 
 All of it is jittable; the denoising loop is one `jax.lax.fori_loop` whose body is the same graph
 at every step (the scheduler tables are indexed by the traced step index).
+
+A `Generator` loads the tokenizers, both text encoders, the VAE and the scheduler config of a
+diffusers folder once, and compiles two functions: prompt encoding, and sampling + decoding. The
+UNet weights are an argument of the latter, so the trainer can pass its current (EMA) parameters
+without rebuilding anything. With no negative prompt it feeds the model's unconditional input as
+diffusers does (`sdxl.force_zeros_for_empty_prompt`), so an exported folder gives the same images
+here, in xla_infer and in diffusers.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from flax import nnx
+from PIL import Image
 
-from flax_train import schedulers
+from flax_train import models, schedulers, sdxl
+from flax_train.models import clip
 from flax_train.schedulers import SamplerTables
 
 UNetFn = Callable[..., jax.Array]
@@ -42,20 +56,6 @@ def make_time_ids(
         )
     values = [*original_size, *crop_top_left, *target_size]
     return jnp.tile(jnp.asarray(values, dtype=jnp.float32)[None, :], (batch, 1))
-
-
-def encode_prompts(
-    text_encoder: Any, text_encoder_2: Any, ids1: jax.Array, ids2: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Token ids of both tokenizers, (B, 77) each -> (prompt_embeds (B, 77, D1 + D2), pooled (B, P)).
-
-    SDXL conditions on the penultimate hidden states of both encoders (before the final layer norm),
-    concatenated along channels, and on the projected pooled output of encoder 2.
-    """
-    out1 = text_encoder(ids1)
-    out2 = text_encoder_2(ids2)
-    prompt_embeds = jnp.concatenate([out1.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
-    return prompt_embeds, out2.text_embeds
 
 
 def _to_batch(x: jax.Array, batch: int) -> jax.Array:
@@ -121,3 +121,193 @@ def decode_latents(vae: Any, latents: jax.Array, scaling_factor: float | None = 
     images = vae.decode(z).astype(jnp.float32)
     images = jnp.clip(images / 2 + 0.5, 0.0, 1.0)
     return jnp.round(jnp.transpose(images, (0, 2, 3, 1)) * 255).astype(jnp.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Generator
+
+
+def read_prompt_file(path: str | epath.PathLike) -> list[str]:
+    """One prompt per non-empty line; a file that is not UTF-8 is refused naming the line."""
+    prompts = []
+    with epath.Path(path).open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 ({error.reason})") from None
+            if line:
+                prompts.append(line)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
+class Generator:
+    def __init__(
+        self,
+        folder: str | epath.PathLike,
+        *,
+        vae: str | epath.PathLike | None = None,
+        scheduler: str = "euler",
+        num_steps: int = 25,
+        resolution: int | None = None,
+        dtype: Any = jnp.float32,
+        load_unet: bool = True,
+    ):
+        root = models.resolve_pipeline(folder)
+        self.tokenizers = sdxl.load_tokenizers(root)
+        self.force_zeros_for_empty_prompt = sdxl.force_zeros_for_empty_prompt(root)
+        encoders = [models.load(root, subfolder=name, dtype=dtype) for name in ("text_encoder", "text_encoder_2")]
+        # The SDXL VAE overflows in fp16; decoding in fp32 is always safe and costs little.
+        self.vae = models.load(models.resolve_folder(vae) if vae else models.resolve_folder(root, "vae"))
+        self.unet = models.load(root, subfolder="unet", dtype=dtype) if load_unet else None
+        self.tables = schedulers.make_scheduler(scheduler, sdxl.scheduler_config(root), num_steps)
+        self.vae_scale = sdxl.vae_scale_factor(self.vae.config)
+        if resolution is None:
+            unet_config = self.unet.config if self.unet is not None else models.read_config(root / "unet")
+            resolution = unet_config["sample_size"] * self.vae_scale
+        if resolution % self.vae_scale:
+            raise ValueError(f"resolution {resolution} is not divisible by the VAE's factor {self.vae_scale}")
+        self.resolution = resolution
+        self.latent_channels = self.vae.config["latent_channels"]
+        self._text = nnx.split(nnx.List(encoders))
+        self._vae = nnx.split(self.vae)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def _encode(self, graphdef: nnx.GraphDef, state: nnx.State, ids1: jax.Array, ids2: jax.Array):
+        te1, te2 = nnx.merge(graphdef, state)
+        return clip.encode_prompts(te1, te2, ids1, ids2)
+
+    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str | None]) -> dict[str, jax.Array]:
+        """Prompt and negative-prompt embeddings, computed once and reused by every call.
+
+        A negative prompt of None is the model's unconditional input: zeros where the folder says
+        ``force_zeros_for_empty_prompt`` (SDXL), else the encoded empty prompt; as in diffusers.
+        """
+        if len(prompts) != len(negative_prompts):
+            raise ValueError("one negative prompt per prompt")
+        embeds, pooled = self._encode(*self._text, *sdxl.tokenize(self.tokenizers, prompts))
+        negatives = [n or "" for n in negative_prompts]
+        neg_embeds, neg_pooled = self._encode(*self._text, *sdxl.tokenize(self.tokenizers, negatives))
+        if self.force_zeros_for_empty_prompt:
+            zero = jnp.asarray([n is None for n in negative_prompts])
+            neg_embeds = jnp.where(zero[:, None, None], 0, neg_embeds).astype(neg_embeds.dtype)
+            neg_pooled = jnp.where(zero[:, None], 0, neg_pooled).astype(neg_pooled.dtype)
+        return {"prompt_embeds": embeds, "pooled": pooled, "neg_prompt_embeds": neg_embeds, "neg_pooled": neg_pooled}
+
+    @functools.partial(jax.jit, static_argnums=(0, 1, 3))
+    def _sample(self, unet_graph, unet_params, vae_graph, vae_state, embeds, latents, guidance_scale):
+        unet = nnx.merge(unet_graph, unet_params)
+        vae = nnx.merge(vae_graph, vae_state)
+        size = (self.resolution, self.resolution)
+        time_ids = make_time_ids(size, (0, 0), size, latents.shape[0])
+        out = sample_latents(
+            unet,
+            self.tables,
+            latents,
+            embeds["prompt_embeds"],
+            embeds["pooled"],
+            time_ids,
+            embeds["neg_prompt_embeds"],
+            embeds["neg_pooled"],
+            time_ids,
+            guidance_scale,
+        )
+        return decode_latents(vae, out.astype(jnp.float32))
+
+    def initial_latents(self, count: int, seed: int) -> jax.Array:
+        """Image i starts from the noise of seed + i, whatever the batch it is generated in."""
+        side = self.resolution // self.vae_scale
+        shape = (self.latent_channels, side, side)
+        return jnp.stack([jax.random.normal(jax.random.PRNGKey(seed + i), shape) for i in range(count)])
+
+    def generate_from_embeds(
+        self,
+        graphdef: nnx.GraphDef,
+        params: nnx.State,
+        embeds: dict[str, jax.Array],
+        *,
+        seed: int = 0,
+        guidance_scale: float = 5.0,
+        latents: jax.Array | None = None,
+    ) -> np.ndarray:
+        """uint8 images (N, H, W, 3) for pre-encoded prompts, with the given UNet weights.
+
+        ``latents`` (N, C, h, w) replaces the seeded initial noise, e.g. to reproduce another
+        implementation's images exactly."""
+        if latents is None:
+            latents = self.initial_latents(embeds["prompt_embeds"].shape[0], seed)
+        images = self._sample(graphdef, params, *self._vae, embeds, latents, jnp.float32(guidance_scale))
+        return np.asarray(jax.device_get(images))
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        *,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        guidance_scale: float = 5.0,
+        latents: jax.Array | None = None,
+    ) -> list[Image.Image]:
+        if self.unet is None:
+            raise ValueError("this Generator was built without a UNet; use generate_from_embeds")
+        embeds = self.encode(prompts, [negative_prompt] * len(prompts))
+        graphdef, params = nnx.split(self.unet)
+        images = self.generate_from_embeds(
+            graphdef, params, embeds, seed=seed, guidance_scale=guidance_scale, latents=latents
+        )
+        return [Image.fromarray(image) for image in images]
+
+# --------------------------------------------------------------------------------------------
+# Validation images
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (rows*H, columns*W, 3) image."""
+    n, h, w, c = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.zeros((rows * h, columns * w, c), np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+    return grid
+
+
+class Validator:
+    """Generates the configured prompts with the JAX sampler every ``validation.every_steps``.
+
+    The text encoders and VAE are loaded once and the prompts encoded once; each call only runs the
+    sampler with the current (EMA) UNet weights and writes a PNG grid and a TensorBoard image.
+    """
+
+    def __init__(self, cfg: Any, base: epath.PathLike, run_dir: epath.PathLike, writer: Any):
+        v = cfg.validation
+        self.cfg = cfg
+        self.writer = writer
+        self.out = epath.Path(run_dir) / "samples"
+        self.generator = Generator(
+            base,
+            vae=cfg.model.vae,
+            scheduler=v.scheduler,
+            num_steps=v.num_steps,
+            resolution=v.resolution or cfg.data.resolution,
+            dtype=jnp.dtype(cfg.model.dtype),
+            load_unet=False,
+        )
+        self.embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts))
+
+    def run(self, step: int, graphdef: nnx.GraphDef, params: nnx.State) -> epath.Path:
+        v = self.cfg.validation
+        images = self.generator.generate_from_embeds(
+            graphdef, params, self.embeds, seed=v.seed, guidance_scale=v.guidance_scale
+        )
+        grid = image_grid(np.asarray(images))
+        path = self.out / f"step_{step:07d}.png"
+        if jax.process_index() == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with path.open("wb") as f:
+                Image.fromarray(grid).save(f, format="PNG")
+            self.writer.image(step, "validation", grid)
+        return path

@@ -2,28 +2,30 @@
 
 Each scheduler is split in two, so the denoising loop can run inside `jax.lax.fori_loop`:
 
-* `make_scheduler(name, scheduler_config, num_inference_steps)` computes, once on the host with
-  numpy, every number a step needs (timesteps, sigmas or alpha products): a `SamplerTables`.
+* `make_scheduler(name, scheduler_config, num_inference_steps)` reads, once on the host, every
+  number a step needs (timesteps, sigmas or alpha products) into a `SamplerTables`.
 * `step(tables, i, model_output, sample)` and `scale_model_input(tables, i, sample)` are pure
   functions of a (possibly traced) step index i: they only index those tables.
 
-They follow diffusers' `EulerDiscreteScheduler` and `DDIMScheduler` (eta = 0): the same timestep
-spacings (`leading`, `trailing`, `linspace`), `steps_offset`, `init_noise_sigma`, `set_alpha_to_one`,
-`clip_sample`, for epsilon and v-prediction models. The tables are computed in float64 and stored
-in float32. Config options outside that (Karras sigmas, thresholding, ...) raise ValueError rather
-than being silently ignored.
+The tables are read from diffusers' own `EulerDiscreteScheduler` and `DDIMScheduler` (eta = 0)
+after `set_timesteps`, so timestep spacing, `steps_offset`, `init_noise_sigma`, `set_alpha_to_one`,
+`clip_sample` and the beta schedule are whatever diffusers makes of the config; the step functions
+cover epsilon and v-prediction models. Config options the step functions cannot reproduce
+(Karras sigmas, thresholding, ...) raise ValueError rather than being silently ignored.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Union
+from typing import Any, Literal, Mapping, Union, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_train.diffusion import PREDICTION_TYPES, betas_from_config
+from flax_train.diffusion import PREDICTION_TYPES
 
+Sampler = Literal["euler", "ddim"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -62,117 +64,78 @@ SamplerTables = Union[EulerTables, DDIMTables]
 # Host side: tables
 # --------------------------------------------------------------------------------------------
 
-# The defaults of diffusers' scheduler classes, for keys a config leaves out (as `from_config` does).
-_EULER_DEFAULTS = dict(timestep_spacing="linspace", steps_offset=0, prediction_type="epsilon")
-_DDIM_DEFAULTS = dict(
-    timestep_spacing="leading",
-    steps_offset=0,
-    prediction_type="epsilon",
-    clip_sample=True,
-    clip_sample_range=1.0,
-    set_alpha_to_one=True,
+# For each config option the device step depends on, the values it reproduces. Anything else
+# raises rather than sampling something other than what diffusers would.
+_EULER_OPTIONS: dict[str, tuple[Any, ...]] = dict(
+    timestep_spacing=SPACINGS,
+    prediction_type=PREDICTION_TYPES,
+    interpolation_type=("linear",),
+    timestep_type=("discrete",),
+    final_sigmas_type=("zero",),
+    use_karras_sigmas=(False,),
+    use_exponential_sigmas=(False,),
+    use_beta_sigmas=(False,),
+)
+_DDIM_OPTIONS: dict[str, tuple[Any, ...]] = dict(
+    timestep_spacing=SPACINGS, prediction_type=PREDICTION_TYPES, thresholding=(False,)
 )
 
 
-def _with_defaults(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    cfg = dict(defaults)
-    cfg.update({k: v for k, v in config.items() if v is not None})
-    if cfg["prediction_type"] not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {cfg['prediction_type']!r} is not supported; use one of {PREDICTION_TYPES}")
-    if cfg["timestep_spacing"] not in SPACINGS:
-        raise ValueError(f"timestep_spacing {cfg['timestep_spacing']!r} is not supported; use one of {SPACINGS}")
-    return cfg
-
-
-def _reject(cfg: Mapping[str, Any], key: str, allowed: tuple[Any, ...]) -> None:
-    value = cfg.get(key)
-    if value is not None and value not in allowed:
-        raise ValueError(f"scheduler option {key}={value!r} is not supported by the JAX sampler")
-
-
-def _timesteps(spacing: str, num_train: int, n: int, steps_offset: int) -> np.ndarray:
-    """Timesteps from noisiest to cleanest (float64), as diffusers spaces them.
-
-    `linspace` may give fractional values; the callers round where their scheduler does.
-    """
-    if spacing == "linspace":
-        return np.linspace(0, num_train - 1, n)[::-1].copy()
-    if spacing == "leading":
-        # Multiples of the integer stride, shifted by steps_offset: SDXL's config gives 1, 1 + k, ...
-        return (np.arange(n) * (num_train // n))[::-1].astype(np.float64) + steps_offset
-    # trailing: count down from the last training step. Written as T - k * T / n rather than
-    # diffusers' arange(T, 0, -T / n), which yields an extra timestep for some n (61, 103, ...).
-    return np.round(num_train - np.arange(n) * (num_train / n)) - 1
-
-
-def _check_steps(num_inference_steps: int, num_train: int) -> None:
-    if not 1 <= num_inference_steps <= num_train:
-        raise ValueError(f"num_inference_steps must be in [1, {num_train}], got {num_inference_steps}")
+def _configured(cls: type, options: Mapping[str, tuple[Any, ...]], config: Mapping[str, Any], steps: int) -> Any:
+    """A diffusers scheduler of class `cls` built from `config`, its options checked, timesteps set."""
+    # A JSON null means "unset": let the class default apply instead of storing None.
+    config = {k: v for k, v in config.items() if v is not None}
+    try:
+        scheduler = cls.from_config(config)
+    except (NotImplementedError, ValueError, ImportError) as e:  # unknown beta_schedule, no scipy, ...
+        raise ValueError(f"scheduler config not accepted by diffusers' {cls.__name__}: {e}") from e
+    for key, allowed in options.items():
+        value = scheduler.config.get(key)
+        if value is not None and value not in allowed:
+            raise ValueError(f"scheduler option {key}={value!r} is not supported by the JAX sampler; use {allowed}")
+    num_train = scheduler.config.num_train_timesteps
+    if not 1 <= steps <= num_train:
+        raise ValueError(f"num_inference_steps must be in [1, {num_train}], got {steps}")
+    scheduler.set_timesteps(steps)
+    return scheduler
 
 
 def make_euler(scheduler_config: Mapping[str, Any], num_inference_steps: int) -> EulerTables:
     """Tables of diffusers' EulerDiscreteScheduler after `set_timesteps(num_inference_steps)`."""
-    cfg = _with_defaults(scheduler_config, _EULER_DEFAULTS)
-    _reject(cfg, "interpolation_type", ("linear",))
-    _reject(cfg, "timestep_type", ("discrete",))
-    _reject(cfg, "final_sigmas_type", ("zero",))
-    for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
-        _reject(cfg, key, (False,))
-    betas = betas_from_config(cfg)
-    num_train = len(betas)
-    _check_steps(num_inference_steps, num_train)
+    from diffusers import EulerDiscreteScheduler  # imports torch: only when a sampler is built
 
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    if cfg.get("rescale_betas_zero_snr", False):
-        # As diffusers' Euler does: SNR exactly 0 would make the first sigma infinite.
-        alphas_cumprod[-1] = 2.0**-24
-    train_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
-
-    timesteps = _timesteps(cfg["timestep_spacing"], num_train, num_inference_steps, cfg["steps_offset"])
-    # diffusers keeps linspace timesteps in float32 before interpolating; do the same.
-    timesteps = timesteps.astype(np.float32)
-    sigmas = np.interp(timesteps.astype(np.float64), np.arange(num_train), train_sigmas)
-    sigmas = np.concatenate([sigmas, [0.0]])
-
-    max_sigma = float(sigmas.max())
-    # Euler's sample is x_t / sqrt(abar_t), whose std is sqrt(sigma^2 + 1) for a unit-variance x_t.
-    # diffusers scales the initial noise by exactly that for leading spacing and by sigma (nearly
-    # equal at sigma_max) for the others; we do the same to reproduce its trajectories.
-    if cfg["timestep_spacing"] == "leading":
-        init_noise_sigma = (max_sigma**2 + 1.0) ** 0.5
-    else:
-        init_noise_sigma = max_sigma
+    scheduler = _configured(EulerDiscreteScheduler, _EULER_OPTIONS, scheduler_config, num_inference_steps)
+    n = num_inference_steps
+    sigmas = scheduler.sigmas.numpy()
     return EulerTables(
-        timesteps=timesteps,
-        sigmas=sigmas.astype(np.float32),
-        init_noise_sigma=float(np.float32(init_noise_sigma)),
-        prediction_type=cfg["prediction_type"],
+        # Trailing spacing for some n (61, 103, ...) gets one timestep too many from diffusers'
+        # arange(T, 0, -T / n), the extra one being -1; keep the n asked for, then the final sigma 0.
+        timesteps=scheduler.timesteps.numpy()[:n].astype(np.float32),
+        sigmas=np.append(sigmas[:n], sigmas[-1]).astype(np.float32),
+        init_noise_sigma=float(scheduler.init_noise_sigma),
+        prediction_type=scheduler.config.prediction_type,
     )
 
 
 def make_ddim(scheduler_config: Mapping[str, Any], num_inference_steps: int) -> DDIMTables:
     """Tables of diffusers' DDIMScheduler after `set_timesteps(num_inference_steps)`, for eta = 0."""
-    cfg = _with_defaults(scheduler_config, _DDIM_DEFAULTS)
-    _reject(cfg, "thresholding", (False,))
-    betas = betas_from_config(cfg)
-    num_train = len(betas)
-    _check_steps(num_inference_steps, num_train)
-    alphas_cumprod = np.cumprod(1.0 - betas)
+    from diffusers import DDIMScheduler  # imports torch: only when a sampler is built
 
-    timesteps = _timesteps(cfg["timestep_spacing"], num_train, num_inference_steps, cfg["steps_offset"])
-    timesteps = np.round(timesteps).astype(np.int64)
-    # diffusers' DDIM always steps back by the stride T // n, whatever the spacing (so with
+    scheduler = _configured(DDIMScheduler, _DDIM_OPTIONS, scheduler_config, num_inference_steps)
+    cfg = scheduler.config
+    timesteps = scheduler.timesteps.numpy()[:num_inference_steps]  # see make_euler for the [:n]
+    alphas_cumprod = scheduler.alphas_cumprod.numpy()
+    # DDIMScheduler.step always steps back by the stride T // n, whatever the spacing (so with
     # trailing spacing the timestep it moves to is not always the next one in the list).
-    prev = timesteps - num_train // num_inference_steps
-    final = 1.0 if cfg["set_alpha_to_one"] else alphas_cumprod[0]
-    prev_alphas = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], final)
+    prev = timesteps - cfg.num_train_timesteps // scheduler.num_inference_steps
+    final = float(scheduler.final_alpha_cumprod)
     return DDIMTables(
         timesteps=timesteps.astype(np.float32),
         alphas_cumprod=alphas_cumprod[timesteps].astype(np.float32),
-        alphas_cumprod_prev=prev_alphas.astype(np.float32),
-        init_noise_sigma=1.0,
-        prediction_type=cfg["prediction_type"],
-        clip_sample_range=float(cfg["clip_sample_range"]) if cfg["clip_sample"] else None,
+        alphas_cumprod_prev=np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], final).astype(np.float32),
+        init_noise_sigma=float(scheduler.init_noise_sigma),
+        prediction_type=cfg.prediction_type,
+        clip_sample_range=float(cfg.clip_sample_range) if cfg.clip_sample else None,
     )
 
 

@@ -21,9 +21,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flax_train.config import MESH_AXES, MeshConfig, resolve_mesh_shape
+MESH_AXES = ("data", "fsdp", "tensor")
 
 # The batch dimension is split over every axis that replicates computation per example.
 # fsdp first: with the batch split ("data", "fsdp") on a mesh where data, fsdp and tensor are all
@@ -44,7 +45,45 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(mesh_cfg: MeshConfig, devices: list | None = None) -> Mesh:
+def mesh_axis_problems(mesh: Any) -> list[str]:
+    problems = []
+    for axis in MESH_AXES:
+        size = getattr(mesh, axis)
+        if size != -1 and size < 1:
+            problems.append(f"mesh.{axis} must be a positive number of devices or -1 (the rest), got {size}")
+    filled = [axis for axis in MESH_AXES if getattr(mesh, axis) == -1]
+    if len(filled) > 1:
+        problems.append(
+            f"mesh: only one axis may be -1, got {' and '.join(f'mesh.{a}=-1' for a in filled)}; "
+            "give the others explicit sizes"
+        )
+    return problems
+
+
+def resolve_mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
+    """Axis sizes {data, fsdp, tensor} on `num_devices` devices, the -1 axis taking the rest."""
+    problems = mesh_axis_problems(mesh_cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+    if num_devices < 1:
+        raise ValueError(f"the number of devices must be positive, got {num_devices}")
+    shape = {axis: getattr(mesh_cfg, axis) for axis in MESH_AXES}
+    fixed = math.prod(size for size in shape.values() if size != -1)
+    described = " x ".join(f"{axis}={size}" for axis, size in shape.items())
+    filled = [axis for axis, size in shape.items() if size == -1]
+    if filled:
+        if num_devices % fixed:
+            raise ValueError(
+                f"mesh: {described} cannot be laid on {num_devices} devices: "
+                f"the fixed axes take {fixed}, which does not divide {num_devices}"
+            )
+        shape[filled[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ValueError(f"mesh: {described} needs {fixed} devices, but there are {num_devices}")
+    return shape
+
+
+def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over ``devices`` (default: every device of every process)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
@@ -141,3 +180,9 @@ def initialize_distributed() -> None:
         )
     elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
         jax.distributed.initialize()
+
+
+def sync(name: str) -> None:
+    """All processes wait here for each other (a no-op on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -24,7 +24,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flax_train import checkpoint, config as config_lib, diffusion, metrics, models, optim, pipeline, sharding
+from flax_train import checkpoint, config as config_lib, diffusion, export, metrics, models, optim, sampling, sdxl, sharding
+from flax_train.data import prepare
 
 log = logging.getLogger(__name__)
 
@@ -179,22 +180,14 @@ def unet_options(cfg: config_lib.Config) -> dict[str, Any]:
     )
 
 
-def starts_from_folder_unet(cfg: config_lib.Config) -> bool:
-    """Whether training starts from the pipeline folder's UNet weights.
-
-    Pretrained folders: unless ``model.unet_config`` asks for a new UNet. The pipeline built offline
-    (``model.pretrained: null``) already holds a randomly initialised UNet of ``model.unet_config``'s
-    architecture; loading it costs nothing, where initialising under ``jit`` compiles one random-number
-    kernel per parameter (about 45 s on a 2-core CPU for the demo's UNet).
-    """
-    return cfg.model.unet_config is None or cfg.model.pretrained is None
-
-
 def unet_architecture(cfg: config_lib.Config, base: Path) -> dict[str, Any]:
-    """The pipeline folder's UNet config, or ``model.unet_config`` for a new UNet."""
-    if starts_from_folder_unet(cfg):
+    """The pipeline folder's UNet config, or ``model.unet_config``'s for a new UNet."""
+    spec = cfg.model.unet_config
+    if spec is None:
         return models.read_config(models.resolve_folder(base, "unet"))
-    return pipeline.unet_config(cfg.model.unet_config, cfg.data.resolution)
+    if spec == "sdxl":
+        return dict(sdxl.UNET_CONFIG)
+    return {"_class_name": "UNet2DConditionModel", **models.thaw_config(spec)}
 
 
 def build_unet(
@@ -202,10 +195,10 @@ def build_unet(
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """The UNet's graph and parameters, each parameter created directly in its sharding.
 
-    The UNet is loaded from the pipeline folder's ``unet/`` (see ``starts_from_folder_unet``), or
-    initialised with random weights of ``model.unet_config``'s architecture.
+    The UNet is loaded from the pipeline folder's ``unet/`` (fine-tuning), or initialised with
+    random weights of ``model.unet_config``'s architecture.
     """
-    if starts_from_folder_unet(cfg):
+    if cfg.model.unet_config is None:
         place = functools.partial(sharding.variable_sharding, mesh=mesh, rules=rules)
         unet = models.load(base, subfolder="unet", sharding_fn=place, **unet_options(cfg))
         return nnx.split(unet, nnx.Param)
@@ -351,6 +344,32 @@ def make_step_fn(
     )
 
 
+def batch_spec(architecture: dict[str, Any], batch: int, latent_size: int) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, jax.Array]]:
+    """The shapes of a training batch for a UNet architecture (what the latent cache yields), and
+    zero unconditional inputs: for benchmarks and ahead-of-time compiles, which have no cache."""
+    text_dim = architecture["cross_attention_dim"]
+    # The text_time embedding's input is the pooled text embedding + 6 time ids x addition_time_embed_dim.
+    pooled_dim = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
+    shapes = {
+        "latents": jax.ShapeDtypeStruct((batch, architecture["in_channels"], latent_size, latent_size), jnp.float32),
+        "prompt_embeds": jax.ShapeDtypeStruct((batch, sdxl.TOKEN_LENGTH, text_dim), jnp.float32),
+        "pooled_prompt_embeds": jax.ShapeDtypeStruct((batch, pooled_dim), jnp.float32),
+        "add_time_ids": jax.ShapeDtypeStruct((batch, 6), jnp.int32),
+    }
+    empty = {k: jnp.zeros(shapes[k].shape[1:], jnp.float32) for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    return shapes, empty
+
+
+def unconditional_inputs(cache: Any, base: Path) -> dict[str, jax.Array]:
+    """What caption dropout trains the unconditional branch on: the input every sampler feeds when
+    there is no negative prompt (zeros for SDXL, see ``sdxl.force_zeros_for_empty_prompt``; else
+    the encoded empty prompt, which the cache holds)."""
+    empty = {k: jnp.asarray(v) for k, v in cache.empty_prompt().items()}
+    if sdxl.force_zeros_for_empty_prompt(base):
+        empty = jax.tree.map(jnp.zeros_like, empty)
+    return empty
+
+
 def global_batch(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding]) -> dict[str, jax.Array]:
     """Each process contributes its local rows; together they form the global, sharded batch."""
     return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
@@ -370,13 +389,13 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     # 2. Pipeline folder, latent cache and loader.
-    base = pipeline.pipeline_folder(cfg)
-    cache = pipeline.open_cache(cfg, base)
-    scheduler_config = pipeline.scheduler_config(base)
+    base = models.resolve_pipeline(cfg.model.pretrained)
+    cache = prepare.open_cache(cfg, base)
+    scheduler_config = sdxl.scheduler_config(base)
     schedule = diffusion.NoiseSchedule.from_scheduler_config(scheduler_config)
     prediction_type = cfg.model.prediction_type or scheduler_config.get("prediction_type", "epsilon")
-    loader = pipeline.make_loader(cfg, cache)
-    empty = {k: jnp.asarray(v) for k, v in cache.empty_prompt().items()}
+    loader = prepare.make_loader(cfg, cache)
+    empty = unconditional_inputs(cache, base)
 
     # 3. UNet and optimizer, created sharded.
     graphdef, params = build_unet(cfg, mesh, base, rules)
@@ -412,12 +431,12 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     flops = metrics.compiled_flops(compiled)
     log.info("step compiled in %.1f s; %s", compile_s, metrics.memory_summary(compiled))
     chip = cfg.logging.chip or metrics.detect_chip()
-    peak = cfg.logging.peak_tflops or config_lib.CHIP_PEAK_TFLOPS.get(chip or "", None)
+    peak = cfg.logging.peak_tflops or metrics.CHIP_PEAK_TFLOPS.get(chip or "", None)
     batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
 
     # 6. The loop.
     writer = metrics.MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, jsonl=cfg.logging.jsonl)
-    validator = pipeline.Validator(cfg, base, run_dir, writer) if cfg.validation.every_steps else None
+    validator = sampling.Validator(cfg, base, run_dir, writer) if cfg.validation.every_steps else None
     start_step = int(state.step)
     end_step = cfg.train.max_steps if max_steps is None else min(cfg.train.max_steps, max_steps)
     losses: list[float] = []
@@ -488,7 +507,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     if cfg.export.at_end and not preempted and step >= cfg.train.max_steps:
         use_ema = cfg.export.use_ema if cfg.export.use_ema is not None else cfg.train.ema.enabled
         params = state.ema if (use_ema and state.ema is not None) else state.params
-        export_dir = pipeline.export(cfg, base, graphdef, params, run_dir)
+        export_dir = export.export_run(cfg, graphdef, params)
     return TrainResult(run_dir, step, losses, export_dir, preempted)
 
 
@@ -497,7 +516,7 @@ def restore_checkpoint(cfg: config_lib.Config, *, step: int | None = None) -> tu
     restored onto the config's mesh."""
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.merged_rules(cfg.mesh.rules)
-    base = pipeline.pipeline_folder(cfg)
+    base = models.resolve_pipeline(cfg.model.pretrained)
     graphdef, abstract_params = nnx.split(models.abstract(unet_architecture(cfg, base), **unet_options(cfg)), nnx.Param)
     tx, _ = build_optimizer(cfg)
     abstract_state = jax.eval_shape(initial_state_fn(cfg, tx), abstract_params)
@@ -516,4 +535,4 @@ def export_from_checkpoint(cfg: config_lib.Config, *, out: str | Path | None = N
     params = state.ema if (use_ema and state.ema is not None) else state.params
     if out is not None:
         cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dir=str(out)))
-    return pipeline.export(cfg, pipeline.pipeline_folder(cfg), graphdef, params, Path(cfg.run_dir))
+    return export.export_run(cfg, graphdef, params)

@@ -2,15 +2,19 @@
 every kind of mistake is reported with the key that causes it. No JAX here."""
 
 import dataclasses
+import pickle
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 
-from flax_train import config as cfg
+from flax_train import config as cfg, sharding
+from flax_train.demo import CONFIG as DEMO_CONFIG
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(CONFIGS.glob("*.yaml"))
+SDXL_BASE = CONFIGS / "sdxl_base.yaml"
 PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
 # Devices of the machine each preset is written for (a v5p-8 has 4 chips).
 PRESET_DEVICES = {
@@ -36,9 +40,9 @@ def write(path: Path, text: str) -> Path:
 
 def test_the_required_files_exist():
     names = {p.name for p in RECIPES}
-    assert {"sdxl_base.yaml", "demo.yaml"} <= names
+    assert "sdxl_base.yaml" in names
     assert {p.stem for p in PRESETS} == set(PRESET_DEVICES)
-    assert cfg.DEMO_CONFIG.is_file()
+    assert DEMO_CONFIG.is_file()
 
 
 @pytest.mark.parametrize("path", RECIPES + PRESETS, ids=lambda p: p.name)
@@ -51,18 +55,18 @@ def test_every_yaml_starts_with_the_command_that_runs_it(path):
     assert any("flax-train train" in line and "--config configs/" in line for line in header), path
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES + [DEMO_CONFIG], ids=lambda p: p.name)
 def test_recipes_load_and_validate_on_8_devices(path):
     config = cfg.load(path)
     cfg.validate(config, num_devices=8)
     cfg.validate(config)
 
 
-@pytest.mark.parametrize("recipe", ["sdxl_base.yaml", "demo.yaml"])
+@pytest.mark.parametrize("recipe", [SDXL_BASE, DEMO_CONFIG], ids=lambda p: p.name)
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_presets_layer_on_recipes(recipe, preset):
-    base = cfg.load(CONFIGS / recipe)
-    layered = cfg.load([CONFIGS / recipe, preset])
+    base = cfg.load(recipe)
+    layered = cfg.load([recipe, preset])
     cfg.validate(layered, num_devices=PRESET_DEVICES[preset.stem])
     # The preset changes what it names and nothing else.
     assert layered.data == base.data
@@ -71,30 +75,31 @@ def test_presets_layer_on_recipes(recipe, preset):
 
 
 def test_sdxl_base_is_the_documented_recipe():
-    c = cfg.load(CONFIGS / "sdxl_base.yaml")
+    c = cfg.load(SDXL_BASE)
     assert c.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert (c.model.dtype, c.model.param_dtype) == ("bfloat16", "float32")
     assert c.data.resolution == 1024
     assert (c.train.optimizer, c.train.lr_schedule, c.train.learning_rate) == ("adamw", "constant", 1e-6)
     assert c.train.warmup_steps > 0 and c.train.ema.enabled and c.model.remat != "none"
-    assert cfg.resolve_mesh_shape(c.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert sharding.resolve_mesh_shape(c.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
 
 
-def test_demo_is_a_small_offline_fsdp_run():
-    c = cfg.load(cfg.DEMO_CONFIG)
-    assert c.model.pretrained is None and c.model.unet_config == "tiny"
-    assert c.data.source == "synthetic" and c.data.resolution <= 64  # small enough for a 2-core CPU
+def test_demo_is_a_small_fsdp_run_on_the_folder_it_builds():
+    c = cfg.load(DEMO_CONFIG)
+    assert c.model.pretrained == "runs/demo/base" and c.model.unet_config is None
+    assert c.data.source == "imagefolder" and c.data.path == "runs/demo/data"
+    assert c.data.resolution <= 64  # small enough for a 2-core CPU
     assert 100 <= c.train.max_steps <= 1000
-    assert cfg.resolve_mesh_shape(c.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert sharding.resolve_mesh_shape(c.mesh, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
     assert c.checkpoint.every_steps > 0 and c.validation.every_steps > 0 and c.validation.prompts
     assert c.export.at_end
 
 
 def test_hybrid_preset_resolves_to_two_replicas():
-    c = cfg.load([CONFIGS / "demo.yaml", CONFIGS / "presets" / "mesh_hybrid.yaml"])
-    assert cfg.resolve_mesh_shape(c.mesh, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
-    c = cfg.load([CONFIGS / "demo.yaml", CONFIGS / "presets" / "mesh_data_parallel.yaml"])
-    assert cfg.resolve_mesh_shape(c.mesh, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    c = cfg.load([DEMO_CONFIG, CONFIGS / "presets" / "mesh_hybrid.yaml"])
+    assert sharding.resolve_mesh_shape(c.mesh, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    c = cfg.load([DEMO_CONFIG, CONFIGS / "presets" / "mesh_data_parallel.yaml"])
+    assert sharding.resolve_mesh_shape(c.mesh, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,10 +130,12 @@ def test_list_of_bases_and_list_of_files_apply_in_order(tmp_path):
     assert reversed_order.train.seed == 1
 
 
-def test_lists_are_replaced_not_merged(tmp_path):
-    write(tmp_path / "a.yaml", "validation: {prompts: [one, two, three]}\n")
-    b = write(tmp_path / "b.yaml", "base: a.yaml\nvalidation: {prompts: [four]}\n")
-    assert cfg.load(b).validation.prompts == ("four",)
+def test_lists_and_tables_are_replaced_not_merged(tmp_path):
+    write(tmp_path / "a.yaml", "validation: {prompts: [one, two, three]}\nmesh: {rules: {embed: fsdp}}\n")
+    b = write(tmp_path / "b.yaml", "base: a.yaml\nvalidation: {prompts: [four]}\nmesh: {rules: {heads: tensor}}\n")
+    c = cfg.load(b)
+    assert c.validation.prompts == ("four",)
+    assert c.mesh.rules == {"heads": "tensor"}
 
 
 def test_base_cycle_and_missing_base_are_errors(tmp_path):
@@ -143,12 +150,16 @@ def test_base_cycle_and_missing_base_are_errors(tmp_path):
 
 def test_empty_file_gives_defaults_and_non_mapping_is_an_error(tmp_path):
     assert cfg.load(write(tmp_path / "empty.yaml", "# nothing\n")) == cfg.Config()
-    with pytest.raises(cfg.ConfigError, match="mapping of sections"):
+    with pytest.raises(cfg.ConfigError, match="list.yaml: expected a mapping of sections"):
         cfg.load(write(tmp_path / "list.yaml", "- a\n- b\n"))
+    with pytest.raises(cfg.ConfigError, match="scalar.yaml: expected a mapping of sections"):
+        cfg.load(write(tmp_path / "scalar.yaml", "3\n"))
+    with pytest.raises(cfg.ConfigError, match="base: expected a path or a list of paths"):
+        cfg.load(write(tmp_path / "base.yaml", "base: {a: 1}\n"))
 
 
 def test_duplicate_keys_and_bad_yaml_are_errors(tmp_path):
-    with pytest.raises(cfg.ConfigError, match="dup.yaml.*duplicate key 'seed' at line 3"):
+    with pytest.raises(cfg.ConfigError, match=r"(?s)dup.yaml: not valid YAML.*duplicate key seed.*line 3"):
         cfg.load(write(tmp_path / "dup.yaml", "train:\n  seed: 1\n  seed: 2\n"))
     with pytest.raises(cfg.ConfigError, match="bad.yaml: not valid YAML"):
         cfg.load(write(tmp_path / "bad.yaml", "train: [unclosed\n"))
@@ -160,10 +171,10 @@ def test_duplicate_keys_and_bad_yaml_are_errors(tmp_path):
 
 def test_overrides_nested_lists_and_types():
     c = cfg.load(
-        cfg.DEMO_CONFIG,
+        DEMO_CONFIG,
         [
             "train.learning_rate=1e-5",  # YAML 1.1 would read a string; we read a number
-            "train.max_steps=2e3",  # a whole number is an integer
+            "train.max_steps=2000",
             "train.ema.decay=0.5",
             "train.ema.enabled=false",
             "train.betas=[0.8, 0.95]",
@@ -187,8 +198,13 @@ def test_overrides_nested_lists_and_types():
     cfg.validate(c, num_devices=8)
 
 
+def test_yaml_files_read_exponents_as_numbers(tmp_path):
+    c = cfg.load(write(tmp_path / "lr.yaml", "train: {learning_rate: 1e-6, eps: 1E-8, weight_decay: 2.5e+1}\n"))
+    assert (c.train.learning_rate, c.train.eps, c.train.weight_decay) == (1e-6, 1e-8, 25.0)
+
+
 def test_override_returns_a_new_config_and_later_overrides_win():
-    base = cfg.load(cfg.DEMO_CONFIG)
+    base = cfg.load(DEMO_CONFIG)
     changed = cfg.apply_overrides(base, ["train.seed=1", "train.seed=2"])
     assert changed.train.seed == 2 and base.train.seed == 0
 
@@ -196,6 +212,8 @@ def test_override_returns_a_new_config_and_later_overrides_win():
 def test_override_of_a_whole_section_merges_its_keys():
     c = cfg.apply_overrides(cfg.Config(), ["train.ema={enabled: true}"])
     assert c.train.ema.enabled and c.train.ema.decay == cfg.EmaConfig().decay
+    c = cfg.apply_overrides(c, ["train={seed: 3, ema: {decay: 0.5}}"])
+    assert (c.train.seed, c.train.ema.enabled, c.train.ema.decay) == (3, True, 0.5)
 
 
 def test_override_one_string_where_a_list_is_expected():
@@ -213,7 +231,7 @@ def test_override_inside_a_free_form_table_keeps_the_rest():
 def test_malformed_overrides():
     with pytest.raises(cfg.ConfigError, match="expected key=value"):
         cfg.apply_overrides(cfg.Config(), ["train.seed"])
-    with pytest.raises(cfg.ConfigError, match="'train.seed' is an integer; it has no key 'x'"):
+    with pytest.raises(cfg.ConfigError, match="'train.seed' is a value; it has no key 'x'"):
         cfg.apply_overrides(cfg.Config(), ["train.seed.x=1"])
     with pytest.raises(TypeError):
         cfg.apply_overrides(cfg.Config(), "train.seed=1")
@@ -246,30 +264,28 @@ def test_unknown_key_without_a_close_match_lists_the_valid_ones():
 
 
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
-    path = write(tmp_path / "typo.yaml", "data:\n  synthetic:\n    num_imgs: 3\n")
+    path = write(tmp_path / "typo.yaml", "train:\n  ema:\n    decy: 0.9\n")
     with pytest.raises(cfg.ConfigError) as info:
         cfg.load(path)
     message = str(info.value)
     assert "typo.yaml" in message
-    assert "unknown key 'data.synthetic.num_imgs'; did you mean 'data.synthetic.num_images'?" in message
+    assert "unknown key 'train.ema.decy'; did you mean 'train.ema.decay'?" in message
 
 
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten' (a string)"),
-        ("train.max_steps=10.5", "train.max_steps: expected an integer, got 10.5 (a number)"),
-        ("train.max_steps=true", "train.max_steps: expected an integer, got True (a boolean)"),
-        ("train.learning_rate=fast", "train.learning_rate: expected a number, got 'fast' (a string)"),
-        ("data.random_flip=1", "data.random_flip: expected true or false, got 1 (an integer)"),
-        ("model.dtype=16", "model.dtype: expected a string, got 16 (an integer)"),
-        ("train.betas=[0.9]", "train.betas: expected a list of 2 items"),
-        ("train.betas=[0.9, x]", "train.betas[1]: expected a number, got 'x' (a string)"),
-        ("validation.prompts=[a, 3]", "validation.prompts[1]: expected a string, got 3"),
-        ("model.unet_config=[1, 2]", "model.unet_config: expected a string or a mapping or null"),
-        ("train.ema=3", "train.ema: expected a mapping of keys, got 3"),
-        ("mesh.rules.embed=7", "mesh.rules.embed: expected a string or a list"),
-        ("train.seed=null", "train.seed: expected an integer, got None (null)"),
+        ("train.max_steps=ten", "train.max_steps: Value 'ten' of type 'str' could not be converted to Integer"),
+        ("train.max_steps=10.5", "train.max_steps: Value '10.5' of type 'float' could not be converted to Integer"),
+        ("train.max_steps=true", "train.max_steps: Value 'True' of type 'bool' could not be converted to Integer"),
+        ("train.learning_rate=fast", "train.learning_rate: Value 'fast' of type 'str' could not be converted to Float"),
+        ("data.random_flip=maybe", "data.random_flip: Value 'maybe' is not a valid bool"),
+        ("train.betas=[0.9]", "train.betas: TupleConfig length 1 does not match type hint length 2"),
+        ("train.betas=[0.9, x]", "train.betas: Value '[0.9, 'x']' of type 'list' could not be converted to Float"),
+        ("mesh.rules=[fsdp]", "mesh.rules: Invalid type assigned: list is not a subclass of Dict[str, Any]. value: ['fsdp']"),
+        ("run_dir={a: 1}", "run_dir: Cannot convert 'dict' to string"),
+        ("train.ema=3", "train.ema: Invalid type assigned: int is not a subclass of EmaConfig"),
+        ("train.seed=null", "train.seed: field 'train.seed' is not Optional"),
     ],
 )
 def test_type_errors_name_key_expected_type_and_value(override, expected):
@@ -280,7 +296,7 @@ def test_type_errors_name_key_expected_type_and_value(override, expected):
 
 def test_type_error_in_a_file(tmp_path):
     path = write(tmp_path / "types.yaml", "checkpoint:\n  keep: many\n")
-    with pytest.raises(cfg.ConfigError, match=r"types.yaml: checkpoint.keep: expected an integer or null, got 'many'"):
+    with pytest.raises(cfg.ConfigError, match=r"types.yaml: checkpoint.keep: Value 'many' of type 'str' could not be "):
         cfg.load(path)
 
 
@@ -289,7 +305,74 @@ def test_type_error_in_a_file(tmp_path):
 
 
 def demo(*overrides: str) -> cfg.Config:
-    return cfg.load(cfg.DEMO_CONFIG, overrides)
+    return cfg.load(DEMO_CONFIG, overrides)
+
+
+def replaced(config, key: str, value):
+    """`config` with the dotted `key` set, as Python code does it: no loader involved."""
+    head, _, rest = key.partition(".")
+    return dataclasses.replace(config, **{head: replaced(getattr(config, head), rest, value) if rest else value})
+
+
+# A wrong value for every choice-valued key, and the closest valid one where there is one.
+WRONG_CHOICES = [
+    ("model.dtype", "float16", "bfloat16"),
+    ("model.param_dtype", "int8", None),
+    ("model.attention", "flash", None),
+    ("model.remat", "dots_batch", "dots_no_batch"),
+    ("model.prediction_type", "sample", None),
+    ("data.source", "webdataset", None),
+    ("data.crop", "left", None),
+    ("data.latent_mode", "means", "mean"),
+    ("train.optimizer", "adamww", "adamw"),
+    ("train.lr_schedule", "cosin", "cosine"),
+    ("train.timestep_bias.strategy", "middle", None),
+    ("train.nan_policy", "ignore", None),
+    ("validation.scheduler", "dpm", None),
+    ("logging.chip", "tpu_v6", "tpu_v6e"),
+]
+
+
+@pytest.mark.parametrize("key, value, closest", WRONG_CHOICES)
+def test_wrong_choices_are_refused_when_read_with_the_valid_ones(key, value, closest):
+    with pytest.raises(cfg.ConfigError) as info:
+        demo(f"{key}={value}")
+    message = str(info.value)
+    assert f"{key}: unknown value '{value}'; choose one of " in message
+    if closest:
+        assert f"did you mean '{closest}'?" in message
+
+
+def test_wrong_choices_in_a_config_built_in_python_are_all_reported():
+    config = demo()
+    for key, value, _ in WRONG_CHOICES:
+        config = replaced(config, key, value)
+    with pytest.raises(cfg.ConfigError) as info:
+        cfg.validate(config)
+    for key, value, _ in WRONG_CHOICES:
+        assert f"{key}: unknown value '{value}'" in str(info.value)
+
+
+def test_choices_are_those_of_the_modules_that_use_them():
+    from flax_train import diffusion, metrics, optim, schedulers
+    from flax_train.data import images as sources
+    from flax_train.models import layers
+
+    owned = {
+        "model.attention": layers.ATTENTION_IMPLEMENTATIONS,
+        "model.remat": tuple(layers.REMAT_POLICIES),
+        "model.prediction_type": diffusion.PREDICTION_TYPES + (None,),
+        "data.source": sources.SourceSpec.KINDS,
+        "train.optimizer": typing.get_args(optim.Optimizer),
+        "train.lr_schedule": typing.get_args(optim.LrSchedule),
+        "train.timestep_bias.strategy": diffusion.TIMESTEP_BIAS_STRATEGIES,
+        "validation.scheduler": schedulers.SAMPLERS,
+        "logging.chip": tuple(metrics.CHIP_PEAK_TFLOPS) + (None,),
+    }
+    for key, choices in owned.items():
+        section, _, name = ("config." + key).rpartition(".")
+        section_type = type(eval(section, {"config": cfg.Config()}))
+        assert cfg._choices(typing.get_type_hints(section_type)[name]) == choices, key
 
 
 @pytest.mark.parametrize(
@@ -307,18 +390,9 @@ def demo(*overrides: str) -> cfg.Config:
         (["data.resolution=100"], "data.resolution must be a positive multiple of 8"),
         (["data.resolution=0"], "data.resolution"),
         (["validation.resolution=60"], "validation.resolution"),
-        (["train.optimizer=sgd"], "train.optimizer: unknown value 'sgd'"),
-        (["train.optimizer=adamww"], "did you mean 'adamw'?"),
-        (["train.lr_schedule=cosine_with_restarts"], "train.lr_schedule"),
-        (["model.prediction_type=sample"], "model.prediction_type"),
-        (["model.remat=everything"], "model.remat"),
-        (["model.attention=flash"], "model.attention"),
-        (["model.dtype=float16"], "model.dtype"),
-        (["model.param_dtype=int8"], "model.param_dtype"),
         (["model.unet_config=huge"], "model.unet_config"),
-        (["model.unet_config={layers_per_block: 1}"], "model.pretrained is null"),
-        (["model.unet_config=sdxl"], "model.unet_config must be 'tiny'"),
-        (["train.timestep_bias.strategy=middle"], "train.timestep_bias.strategy"),
+        (["model.unet_config=[1, 2]"], "model.unet_config must be null, a mapping of UNet config keys or one of sdxl"),
+        (["model.pretrained=''"], "model.pretrained: empty"),
         (["train.timestep_bias.multiplier=0"], "train.timestep_bias.multiplier"),
         (["train.timestep_bias.portion=1.5"], "train.timestep_bias.portion"),
         (["train.timestep_bias.portion=0"], "train.timestep_bias.portion"),
@@ -335,27 +409,21 @@ def demo(*overrides: str) -> cfg.Config:
         (["train.max_grad_norm=0"], "train.max_grad_norm"),
         (["train.snr_gamma=0"], "train.snr_gamma"),
         (["train.noise_offset=-0.1"], "train.noise_offset"),
-        (["train.nan_policy=ignore"], "train.nan_policy"),
-        (["data.source=webdataset"], "data.source"),
-        (["data.source=imagefolder"], "data.path is required"),
-        (["data.crop=left"], "data.crop"),
-        (["data.latent_mode=mode"], "data.latent_mode"),
+        (["data.path=null"], "data.path is required"),
         (["data.max_pixels=0"], "data.max_pixels"),
-        (["data.synthetic.num_images=0"], "data.synthetic.num_images"),
         (["mesh.data=-1"], "only one axis may be -1"),
         (["mesh.fsdp=3"], "mesh: data=1 x fsdp=3 x tensor=1 needs 3 devices, but there are 8"),
         (["mesh.data=3"], "the fixed axes take 3, which does not divide 8"),
         (["mesh.tensor=0"], "mesh.tensor must be a positive number of devices or -1"),
-        (["mesh.rules={embed: model}"], "mesh.rules.embed: unknown value 'model'"),
+        (["mesh.rules={embed: model}"], "mesh.rules.embed: unknown value 'model'; choose one of data, fsdp, tensor"),
+        (["mesh.rules.heads=[tensor, 7]"], "mesh.rules.heads: unknown value 7"),
         (["checkpoint.keep=0"], "checkpoint.keep"),
         (["checkpoint.every_steps=-5"], "checkpoint.every_steps"),
         (["validation.prompts=[]"], "validation.prompts is empty"),
         (["validation.num_steps=0"], "validation.num_steps"),
         (["validation.guidance_scale=-1"], "validation.guidance_scale"),
-        (["validation.scheduler=dpm"], "validation.scheduler"),
         (["train.ema.enabled=false", "export.use_ema=true"], "export.use_ema is true but train.ema.enabled is false"),
         (["logging.every_steps=0"], "logging.every_steps"),
-        (["logging.chip=tpu_v7"], "logging.chip"),
         (["logging.peak_tflops=0"], "logging.peak_tflops"),
         (["run_dir=''"], "run_dir"),
     ],
@@ -368,7 +436,7 @@ def test_invalid_values_are_named(overrides, key):
 
 
 def test_every_problem_is_reported_at_once():
-    config = demo("train.learning_rate=0", "data.resolution=30", "train.optimizer=sgd")
+    config = replaced(demo("train.learning_rate=0", "data.resolution=30"), "train.optimizer", "sgd")
     with pytest.raises(cfg.ConfigError) as info:
         cfg.validate(config)
     message = str(info.value)
@@ -431,9 +499,9 @@ def test_inline_unet_config_with_a_pretrained_pipeline_is_valid():
     ],
 )
 def test_resolve_mesh_shape(axes, devices, shape):
-    resolved = cfg.resolve_mesh_shape(cfg.MeshConfig(**axes), devices)
-    assert resolved == dict(zip(cfg.MESH_AXES, shape))
-    assert list(resolved) == list(cfg.MESH_AXES)
+    resolved = sharding.resolve_mesh_shape(cfg.MeshConfig(**axes), devices)
+    assert resolved == dict(zip(sharding.MESH_AXES, shape))
+    assert list(resolved) == list(sharding.MESH_AXES)
 
 
 @pytest.mark.parametrize(
@@ -448,15 +516,15 @@ def test_resolve_mesh_shape(axes, devices, shape):
     ],
 )
 def test_resolve_mesh_shape_errors(axes, devices, message):
-    with pytest.raises(cfg.ConfigError, match=message):
-        cfg.resolve_mesh_shape(cfg.MeshConfig(**axes), devices)
+    with pytest.raises(ValueError, match=message):
+        sharding.resolve_mesh_shape(cfg.MeshConfig(**axes), devices)
 
 
 # ---------------------------------------------------------------------------------------------
 # Saving, immutability.
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES + [DEMO_CONFIG], ids=lambda p: p.name)
 def test_save_load_round_trip(tmp_path, path):
     config = cfg.load(
         path,
@@ -475,6 +543,21 @@ def test_save_load_round_trip(tmp_path, path):
     assert again.validation.prompts[:4] == ("1e5", "yes", "null", "3")
 
 
+def test_references_to_other_keys_are_resolved_and_saved_as_values(tmp_path):
+    path = write(
+        tmp_path / "refs.yaml",
+        r"""
+        run_dir: gs://bucket/r
+        checkpoint: {dir: "${run_dir}/ckpt"}
+        validation: {negative_prompt: 'costs \${5}'}
+        """,
+    )
+    c = cfg.load(path)
+    assert c.checkpoint.dir == "gs://bucket/r/ckpt" and c.validation.negative_prompt == "costs ${5}"
+    cfg.save(c, tmp_path / "saved.yaml")
+    assert cfg.load(tmp_path / "saved.yaml") == c == cfg.apply_overrides(c, [])
+
+
 def test_to_dict_is_plain_yaml_data():
     d = cfg.to_dict(cfg.apply_overrides(cfg.Config(), ["mesh.rules={embed: [fsdp]}"]))
     assert d["train"]["betas"] == [0.9, 0.999]
@@ -483,14 +566,20 @@ def test_to_dict_is_plain_yaml_data():
 
 
 def test_configs_are_immutable_and_hashable():
-    c = cfg.load(cfg.DEMO_CONFIG, ["model.unet_config={block_out_channels: [32, 64]}"])
+    c = cfg.load(DEMO_CONFIG, ["model.unet_config={block_out_channels: [32, 64]}", "mesh.rules.embed=fsdp"])
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.train.seed = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
         c.model.unet_config["block_out_channels"] = (1,)  # type: ignore[index]
+    with pytest.raises(TypeError):
+        c.mesh.rules.update(heads="tensor")  # type: ignore[attr-defined]
     assert isinstance(c.model.unet_config["block_out_channels"], tuple)
-    assert hash(c) == hash(cfg.load(cfg.DEMO_CONFIG, ["model.unet_config={block_out_channels: [32, 64]}"]))
+    assert hash(c) == hash(cfg.load(DEMO_CONFIG, ["model.unet_config={block_out_channels: [32, 64]}", "mesh.rules.embed=fsdp"]))
     assert dataclasses.replace(c, run_dir="elsewhere").run_dir == "elsewhere" and c.run_dir == "runs/demo"
+    assert pickle.loads(pickle.dumps(c)) == c
+    # Tables given in Python are frozen too, so such configs can also be static jit arguments.
+    built = cfg.MeshConfig(rules={"mlp": ["fsdp", "tensor"]})
+    assert built.rules == {"mlp": ("fsdp", "tensor")} and hash(built) == hash(cfg.MeshConfig(rules={"mlp": ("fsdp", "tensor")}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,6 +608,6 @@ def test_every_key_and_flag_is_documented():
 
 
 def test_single_file_export_is_refused_until_it_exists():
-    demo = cfg.load([cfg.DEMO_CONFIG], ["export.single_file=true"])
+    demo = cfg.load([DEMO_CONFIG], ["export.single_file=true"])
     with pytest.raises(cfg.ConfigError, match="export.single_file"):
         cfg.validate(demo, 8)

@@ -12,9 +12,8 @@ from etils import epath
 
 from flax_train.data import cache as cache_lib
 from flax_train.data.cache import CacheMismatchError, CacheMissingError, CacheSettings, LatentCache, verify_cache
-from flax_train.data.loader import make_loader, process_share
-from flax_train.data.preprocess import PreprocessSpec
-from flax_train.data.sources import SourceSpec
+from flax_train.data.cache import make_loader, process_share
+from flax_train.data.images import PreprocessSpec, SourceSpec
 
 SETTINGS = CacheSettings(
     source=SourceSpec("imagefolder", "/data/set"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flax_train.data import synthetic
+from flax_train.demo import synthetic
 from flax_train.data.cache import (
     EMPTY_PROMPT,
     MANIFEST,
@@ -28,8 +28,7 @@ from flax_train.data.cache import (
     write_json,
 )
 from flax_train.data.prepare import cache_settings, encode_image, prepare_cache
-from flax_train.data.preprocess import PreprocessSpec, prepare_sample
-from flax_train.data.sources import SourceSpec, open_source
+from flax_train.data.images import PreprocessSpec, SourceSpec, open_source, prepare_sample
 
 pytestmark = pytest.mark.xdist_group("data_prepare")
 
@@ -45,7 +44,7 @@ BAD = {
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from flax_train.tiny import save_tiny_pipeline
+    from flax_train.demo.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sdxl", seed=0)
 
@@ -164,7 +163,8 @@ import dataclasses, json, sys
 from flax_train import sharding
 sharding.initialize_distributed()
 import jax
-from flax_train.data import PreprocessSpec, SourceSpec, prepare_cache
+from flax_train.data.prepare import prepare_cache
+from flax_train.data.images import PreprocessSpec, SourceSpec
 cache_dir, model_dir, source, preprocess = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 assert jax.process_count() == 2 and len(jax.devices()) == 8
 report = prepare_cache(cache_dir, model_dir, SourceSpec(**source), PreprocessSpec(**preprocess),

@@ -53,9 +53,24 @@ def test_zero_terminal_snr_reaches_pure_noise():
     np.testing.assert_allclose(ours.alphas_cumprod[0], plain.alphas_cumprod[0], rtol=1e-6)
 
 
+def test_schedule_reads_a_released_config_and_trained_betas():
+    # A scheduler_config.json as released: nulls mean "default", keys of other schedulers are ignored.
+    released = dict(SDXL_SCHEDULE, _class_name="EulerDiscreteScheduler", prediction_type=None, trained_betas=None,
+                    steps_offset=1, timestep_spacing="leading", use_karras_sigmas=False)
+    ours = diffusion.NoiseSchedule.from_scheduler_config(released)
+    plain = diffusion.NoiseSchedule.from_scheduler_config(SDXL_SCHEDULE)
+    assert ours.prediction_type == "epsilon"
+    np.testing.assert_array_equal(ours.alphas_cumprod, plain.alphas_cumprod)
+    trained = diffusion.NoiseSchedule.from_scheduler_config(dict(trained_betas=np.asarray(plain.betas).tolist()))
+    np.testing.assert_array_equal(trained.betas, plain.betas)
+    np.testing.assert_allclose(trained.alphas_cumprod, plain.alphas_cumprod, rtol=1e-6)
+
+
 def test_rejects_unknown_schedule_and_prediction_type():
     with pytest.raises(ValueError, match="beta_schedule"):
         diffusion.NoiseSchedule.from_scheduler_config(dict(beta_schedule="sigmoid"))
+    with pytest.raises(ValueError, match="cubic"):
+        diffusion.NoiseSchedule.from_scheduler_config(dict(beta_schedule="cubic"))
     with pytest.raises(ValueError, match="prediction_type"):
         diffusion.NoiseSchedule.from_scheduler_config(dict(prediction_type="sample"))
 
@@ -124,7 +139,7 @@ def test_min_snr_weight_matches_reference_formula(config, prediction_type):
 
 
 def _reference_bias(n, strategy, multiplier, portion, begin, end):
-    # REFERENCE.md's description of the diffusers SDXL script.
+    # The timestep bias of diffusers' examples/text_to_image/train_text_to_image_sdxl.py (generate_timestep_weights).
     weights = np.ones(n)
     count = int(portion * n)
     if strategy == "earlier":

@@ -16,7 +16,8 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionM
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from flax_train import sampling, schedulers
-from flax_train.tiny import build_tokenizer, tiny_component_configs
+from flax_train.models import clip
+from flax_train.demo.tiny import build_tokenizer, tiny_component_configs
 
 from test_schedulers import SDXL_SCHEDULER_CONFIG, REFERENCE_CLASSES
 
@@ -168,7 +169,7 @@ def test_encode_prompts_matches_pipeline(pipeline):
     def tokenize(tokenizer):
         return tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
 
-    embeds, pooled = sampling.encode_prompts(
+    embeds, pooled = clip.encode_prompts(
         _wrap_text_encoder(pipeline.text_encoder),
         _wrap_text_encoder(pipeline.text_encoder_2),
         tokenize(pipeline.tokenizer),

@@ -148,6 +148,9 @@ def test_tables_are_float32_and_sized():
     assert ddim.alphas_cumprod.shape == ddim.alphas_cumprod_prev.shape == (30,)
     # set_alpha_to_one=False: the last step lands on abar_0, not 1.
     assert ddim.alphas_cumprod_prev[-1] < 1.0 and ddim.clip_sample_range is None
+    assert schedulers.SAMPLERS == ("euler", "ddim")
+    for name in schedulers.SAMPLERS:
+        assert schedulers.make_scheduler(name, SDXL_SCHEDULER_CONFIG, 4).timesteps.shape == (4,)
 
 
 def test_trailing_spacing_has_exactly_n_steps_where_arange_overshoots():
@@ -158,16 +161,64 @@ def test_trailing_spacing_has_exactly_n_steps_where_arange_overshoots():
     assert np.all(np.diff(tables.timesteps) < 0)
 
 
+# Configs (overrides of the SDXL one) and step counts whose tables must be diffusers' own numbers.
+TABLE_CONFIGS = [
+    {},
+    {"steps_offset": 0},
+    {"timestep_spacing": "trailing"},
+    {"timestep_spacing": "linspace", "steps_offset": 0},
+    {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True},
+    {"beta_schedule": "squaredcos_cap_v2", "clip_sample": True, "set_alpha_to_one": True, "clip_sample_range": 2.0},
+]
+TABLE_STEPS = [1, 7, 30, 61, 103, 500, 999]
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim"])
+@pytest.mark.parametrize("overrides", TABLE_CONFIGS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "sdxl")
+def test_tables_are_what_diffusers_reports(name, overrides):
+    config = dict(SDXL_SCHEDULER_CONFIG, **overrides)
+    for steps in TABLE_STEPS:
+        reference = REFERENCE_CLASSES[name].from_config(config)
+        reference.set_timesteps(steps)
+        tables = schedulers.make_scheduler(name, config, steps)
+        # Trailing spacing gets one timestep too many (-1) from diffusers for some n (61, 103).
+        timesteps = reference.timesteps.numpy()
+        assert len(timesteps) == steps or (len(timesteps) == steps + 1 and timesteps[-1] == -1)
+        timesteps = timesteps[:steps]
+        np.testing.assert_array_equal(tables.timesteps, timesteps.astype(np.float32))
+        assert tables.timesteps.dtype == np.float32
+        assert tables.init_noise_sigma == float(reference.init_noise_sigma)
+        assert tables.prediction_type == reference.config.prediction_type
+        if name == "euler":
+            sigmas = reference.sigmas.numpy()
+            np.testing.assert_array_equal(tables.sigmas, np.append(sigmas[:steps], 0.0).astype(np.float32))
+            continue
+        abar = reference.alphas_cumprod.numpy()
+        np.testing.assert_array_equal(tables.alphas_cumprod, abar[timesteps])
+        # DDIMScheduler.step moves to t - T // n, or to final_alpha_cumprod below 0.
+        prev = [t - reference.config.num_train_timesteps // steps for t in timesteps]
+        final = float(reference.final_alpha_cumprod)
+        np.testing.assert_array_equal(tables.alphas_cumprod_prev, [abar[p] if p >= 0 else final for p in prev])
+        expected_clip = reference.config.clip_sample_range if reference.config.clip_sample else None
+        assert tables.clip_sample_range == expected_clip
+
+
 @pytest.mark.parametrize(
     "name, overrides, message",
     [
         ("heun", {}, "scheduler"),
         ("euler", {"use_karras_sigmas": True}, "use_karras_sigmas"),
+        ("euler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ("euler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
+        ("euler", {"timestep_type": "continuous"}, "timestep_type"),
         ("euler", {"interpolation_type": "log_linear"}, "interpolation_type"),
         ("euler", {"final_sigmas_type": "sigma_min"}, "final_sigmas_type"),
         ("euler", {"timestep_spacing": "uniform"}, "timestep_spacing"),
         ("euler", {"prediction_type": "sample"}, "prediction_type"),
         ("ddim", {"thresholding": True}, "thresholding"),
+        ("ddim", {"prediction_type": "sample"}, "prediction_type"),
+        ("ddim", {"timestep_spacing": "uniform"}, "timestep_spacing"),
+        ("ddim", {"beta_schedule": "sigmoid"}, "sigmoid"),
     ],
 )
 def test_unsupported_options_raise(name, overrides, message):

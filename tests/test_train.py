@@ -11,7 +11,6 @@ between tests through module fixtures.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -32,7 +31,9 @@ import safetensors.numpy
 from flax import nnx
 from PIL import Image
 
-from flax_train import config as config_lib, diffusion, models, pipeline, sharding, tiny, train
+from flax_train import config as config_lib, diffusion, models, sdxl, sharding, train
+from flax_train.data import prepare
+from flax_train.demo import CONFIG as DEMO_CONFIG, synthetic, tiny
 
 pytestmark = pytest.mark.xdist_group("train")
 
@@ -60,6 +61,7 @@ def workspace(tmp_path_factory) -> Workspace:
         transformer_layers_per_block=(1, 1),
         text_layers=1,
     )
+    synthetic.write_synthetic_dataset(root / "synthetic", BATCH, image_size=RESOLUTION, seed=0)
     return Workspace(root, base, root / "cache")
 
 
@@ -70,7 +72,6 @@ def overrides(ws: Workspace, run_dir: Path, *extra: str) -> list[str]:
         f"model.pretrained={ws.base}",
         "model.unet_config=null",
         f"data.resolution={RESOLUTION}",
-        f"data.synthetic.num_images={BATCH}",
         f"data.path={ws.root / 'synthetic'}",
         f"data.cache_dir={ws.cache}",
         f"train.global_batch_size={BATCH}",
@@ -90,7 +91,7 @@ def overrides(ws: Workspace, run_dir: Path, *extra: str) -> list[str]:
 
 
 def make_config(ws: Workspace, run_dir: Path, *extra: str) -> config_lib.Config:
-    return config_lib.load([config_lib.DEMO_CONFIG], overrides(ws, run_dir, *extra))
+    return config_lib.load([DEMO_CONFIG], overrides(ws, run_dir, *extra))
 
 
 def host(tree: Any) -> Any:
@@ -136,24 +137,23 @@ def compile_train_step(cfg: config_lib.Config, sgd: bool = False) -> CompiledSte
     the configured optimizer, so that an update is exactly minus the gradient."""
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.merged_rules(cfg.mesh.rules)
-    base = pipeline.pipeline_folder(cfg)
-    cache = pipeline.open_cache(cfg, base)
-    scheduler_config = pipeline.scheduler_config(base)
+    base = models.resolve_pipeline(cfg.model.pretrained)
+    cache = prepare.open_cache(cfg, base)
+    scheduler_config = sdxl.scheduler_config(base)
     graphdef, params = train.build_unet(cfg, mesh, base, rules)
     if sgd:
         tx, lr = optax.sgd(1.0), optax.constant_schedule(1.0)
     else:
         tx, lr = train.build_optimizer(cfg)
     state, state_shardings = train.build_state(cfg, params, tx, mesh, rules)
-    step_fn = functools.partial(
-        train.train_step,
-        graphdef=graphdef,
-        tx=tx,
-        lr_schedule=lr,
-        schedule=diffusion.NoiseSchedule.from_scheduler_config(scheduler_config),
-        timestep_weights=None,
-        empty={k: jnp.asarray(v) for k, v in cache.empty_prompt().items()},
-        cfg=train.step_config(cfg, cfg.model.prediction_type or scheduler_config["prediction_type"]),
+    step_fn = train.make_step_fn(
+        cfg,
+        graphdef,
+        tx,
+        lr,
+        diffusion.NoiseSchedule.from_scheduler_config(scheduler_config),
+        train.unconditional_inputs(cache, base),
+        cfg.model.prediction_type or scheduler_config["prediction_type"],
     )
     rows = cfg.train.global_batch_size * cfg.train.grad_accum_steps
     batch = {k: np.stack([cache[i % len(cache)][k] for i in range(rows)]) for k in cache[0]}
@@ -169,11 +169,12 @@ def adamw_step(workspace) -> CompiledStep:
 
 
 def test_where_the_unet_starts(workspace, tmp_path):
-    # A pretrained folder's UNet, unless model.unet_config asks for a new one; the pipeline built
-    # offline (pretrained: null) already holds random weights of model.unet_config's architecture.
-    assert train.starts_from_folder_unet(make_config(workspace, tmp_path))
-    assert not train.starts_from_folder_unet(make_config(workspace, tmp_path, "model.unet_config=tiny"))
-    assert train.starts_from_folder_unet(config_lib.load([config_lib.DEMO_CONFIG], []))
+    # The pretrained folder's UNet, unless model.unet_config asks for a new one.
+    folder_unet = models.read_config(workspace.base / "unet")
+    assert train.unet_architecture(make_config(workspace, tmp_path), workspace.base) == folder_unet
+    assert train.unet_architecture(make_config(workspace, tmp_path, "model.unet_config=sdxl"), workspace.base) == sdxl.UNET_CONFIG
+    inline = train.unet_architecture(make_config(workspace, tmp_path, "model.unet_config={block_out_channels: [32, 64]}"), workspace.base)
+    assert inline == {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64]}
 
     # Loaded weights are the folder's, already in their FSDP shardings.
     cfg = make_config(workspace, tmp_path)
@@ -459,7 +460,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(workspace, ful
     log_path, out_path = workspace.root / "preempted.log", workspace.root / "preempted.out"
     with open(log_path, "w") as log, open(out_path, "w") as out:
         child = subprocess.Popen(
-            [sys.executable, "-m", "flax_train.cli", "train", *overrides(workspace, run_dir, *extra)],
+            [sys.executable, "-m", "flax_train.cli", "train", "--config", str(DEMO_CONFIG), *overrides(workspace, run_dir, *extra)],
             cwd=REPO,
             env=env,
             stdout=out,

@@ -14,7 +14,7 @@ from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
 from flax import nnx
 
 import flax_train.models as models
-from flax_train import weights
+from flax_train.models import weights
 from flax_train.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from flax_train.models.vae import AutoencoderKL, sample_posterior
 

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from safetensors.numpy import load_file, save_file
 
 import flax_train.models as models
-from flax_train.weights import WeightsError
+from flax_train.models.weights import WeightsError
 
 END = 99
 IDS = np.array([[98, 5, 17, 3, END] + [END] * 11, [98] + list(range(10, 22)) + [END, END, END]], np.int32)

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from flax_train.tiny import save_tiny_pipeline
+from flax_train.demo.tiny import save_tiny_pipeline
 from xla_infer.cli import main
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_train.tiny import save_tiny_pipeline
+from flax_train.demo.tiny import save_tiny_pipeline
 from test_xla_pipeline import diffusers_images
 from xla_infer import SCHEDULER_NAMES, Pipeline, RecompilationError
 

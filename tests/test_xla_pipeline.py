@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from flax_train.tiny import save_tiny_pipeline
+from flax_train.demo.tiny import save_tiny_pipeline
 from xla_infer import SCHEDULER_NAMES, InputError, Pipeline
 from xla_infer.schedulers import diffusers_scheduler
 

@@ -7,7 +7,7 @@ tests/test_xla_pipeline.py.
 import pytest
 import torch
 
-from flax_train.tiny import SDXL_SCHEDULER_CONFIG, SDXL_SCHEDULER_EXTRA_KEYS
+from flax_train import sdxl
 from xla_infer.schedulers import (
     SCHEDULER_NAMES,
     UnsupportedScheduler,
@@ -17,7 +17,7 @@ from xla_infer.schedulers import (
     make_sampler,
 )
 
-SDXL_CONFIG = {**SDXL_SCHEDULER_CONFIG, **SDXL_SCHEDULER_EXTRA_KEYS}
+SDXL_CONFIG = {**sdxl.SCHEDULER_CONFIG, **sdxl.SCHEDULER_EXTRA_KEYS}
 SHAPE = (4, 8, 8)
 SEEDS = [3, 11]
 

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from flax_train import sdxl  # SDXL's constants; imports neither JAX nor the trainer
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_noise, make_sampler
 
 logger = logging.getLogger("xla_infer")
@@ -156,7 +157,7 @@ class Pipeline:
         self.device_kind = device
         self.model_name = model_name
         self.dtype = parse_dtype(dtype)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = sdxl.vae_scale_factor(vae.config)
         self.vae_dtype = parse_dtype(vae_dtype) if vae_dtype is not None else _vae_dtype_for(self.dtype, vae.config)
         self.height = int(height or unet.config.sample_size * self.vae_scale_factor)
         self.width = int(width or unet.config.sample_size * self.vae_scale_factor)
@@ -270,7 +271,7 @@ class Pipeline:
         index = _read_model_index(source, local)
         scheduler_config = _read_scheduler_config(source)
         vae_config = load("vae", AutoencoderKL.load_config)
-        factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        factor = sdxl.vae_scale_factor(vae_config)
         for name, value in (("height", height), ("width", width)):  # fail before loading any weights
             if value is not None and (value <= 0 or value % factor):
                 raise InputError(f"{name} {value} is not a positive multiple of the VAE factor {factor}")

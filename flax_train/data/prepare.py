@@ -26,12 +26,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from etils import epath
+from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from flax_train.data import cache as cache_lib
 from flax_train.data.cache import (
     EMPTY_PROMPT,
+    CacheMissingError,
     MANIFEST,
     PLAN,
     SKIPPED,
@@ -42,15 +45,24 @@ from flax_train.data.cache import (
     model_fingerprint,
     read_json,
     settings_differences,
+    LatentCache,
     shard_path,
     write_json,
     write_manifest,
 )
-from flax_train.data.preprocess import PreparedSample, PreprocessSpec, SkippedSample, prepare_sample
-from flax_train.data.sources import Source, SourceSpec, open_source
-from flax_train.sampling import encode_prompts
+from flax_train.data.images import (
+    PreparedSample,
+    PreprocessSpec,
+    SkippedSample,
+    Source,
+    SourceSpec,
+    open_source,
+    prepare_sample,
+)
+from flax_train import config as config_lib, models, sharding, sdxl
+from flax_train.models.clip import encode_prompts
+from flax_train.models.vae import sample_posterior
 
-TOKEN_LENGTH = 77
 log = logging.getLogger(__name__)
 
 
@@ -80,8 +92,6 @@ def cache_settings(
 def encode_image(vae: Any, pixels: jax.Array, indices: jax.Array, latent_source: str, seed: int) -> jax.Array:
     """uint8 NHWC pixels -> scaled latents (B, 4, H/f, W/f): the posterior mean, or a draw from the
     posterior whose noise depends only on (seed, sample index)."""
-    from flax_train.models.vae import sample_posterior
-
     x = jnp.transpose(pixels.astype(jnp.float32) / 127.5 - 1.0, (0, 3, 1, 2))
     mean, logvar = vae.encode(x)
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
@@ -107,11 +117,6 @@ class Encoder:
         latent_source: str = "mean",
         seed: int = 0,
     ):
-        from flax import nnx
-        from transformers import CLIPTokenizer
-
-        from flax_train import models
-
         devices = list(jax.devices() if devices is None else devices)
         if batch_size % len(devices):
             raise ValueError(f"prepare batch size {batch_size} must be a multiple of the {len(devices)} devices")
@@ -119,9 +124,7 @@ class Encoder:
         self.mesh = Mesh(np.asarray(devices), ("data",))
         self.batch_size = batch_size
         self.local_batch_size = batch_size // num_processes
-        self.tokenizers = [
-            CLIPTokenizer.from_pretrained(str(model_path), subfolder=name) for name in ("tokenizer", "tokenizer_2")
-        ]
+        self.tokenizers = sdxl.load_tokenizers(model_path)
         vae = models.load(vae_path) if vae_path is not None else models.load(model_path, subfolder="vae")
         modules = (vae, models.load(model_path, subfolder="text_encoder"), models.load(model_path, subfolder="text_encoder_2"))
         graphdefs, states = zip(*(nnx.split(m) for m in modules))
@@ -142,18 +145,9 @@ class Encoder:
 
         self._encode = jax.jit(encode, in_shardings=(replicated,) + (self._batch,) * 4, out_shardings=self._batch)
 
-    def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(
-            np.asarray(
-                tok(list(captions), padding="max_length", max_length=TOKEN_LENGTH, truncation=True, return_tensors="np").input_ids,
-                dtype=np.int32,
-            )
-            for tok in self.tokenizers
-        )
-
     def dispatch(self, pixels: np.ndarray, captions: Sequence[str], indices: np.ndarray) -> dict[str, jax.Array]:
         """Starts encoding this process's share of a batch; returns without waiting for the result."""
-        ids1, ids2 = self.tokenize(captions)
+        ids1, ids2 = sdxl.tokenize(self.tokenizers, captions)
         local = (pixels, ids1, ids2, indices.astype(np.int32))
         arrays = [jax.make_array_from_process_local_data(self._batch, x) for x in local]
         return self._encode(self._states, *arrays)
@@ -308,11 +302,6 @@ def _check_previous_run(cache_dir: epath.Path, plan: dict[str, Any]) -> bool:
     return False
 
 
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 def prepare_cache(
     cache_dir: str | os.PathLike,
     model_path: str | os.PathLike,
@@ -428,7 +417,7 @@ def prepare_cache(
     if assembler.unfinished:
         raise RuntimeError(f"prepare: shards {assembler.unfinished} did not receive all their items (a bug)")
 
-    _sync("flax_train prepare: shards written")
+    sharding.sync("flax_train prepare: shards written")
     failure = None
     if process == 0:
         try:
@@ -436,7 +425,7 @@ def prepare_cache(
             (cache_dir / PLAN).unlink(missing_ok=True)
         except Exception as e:  # noqa: BLE001 - raised below, after the other processes are released
             failure = e
-    _sync("flax_train prepare: manifest written")
+    sharding.sync("flax_train prepare: manifest written")
     if failure is not None:
         raise failure
     if not (cache_dir / MANIFEST).exists():
@@ -456,3 +445,53 @@ def prepare_cache(
     if progress and process == 0:
         print(report.summary(), flush=True)
     return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The data section of a run's config.
+
+
+def specs_from_config(cfg: config_lib.Config) -> tuple[SourceSpec, PreprocessSpec]:
+    """``data.*`` as the cache's source and preprocessing specs."""
+    d = cfg.data
+    source = SourceSpec(
+        kind=d.source,
+        path=d.path,
+        caption_column=d.caption_column,
+        image_column=d.image_column,
+        split=d.split,
+        dataset_config=d.dataset_config,
+    )
+    preprocess = PreprocessSpec(
+        resolution=d.resolution,
+        center_crop=d.crop == "center",
+        random_flip=d.random_flip,
+        max_pixels=d.max_pixels,
+        # Only random crops and flips use the seed; keep it out of a deterministic cache's settings.
+        seed=cfg.train.seed if (d.crop != "center" or d.random_flip) else 0,
+    )
+    return source, preprocess
+
+
+def cache_dir(cfg: config_lib.Config) -> str:
+    return cfg.data.cache_dir or str(epath.Path(cfg.run_dir) / "cache")
+
+
+def open_cache(cfg: config_lib.Config, base: str | os.PathLike, *, prepare_if_missing: bool = True) -> LatentCache:
+    """The run's latent cache, prepared first if it does not exist; refused if it does not match."""
+    source, preprocess = specs_from_config(cfg)
+    options = dict(vae_path=cfg.model.vae, latent_source=cfg.data.latent_mode)
+    settings = cache_settings(source, preprocess, base, **options)
+    try:
+        return LatentCache(cache_dir(cfg), expected=settings)
+    except CacheMissingError:
+        if not prepare_if_missing:
+            raise
+    prepare_cache(cache_dir(cfg), base, source, preprocess, **options)
+    return LatentCache(cache_dir(cfg), expected=settings)
+
+
+def make_loader(cfg: config_lib.Config, cache: LatentCache):
+    """Batches of ``global_batch_size x grad_accum_steps`` rows (this process's share), checkpointable."""
+    rows = cfg.train.global_batch_size * cfg.train.grad_accum_steps
+    return cache_lib.make_loader(cache, global_batch_size=rows, seed=cfg.train.seed)

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
 
-from flax_train import weights
-from flax_train.weights import WeightsError
+from flax_train.models import weights
+from flax_train.models.weights import WeightsError
 
 # config class name -> "module:Class" (imported lazily, so one missing model does not break the rest)
 REGISTRY: dict[str, str] = {
@@ -96,6 +96,14 @@ def resolve_folder(path: str | Path, subfolder: str | None = None) -> Path:
         root = Path(snapshot_download(str(path), allow_patterns=patterns))
         return root / subfolder if subfolder else root
     raise WeightsError(f"{local}: no such folder")
+
+
+def resolve_pipeline(path: str | Path) -> Path:
+    """A whole diffusers pipeline folder (``model_index.json`` and one folder per component)."""
+    root = resolve_folder(path)
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"{root} is not a diffusers pipeline folder (no model_index.json)")
+    return root
 
 
 def create(

@@ -272,3 +272,18 @@ class CLIPTextModelWithProjection(_CLIPTextEncoder):
             last_hidden_state=out.last_hidden_state,
             hidden_states=out.hidden_states,
         )
+
+
+def encode_prompts(
+    text_encoder: Any, text_encoder_2: Any, ids1: jax.Array, ids2: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """SDXL's text conditioning: token ids (B, 77) of both tokenizers -> (prompt_embeds (B, 77, D1 + D2),
+    pooled (B, P)).
+
+    SDXL conditions on the penultimate hidden states of both encoders (before the final layer norm),
+    concatenated along channels, and on the projected pooled output of encoder 2.
+    """
+    out1 = text_encoder(ids1)
+    out2 = text_encoder_2(ids2)
+    prompt_embeds = jnp.concatenate([out1.hidden_states[-2], out2.hidden_states[-2]], axis=-1)
+    return prompt_embeds, out2.text_embeds

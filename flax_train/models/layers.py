@@ -18,7 +18,7 @@ generic:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping, get_args
 
 import jax
 import jax.numpy as jnp
@@ -264,7 +264,8 @@ PARAM_LAYERS: tuple[type[nnx.Module], ...] = (Linear, Conv, GroupNorm, LayerNorm
 # --------------------------------------------------------------------------------------------
 # Attention
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+Attention = Literal["xla", "cudnn", "auto"]
+ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = get_args(Attention)
 
 
 def resolve_attention(implementation: str) -> str:
@@ -309,12 +310,15 @@ def dot_product_attention(
 # --------------------------------------------------------------------------------------------
 # Rematerialisation
 
-REMAT_POLICIES: dict[str, Callable | None] = {
+Remat = Literal["none", "full", "dots", "dots_no_batch"]
+REMAT_POLICIES: dict[Remat, Callable | None] = {
     "none": None,  # keep every activation: fastest, most memory
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
     "dots": jax.checkpoint_policies.dots_saveable,  # keep matmul/conv outputs, recompute the cheap ops
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# The config offers the Literal's names; each must have a policy here.
+assert tuple(REMAT_POLICIES) == get_args(Remat)
 
 
 def call_block(block: nnx.Module, *args, remat: str = "none"):

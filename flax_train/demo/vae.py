@@ -6,7 +6,7 @@ writes it back in place, with `scaling_factor` chosen as SDXL's was: 1 / std of 
 the latents the UNet learns from have about unit variance.
 
     report = train_vae("runs/demo/base/vae", images)      # uint8 NHWC
-    python -m flax_train.vae_train                          # measures the demo-sized run
+    python -m flax_train.demo.vae                           # measures the demo-sized run
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flax_train import models
+from flax_train import config as config_lib, models, sdxl
+from flax_train.data import prepare
+from flax_train.data.images import open_source, prepare_sample
+from flax_train.demo import CONFIG, synthetic, tiny
 from flax_train.models.vae import AutoencoderKL
 
 # Tuned on the demo (512 synthetic shapes at 32x32, the demo pipeline's 3-level VAE): about two
 # minutes on an idle 2-core CPU, after which 98% of the shapes, seen or not, read back with both
-# colours right (`python -m flax_train.vae_train`; 400 steps: 83%).
+# colours right (`python -m flax_train.demo.vae`; 400 steps: 83%).
 DEFAULT_STEPS = 600
 DEFAULT_BATCH_SIZE = 8
 DEFAULT_LEARNING_RATE = 1e-3
@@ -59,8 +62,7 @@ def _check_images(images: np.ndarray, in_channels: int, factor: int) -> np.ndarr
 
 
 def downsampling_factor(vae: AutoencoderKL) -> int:
-    """Image size / latent size: one halving per level but the last."""
-    return 2 ** (len(vae.config["block_out_channels"]) - 1)
+    return sdxl.vae_scale_factor(vae.config)
 
 
 def _to_model_input(images: np.ndarray) -> jax.Array:
@@ -72,6 +74,13 @@ def _to_uint8(x: jax.Array) -> np.ndarray:
     """float NCHW in [-1, 1] -> uint8 NHWC."""
     pixels = np.asarray(jnp.clip((x.astype(jnp.float32) + 1.0) * 127.5, 0.0, 255.0).round())
     return pixels.astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def training_images(cfg: config_lib.Config) -> np.ndarray:
+    """A run's images exactly as its latent cache encodes them (same source and crop), uint8 NHWC."""
+    source_spec, preprocess = prepare.specs_from_config(cfg)
+    source = open_source(source_spec)
+    return np.stack([prepare_sample(source[i], i, preprocess).pixels for i in range(len(source))])
 
 
 def _box_downsample(x: jax.Array, factor: int) -> jax.Array:
@@ -274,8 +283,6 @@ def train_vae(
 
 def _unseen_synthetic_images(image_size: int, seed: int) -> tuple[np.ndarray, list]:
     """One new image of every colour/shape combination, held-out ones included, centre-cropped."""
-    from flax_train.data import synthetic
-
     combinations = synthetic.all_combinations()
     images = []
     for i, combination in enumerate(combinations):
@@ -286,39 +293,31 @@ def _unseen_synthetic_images(image_size: int, seed: int) -> tuple[np.ndarray, li
 
 
 def classify_agreement(originals: np.ndarray, reconstructions: np.ndarray) -> float:
-    """Share of images whose (shape colour, background colour) reads the same after the round trip."""
-    from flax_train.data import synthetic
-
+    """Share of images whose shape and colours read the same after the round trip."""
     same = [synthetic.classify(a) == synthetic.classify(b) for a, b in zip(originals, reconstructions)]
     return float(np.mean(same))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Trains the demo's VAE as the demo does and reports how well it reconstructs the shapes."""
-    from flax_train import config as config_lib, pipeline
+    import tempfile
 
-    demo = config_lib.load([config_lib.DEMO_CONFIG], [])
-    parser = argparse.ArgumentParser(prog="python -m flax_train.vae_train", description=main.__doc__)
-    parser.add_argument("--image-size", type=int, default=demo.data.resolution)
-    parser.add_argument("--num-images", type=int, default=demo.data.synthetic.num_images, help="size of the synthetic training set")
+    import torch
+    from diffusers import AutoencoderKL as TorchAutoencoderKL
+
+    demo_resolution = config_lib.load([CONFIG]).data.resolution
+    parser = argparse.ArgumentParser(prog="python -m flax_train.demo.vae", description=main.__doc__)
+    parser.add_argument("--image-size", type=int, default=demo_resolution)
+    parser.add_argument("--num-images", type=int, default=synthetic.NUM_IMAGES, help="size of the synthetic training set")
     parser.add_argument("--seed", type=int, default=0, help="as the demo's train.seed: VAE weights and training order")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--learning-rate", type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument("--kl-weight", type=float, default=DEFAULT_KL_WEIGHT)
     parser.add_argument("--train-size", type=int, default=DEFAULT_TRAIN_SIZE)
-    parser.add_argument("--vae-channels", type=int, nargs="+", default=pipeline.DEMO_PIPELINE["vae_channels"])
+    parser.add_argument("--vae-channels", type=int, nargs="+", default=tiny.DEMO_SIZES["vae_channels"])
     parser.add_argument("--out", type=Path, default=None, help="keep the trained VAE folder here")
     args = parser.parse_args(argv)
-
-    import tempfile
-
-    import torch
-    from diffusers import AutoencoderKL as TorchAutoencoderKL
-
-    from flax_train import tiny
-    from flax_train.data.preprocess import PreprocessSpec, prepare_sample
-    from flax_train.data.sources import SourceSpec, open_source
 
     config = tiny.tiny_component_configs(vocab_size=1, image_size=args.image_size, vae_channels=tuple(args.vae_channels))["vae"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -326,11 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed + 1)  # the seed save_tiny_pipeline(seed=...) gives the VAE
         TorchAutoencoderKL(**config).save_pretrained(folder, safe_serialization=True)
         # The demo's training images, through the same source and preprocessing as the latent cache.
-        source = open_source(
-            SourceSpec("synthetic", str(Path(tmp) / "data"), num_images=args.num_images, image_size=args.image_size)
-        )
-        spec = PreprocessSpec(resolution=args.image_size, center_crop=True)
-        images = np.stack([prepare_sample(source[i], i, spec).pixels for i in range(len(source))])
+        data = synthetic.write_synthetic_dataset(Path(tmp) / "data", args.num_images, image_size=args.image_size, seed=args.seed)
+        images = training_images(config_lib.load([CONFIG], [f"data.path={data}", f"data.resolution={args.image_size}"]))
 
         cpu = time.process_time()
         report = train_vae(

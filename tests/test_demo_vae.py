@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from flax_train import models, vae_train
-from flax_train.data import synthetic
-from flax_train.tiny import tiny_component_configs
+from flax_train import models
+from flax_train.demo import vae as vae_train
+from flax_train.demo import synthetic
+from flax_train.demo.tiny import tiny_component_configs
 
 SIZE = 16
 

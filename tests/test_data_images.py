@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flax_train.data.preprocess import (
+from flax_train.data.images import (
     PreprocessSpec,
     SkippedSample,
     decode_image,
@@ -14,7 +14,7 @@ from flax_train.data.preprocess import (
     prepare_sample,
     resize_and_crop,
 )
-from flax_train.data.sources import CaptionTxtSource, HFSource, ImageFolderSource, RawSample
+from flax_train.data.images import CaptionTxtSource, HFSource, ImageFolderSource, RawSample
 
 
 def ramp_image(width: int, height: int) -> Image.Image:
@@ -227,7 +227,7 @@ def test_hf_source_reads_encoded_images_and_list_captions():
 def test_hf_source_spec_loads_a_local_dataset_folder(tmp_path):
     import datasets
 
-    from flax_train.data.sources import SourceSpec, open_source
+    from flax_train.data.images import SourceSpec, open_source
 
     features = datasets.Features({"picture": datasets.Image(), "prompt": datasets.Value("string")})
     rows = {"picture": [{"bytes": png_bytes(64, 70), "path": None}] * 3, "prompt": ["a", "b", "c"]}

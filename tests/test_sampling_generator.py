@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from flax_train.generate import Generator, read_prompt_file
-from flax_train.tiny import save_tiny_pipeline
+from flax_train.sampling import Generator, read_prompt_file
+from flax_train.demo.tiny import save_tiny_pipeline
 
 RESOLUTION = 32
 STEPS = 3

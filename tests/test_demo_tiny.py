@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from flax_train.tiny import (
+from flax_train.demo.tiny import (
     DEFAULT_WORDS,
     build_tokenizer,
     save_tiny_pipeline,
@@ -30,6 +30,11 @@ def test_tokenizer_makes_given_words_single_tokens(tmp_path):
         assert len(ids) == 3, (word, tok.convert_ids_to_tokens(ids))
     # Special tokens take the two highest ids, as in CLIP (legacy pooling depends on it).
     assert tok.eos_token_id == len(tok) - 1 and tok.bos_token_id == len(tok) - 2
+    # CLIP's layout: 256 byte characters ("!" first), the same with "</w>", then one per merge in order.
+    vocab = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    merges = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    assert vocab["!"] == 0 and vocab["!</w>"] == 256 and vocab["Ā"] == 188  # byte 0 after the 188 printable
+    assert [vocab[merge.replace(" ", "")] for merge in merges] == list(range(512, 512 + len(merges)))
 
 
 def test_default_tokenizer_is_deterministic_and_round_trips_any_text(tmp_path):

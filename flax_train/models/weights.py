@@ -24,6 +24,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from flax_train.models import layers
+
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -38,9 +40,6 @@ def _path_to_key(path: tuple) -> str:
 
 def param_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
     """Yields (torch module prefix, layer) for every parameter-owning layer of ``model``."""
-    # Imported here: the models package imports this module to load weights.
-    from flax_train.models import layers
-
     renames = [(re.compile(p), r) for p, r in getattr(model, "TORCH_KEY_RENAMES", ())]
     for path, node in nnx.iter_graph(model):
         if isinstance(node, layers.PARAM_LAYERS):
