@@ -88,7 +88,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = train.export_from_checkpoint(_config(args), out=args.out, use_ema=not args.raw)
+    cfg = _config(args)
+    if args.raw:
+        cfg = config_lib.apply_overrides(cfg, ["export.use_ema=false"])
+    out = train.export_from_checkpoint(cfg, out=args.out)
     print(f"diffusers pipeline: {out}")
     return 0
 
@@ -126,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a diffusers folder from the newest checkpoint of a run")
     config_args(p)
     p.add_argument("--out", default=None, help="target folder (default: export.dir or <run_dir>/export)")
-    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")
+    p.add_argument("--raw", action="store_true", help="export the raw weights, not the EMA (as export.use_ema=false)")
     p.set_defaults(func=cmd_export)
     return parser
 

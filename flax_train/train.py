@@ -505,9 +505,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
 
     export_dir = None
     if cfg.export.at_end and not preempted and step >= cfg.train.max_steps:
-        use_ema = cfg.export.use_ema if cfg.export.use_ema is not None else cfg.train.ema.enabled
-        params = state.ema if (use_ema and state.ema is not None) else state.params
-        export_dir = export.export_run(cfg, graphdef, params)
+        export_dir = export.export_run(cfg, graphdef, export_params(cfg, state))
     return TrainResult(run_dir, step, losses, export_dir, preempted)
 
 
@@ -529,10 +527,15 @@ def restore_checkpoint(cfg: config_lib.Config, *, step: int | None = None) -> tu
     return graphdef, state
 
 
-def export_from_checkpoint(cfg: config_lib.Config, *, out: str | Path | None = None, use_ema: bool = True) -> Path:
-    """Writes a diffusers folder from the newest checkpoint of ``cfg.run_dir``."""
+def export_params(cfg: config_lib.Config, state: TrainState) -> nnx.State:
+    """The weights an export writes: the EMA when ``export.use_ema`` says so (null: when EMA is on)."""
+    use_ema = cfg.export.use_ema if cfg.export.use_ema is not None else cfg.train.ema.enabled
+    return state.ema if (use_ema and state.ema is not None) else state.params
+
+
+def export_from_checkpoint(cfg: config_lib.Config, *, out: str | Path | None = None) -> Path:
+    """Writes a diffusers folder from the newest checkpoint of ``cfg.run_dir``, as ``export.*`` says."""
     graphdef, state = restore_checkpoint(cfg)
-    params = state.ema if (use_ema and state.ema is not None) else state.params
     if out is not None:
         cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dir=str(out)))
-    return export.export_run(cfg, graphdef, params)
+    return export.export_run(cfg, graphdef, export_params(cfg, state))

@@ -408,10 +408,18 @@ def test_export_loads_in_diffusers_and_matches_the_trained_unet(workspace, full_
     ).images
     assert images.shape == (1, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
 
-    # `flax-train export` writes the same UNet from the last checkpoint.
+    # `flax-train export` writes the same UNet from the last checkpoint; with export.use_ema false
+    # (`--raw`), the raw weights instead of the EMA.
     again = train.export_from_checkpoint(cfg, out=workspace.root / "export-again")
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert (again / weights).read_bytes() == (result.export_dir / weights).read_bytes()
+    raw_cfg = config_lib.apply_overrides(cfg, ["export.use_ema=false"])
+    raw = train.export_from_checkpoint(raw_cfg, out=workspace.root / "export-raw")
+    _, state = train.restore_checkpoint(cfg)
+    raw_unet = models.load(raw, subfolder="unet")
+    for ours, restored in zip(jax.tree.leaves(host(nnx.state(raw_unet, nnx.Param))), jax.tree.leaves(host(state.params))):
+        np.testing.assert_array_equal(ours, restored)
+    assert (raw / weights).read_bytes() != (again / weights).read_bytes()
 
 
 def poisoned_cache(source: Path, target: Path) -> Path:
