@@ -16,7 +16,8 @@ a shard file that exists is complete.
 
 Reading is random access: a sample is a handful of small reads at offsets computed from the
 shard's header, with no file kept open, so threads can read concurrently. Remote shards are copied
-to a local folder the first time one of their samples is read.
+to a local folder the first time one of their samples is read. `make_loader` turns the cache into
+the training batches (grain, each process its own share, checkpointable position).
 """
 from __future__ import annotations
 
@@ -431,9 +432,7 @@ class LatentCache:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training batches
-#
-# Training batches from the latent cache, with grain.
+# Training batches, with grain.
 #
 # Process p of P reads only its contiguous share of the cache (samples [p * n, (p + 1) * n), n =
 # len // P, so every process has as many batches as the others), reshuffled every epoch from the
