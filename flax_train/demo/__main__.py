@@ -70,10 +70,12 @@ def evaluate(cfg: config_lib.Config, export_dir: Path, out_dir: Path, *, per_spl
     """Scores images generated from the export by xla_infer, as a user would generate them."""
     from xla_infer import Pipeline  # torch_xla starts here, after JAX has its devices
 
+    held_out = synthetic.held_out_combinations()
     prompts = {
         "seen": seen_combinations(cfg, per_split),
         "validation": synthetic.validation_combinations()[:per_split],
-        "held_out": synthetic.held_out_combinations()[:: max(1, len(synthetic.held_out_combinations()) // per_split)][:per_split],
+        # Evenly spread over the held-out pairs and backgrounds, not the first pairs only.
+        "held_out": held_out[:: max(1, len(held_out) // per_split)][:per_split],
     }
     batch = max(len(p) for p in prompts.values())
     # fp32: CPUs have no fast bf16, and the demo trains in fp32.
