@@ -11,26 +11,29 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from flax_train import storage
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, *, keep: int = 3, every_steps: int = 1000, use_async: bool = True):
+    def __init__(self, directory: storage.PathLike, *, keep: int = 3, every_steps: int = 1000, use_async: bool = True):
         self.every_steps = every_steps
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=use_async,
             create=True,
         )
-        directory = str(directory)
-        if "://" not in directory:
-            directory = str(Path(directory).absolute())
+        # A URL (gs://...) stays one; a local path becomes absolute, as orbax wants.
+        directory = storage.path(directory)
+        if not storage.is_remote(directory):
+            directory = directory.absolute()
         self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -69,10 +72,6 @@ class Checkpointer:
         )
         return restored.state, dict(restored.data or {})
 
-    def preempted(self, step: int) -> bool:
-        """On multi-host TPU runs, JAX's preemption service makes every process agree on the step."""
-        return jax.process_count() > 1 and self.manager.reached_preemption(step)
-
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
@@ -91,11 +90,15 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 class PreemptionGuard:
-    """Turns SIGTERM (TPU preemption, `kill`) into a flag the training loop checks between steps.
+    """Tells the training loop when to save a checkpoint and stop because of SIGTERM (a TPU
+    preemption notice, or ``kill``): ``guard.stop(step)``, asked after every step.
 
-    The loop then saves a checkpoint and exits 0, so a restarted job resumes where it stopped.
-    This flag is per process; multi-host runs also ask ``Checkpointer.preempted``, which makes
-    every process agree on the step to stop at.
+    One process: a SIGTERM handler sets a flag. Several processes (a pod slice): SIGTERM may reach
+    one host only, and every host must stop at the same step or the others would wait forever in
+    the next step's collectives. JAX's preemption sync manager (started by
+    ``jax.distributed.initialize``) catches SIGTERM itself and, through the coordination service,
+    picks one step that all processes reach; ``stop`` turns true there on every process. A Python
+    handler would replace that manager's own, so none is installed then.
     """
 
     def __init__(self) -> None:
@@ -103,7 +106,7 @@ class PreemptionGuard:
         self._previous = None
 
     def __enter__(self) -> "PreemptionGuard":
-        if threading.current_thread() is threading.main_thread():
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -115,6 +118,11 @@ class PreemptionGuard:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
-    @property
-    def stop(self) -> bool:
-        return self.requested.is_set()
+    def stop(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.requested.is_set()
+        # Every process must ask at every step (the protocol counts steps).
+        if multihost_utils.reached_preemption_sync_point(step):
+            log.warning("preemption notice: all processes save a checkpoint at step %d and stop", step)
+            return True
+        return False

@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 
 import jax
+from etils import epath
 from PIL.PngImagePlugin import PngInfo
 
-from flax_train import config as config_lib, models, sharding, train
+from flax_train import config as config_lib, models, sharding, storage, train
 from flax_train.config import ConfigError
 from flax_train.data import prepare
 from flax_train.models import WeightsError
-from flax_train.sampling import Generator, read_prompt_file
+from flax_train.sampling import Generator, png_bytes, read_prompt_file
 
 EXIT_USAGE = 2
 
@@ -50,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     config_lib.validate(cfg, jax.device_count())
-    base = models.resolve_pipeline(cfg.model.pretrained)
+    base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
     start = time.perf_counter()
     cache = prepare.open_cache(cfg, base)
     seconds = time.perf_counter() - start
@@ -68,8 +69,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution
     )
     images = generator(prompts, negative_prompt=args.negative_prompt, seed=args.seed, guidance_scale=args.guidance)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.path(args.out)
+    # Every process generated the same images (the models are not sharded here); one writes them.
+    if jax.process_index() == 0:
+        write_samples(out, prompts, images, args)
+    sharding.sync("sample")
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+def write_samples(out: epath.Path, prompts: list[str], images: list, args: argparse.Namespace) -> None:
+    """One PNG per image, each written whole, with the settings that made it as PNG text chunks."""
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         info = PngInfo()
         for key, value in {
@@ -82,9 +92,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             "model": str(args.model),
         }.items():
             info.add_text(key, value)
-        image.save(out / f"{i:04d}.png", pnginfo=info)
-    print(f"wrote {len(images)} images to {out}")
-    return 0
+        storage.atomic_write_bytes(out / f"{i:04d}.png", png_bytes(image, info))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -129,7 +129,11 @@ class ModelConfig:
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
     # --pretrained_vae_model_name_or_path: a VAE folder or Hub id used instead of pretrained/vae.
     vae: str | None = None
+    # --revision: the Hub branch, tag or commit of pretrained (model.vae is read at its default branch).
     revision: str | None = None
+    # --variant: the weights of that precision from a Hub repo or URL, e.g. "fp16" for the
+    # *.fp16.safetensors files (null: the full-precision ones). Not applied to model.vae.
+    variant: str | None = None
     # null: fine-tune the pretrained folder's UNet. A UnetName or an inline dict of
     # UNet2DConditionModel config keys: train a new UNet of that shape from random weights, with
     # the folder's VAE and text encoders. Any, because OmegaConf has no union of a string and a

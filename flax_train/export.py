@@ -14,10 +14,10 @@ import shutil
 from pathlib import Path
 
 import jax
-import numpy as np
+from etils import epath
 from flax import nnx
 
-from flax_train import config as config_lib, models, sharding
+from flax_train import config as config_lib, models, sharding, storage
 
 log = logging.getLogger(__name__)
 
@@ -26,49 +26,62 @@ _COPY_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 SDXL_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def _copy_component(source: Path, target: Path) -> None:
+def _copy_component(source: Path, target: Path, variant: str | None = None) -> None:
+    """Configs, tokenizer files and one precision of weights: the ``variant``'s files
+    (``model.fp16.safetensors``) where the folder has them, else the plain ones, written under the
+    plain names so that loading the export needs no ``variant``."""
     target.mkdir(parents=True, exist_ok=True)
-    for f in sorted(source.iterdir()):
-        if f.is_file() and f.suffix in _COPY_SUFFIXES:
+    files = [f for f in sorted(source.iterdir()) if f.is_file() and f.suffix in _COPY_SUFFIXES]
+    weights = {f: f.stem.partition(".")[2] for f in files if f.suffix == ".safetensors"}  # file -> its variant
+    precision = variant if variant in weights.values() else ""
+    for f in files:
+        if f not in weights:
             shutil.copy2(f, target / f.name)
+        elif weights[f] == precision:
+            shutil.copy2(f, target / (f.stem.partition(".")[0] + f.suffix))
 
 
-def export_pipeline(unet: nnx.Module, base: str | Path, out: str | Path, *, vae: str | Path | None = None) -> Path:
-    """Writes ``out`` as a diffusers folder: ``unet`` from the given module, the rest from ``base``.
+def export_pipeline(
+    unet: nnx.Module,
+    base: str | Path,
+    out: storage.PathLike,
+    *,
+    vae: str | Path | None = None,
+    variant: str | None = None,
+) -> epath.Path:
+    """Writes ``out`` (a folder or a URL) as a diffusers folder: ``unet`` from the given module, the
+    rest from ``base``.
 
     ``base`` is the pretrained pipeline folder (or Hub id) the run used; ``vae`` an optional VAE
-    folder that replaced the pipeline's own (for example an fp16-safe SDXL VAE).
+    folder that replaced the pipeline's own (for example an fp16-safe SDXL VAE); ``variant`` the
+    precision of the other components' weights to copy (``model.variant``). The folder is built
+    on local disk and then published whole (``storage.publish_folder``), so an interrupted export
+    never leaves a half-written folder where ``out`` is.
     """
-    out = Path(out)
     index_path = models.resolve_pipeline(base) / "model_index.json"
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = storage.staging_dir(out)
     index = json.loads(index_path.read_text())
     for name in SDXL_COMPONENTS:
         if not index.get(name) or index[name][0] is None:
             continue
         source = models.resolve_folder(vae) if (name == "vae" and vae) else models.resolve_folder(base, name)
-        _copy_component(source, tmp / name)
+        _copy_component(source, tmp / name, variant)
     models.save(unet, tmp / "unet")
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-    # Replace the target in one move, so an interrupted export never leaves a half-written folder.
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return storage.publish_folder(tmp, out, marker="model_index.json")
 
 
-def export_run(cfg: config_lib.Config, graphdef: nnx.GraphDef, params: nnx.State) -> Path:
+def export_run(cfg: config_lib.Config, graphdef: nnx.GraphDef, params: nnx.State) -> epath.Path:
     """Writes a run's diffusers folder to ``export.dir`` (default ``<run_dir>/export``).
 
-    Parameters are gathered from the mesh first; process 0 writes, the others wait for it.
+    Every process calls this: parameters are gathered from the mesh (across processes on a pod)
+    first; process 0 writes, the others wait for it.
     """
-    out = Path(cfg.export.dir or Path(cfg.run_dir) / "export")
-    host_params = jax.tree.map(lambda x: np.asarray(jax.device_get(x)) if hasattr(x, "shape") else x, params)
+    out = storage.path(cfg.export.dir or storage.path(cfg.run_dir) / "export")
+    host_params = sharding.to_host(params)
     if jax.process_index() == 0:
-        export_pipeline(nnx.merge(graphdef, host_params), cfg.model.pretrained, out, vae=cfg.model.vae)
+        base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
+        export_pipeline(nnx.merge(graphdef, host_params), base, out, vae=cfg.model.vae, variant=cfg.model.variant)
         log.info("exported the diffusers pipeline to %s", out)
     sharding.sync("export")
     return out

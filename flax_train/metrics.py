@@ -7,11 +7,16 @@ device arrays after dispatching the next step), so logging never stalls the acce
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+
+from flax_train import storage
 
 # Dense bf16 peak per chip, for MFU. None: no meaningful peak (MFU is reported only when
 # logging.peak_tflops is given).
@@ -87,22 +92,40 @@ def throughput(
 
 
 class MetricsWriter:
-    """JSON lines + TensorBoard, written by process 0 only."""
+    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard event files in the run
+    directory, written by process 0 only.
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = True, jsonl: bool = True):
+    Object stores cannot append, so for a remote run directory (``gs://...``) both are written to a
+    local folder and uploaded whole at most every ``upload_every_s`` seconds and on ``flush()`` /
+    ``close()`` (the trainer flushes at every checkpoint). A resumed run continues the uploaded
+    ``metrics.jsonl``; each run start adds a new TensorBoard event file, as TensorBoard expects.
+    """
+
+    def __init__(
+        self, run_dir: storage.PathLike, *, tensorboard: bool = True, jsonl: bool = True, upload_every_s: float = 60.0
+    ):
         self.enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
         if not self.enabled:
             return
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = storage.path(run_dir)
+        self._remote = storage.is_remote(run_dir)
+        self._upload_every_s = upload_every_s
+        self._uploaded_at = time.monotonic()
+        if self._remote:
+            self.local_dir = Path(tempfile.mkdtemp(prefix="sdxl-tpu-metrics-"))
+            if jsonl and (self.run_dir / "metrics.jsonl").exists():
+                (self.local_dir / "metrics.jsonl").write_bytes((self.run_dir / "metrics.jsonl").read_bytes())
+        else:
+            self.local_dir = Path(str(self.run_dir))
+            self.local_dir.mkdir(parents=True, exist_ok=True)
         if jsonl:
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+            self._jsonl = open(self.local_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.local_dir / "tensorboard"))
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -114,14 +137,34 @@ class MetricsWriter:
         if self._tb:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, step)
+        if self._remote and time.monotonic() - self._uploaded_at > self._upload_every_s:
+            self.flush()
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """``image`` is HWC uint8."""
         if self.enabled and self._tb:
             self._tb.add_image(tag, image, step, dataformats="HWC")
 
+    def flush(self) -> None:
+        """Makes everything logged so far visible in the run directory."""
+        if not self.enabled:
+            return
+        if self._jsonl:
+            self._jsonl.flush()
+        if self._tb:
+            self._tb.flush()
+        if self._remote:
+            storage.upload_tree(self.local_dir, self.run_dir)
+            self._uploaded_at = time.monotonic()
+
     def close(self) -> None:
+        if not self.enabled:
+            return
+        self.flush()
         if self._jsonl:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._remote:
+            storage.upload_tree(self.local_dir, self.run_dir)  # what closing the event file wrote
+            shutil.rmtree(self.local_dir, ignore_errors=True)

@@ -24,6 +24,7 @@ here, in xla_infer and in diffusers.
 from __future__ import annotations
 
 import functools
+import io
 from typing import Any, Callable, Sequence
 
 import jax
@@ -32,8 +33,9 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
-from flax_train import models, schedulers, sdxl
+from flax_train import models, schedulers, sdxl, sharding, storage
 from flax_train.models import clip
 from flax_train.schedulers import SamplerTables
 
@@ -239,7 +241,13 @@ class Generator:
         if latents is None:
             latents = self.initial_latents(embeds["prompt_embeds"].shape[0], seed)
         images = self._sample(graphdef, params, *self._vae, embeds, latents, jnp.float32(guidance_scale))
-        return np.asarray(jax.device_get(images))
+        return sharding.to_host(images)
+
+    def replicate_on(self, mesh: jax.sharding.Mesh) -> None:
+        """Puts the VAE on every device of ``mesh``, to sample with a UNet sharded over it (on a pod
+        that mesh spans processes, and arrays on one local device cannot join its computations)."""
+        graph, state = self._vae
+        self._vae = (graph, jax.device_put(sharding.to_host(state), sharding.replicated(mesh)))
 
     def __call__(
         self,
@@ -275,6 +283,13 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     return grid
 
 
+def png_bytes(image: np.ndarray | Image.Image, info: PngInfo | None = None) -> bytes:
+    """An image as PNG file bytes, for ``storage.atomic_write_bytes``."""
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 class Validator:
     """Generates the configured prompts with the JAX sampler every ``validation.every_steps``.
 
@@ -286,7 +301,7 @@ class Validator:
         v = cfg.validation
         self.cfg = cfg
         self.writer = writer
-        self.out = epath.Path(run_dir) / "samples"
+        self.out = storage.path(run_dir) / "samples"
         self.generator = Generator(
             base,
             vae=cfg.model.vae,
@@ -297,17 +312,23 @@ class Validator:
             load_unet=False,
         )
         self.embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts))
+        self.latents = None
 
     def run(self, step: int, graphdef: nnx.GraphDef, params: nnx.State) -> epath.Path:
+        """Every process calls this (the sampler is sharded like the UNet); process 0 writes."""
         v = self.cfg.validation
+        if self.latents is None:  # first call: everything the sampler reads goes where the UNet is
+            replicated = sharding.replicated(jax.tree.leaves(params)[0].sharding.mesh)
+            self.generator.replicate_on(replicated.mesh)
+            self.embeds = jax.device_put(sharding.to_host(self.embeds), replicated)
+            self.latents = jax.device_put(sharding.to_host(self.generator.initial_latents(len(v.prompts), v.seed)), replicated)
         images = self.generator.generate_from_embeds(
-            graphdef, params, self.embeds, seed=v.seed, guidance_scale=v.guidance_scale
+            graphdef, params, self.embeds, guidance_scale=v.guidance_scale, latents=self.latents
         )
-        grid = image_grid(np.asarray(images))
+        grid = image_grid(images)
         path = self.out / f"step_{step:07d}.png"
         if jax.process_index() == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with path.open("wb") as f:
-                Image.fromarray(grid).save(f, format="PNG")
+            storage.atomic_write_bytes(path, png_bytes(grid))
             self.writer.image(step, "validation", grid)
+        sharding.sync("validation")
         return path

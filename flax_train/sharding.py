@@ -14,6 +14,7 @@ axis. A dimension whose size does not divide by its mesh axis is replicated inst
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from typing import Any, Mapping
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax._src import distributed as jax_distributed  # the coordination service's client: no public handle
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -182,7 +184,29 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
-def sync(name: str) -> None:
-    """All processes wait here for each other (a no-op on one process)."""
+def to_host(tree: Any) -> Any:
+    """Numpy copies of a tree's arrays. Arrays sharded over other processes' devices are gathered
+    first (a collective: on a pod every process must call this, in the same order)."""
+
+    def one(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x)) if hasattr(x, "shape") else x
+
+    return jax.tree.map(one, tree)
+
+
+_barriers = itertools.count()
+
+
+def sync(name: str, timeout_s: float = 3 * 3600) -> None:
+    """All processes wait here for each other, up to ``timeout_s`` (a no-op on one process).
+
+    A barrier of the coordination service that ``jax.distributed`` runs, not a device collective:
+    the wait can be long (process 0 writing an export to Cloud Storage, a peer still compiling),
+    and on CPU a collective gives up after 30 s. Every process passes the same barriers in the same
+    order, so a counter tells them apart.
+    """
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        client = jax_distributed.global_state.client
+        client.wait_at_barrier(f"{name} #{next(_barriers)}", int(timeout_s * 1000))

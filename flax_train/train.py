@@ -21,10 +21,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flax_train import checkpoint, config as config_lib, diffusion, export, metrics, models, optim, sampling, sdxl, sharding
+from flax_train import (
+    checkpoint,
+    config as config_lib,
+    diffusion,
+    export,
+    metrics,
+    models,
+    optim,
+    sampling,
+    sdxl,
+    sharding,
+    storage,
+)
 from flax_train.data import prepare
 
 log = logging.getLogger(__name__)
@@ -295,10 +308,10 @@ def compile_step(
 
 @dataclasses.dataclass
 class TrainResult:
-    run_dir: Path
+    run_dir: epath.Path
     step: int
     losses: list[float]
-    export_dir: Path | None
+    export_dir: epath.Path | None
     stopped_by_preemption: bool
 
 
@@ -378,8 +391,7 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding
 def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResult:
     """Runs (or resumes) the training described by ``cfg``; ``max_steps`` stops early (tests)."""
     config_lib.validate(cfg, jax.device_count())
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = storage.path(cfg.run_dir)
     if jax.process_index() == 0:
         config_lib.save(cfg, run_dir / "config.yaml")
 
@@ -389,7 +401,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     # 2. Pipeline folder, latent cache and loader.
-    base = models.resolve_pipeline(cfg.model.pretrained)
+    base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
     cache = prepare.open_cache(cfg, base)
     scheduler_config = sdxl.scheduler_config(base)
     schedule = diffusion.NoiseSchedule.from_scheduler_config(scheduler_config)
@@ -428,6 +440,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     }
     assert all(v.shape[0] == local_rows for v in first.values()), "loader batch does not match the config"
     compiled, compile_s = compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
+    sharding.sync("step compiled")  # the first step's collectives would not wait long for a slow compile
     flops = metrics.compiled_flops(compiled)
     log.info("step compiled in %.1f s; %s", compile_s, metrics.memory_summary(compiled))
     chip = cfg.logging.chip or metrics.detect_chip()
@@ -484,9 +497,10 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
                     report(*pending)
                     pending = None
                     ckpt.save(step, state, loader.get_state(), force=step == end_step)
+                    writer.flush()
                 if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
                     validator.run(step, graphdef, state.ema if state.ema is not None else state.params)
-                if guard.stop or ckpt.preempted(step):
+                if guard.stop(step):
                     if pending is not None:
                         report(*pending)
                         pending = None
@@ -514,12 +528,12 @@ def restore_checkpoint(cfg: config_lib.Config, *, step: int | None = None) -> tu
     restored onto the config's mesh."""
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.merged_rules(cfg.mesh.rules)
-    base = models.resolve_pipeline(cfg.model.pretrained)
+    base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
     graphdef, abstract_params = nnx.split(models.abstract(unet_architecture(cfg, base), **unet_options(cfg)), nnx.Param)
     tx, _ = build_optimizer(cfg)
     abstract_state = jax.eval_shape(initial_state_fn(cfg, tx), abstract_params)
     shardings = sharding.tree_shardings(abstract_state, mesh, rules)
-    ckpt = checkpoint.Checkpointer(cfg.checkpoint.dir or Path(cfg.run_dir) / "checkpoints", use_async=False)
+    ckpt = checkpoint.Checkpointer(cfg.checkpoint.dir or storage.path(cfg.run_dir) / "checkpoints", use_async=False)
     try:
         state, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract_state, shardings), step)
     finally:
@@ -533,7 +547,7 @@ def export_params(cfg: config_lib.Config, state: TrainState) -> nnx.State:
     return state.ema if (use_ema and state.ema is not None) else state.params
 
 
-def export_from_checkpoint(cfg: config_lib.Config, *, out: str | Path | None = None) -> Path:
+def export_from_checkpoint(cfg: config_lib.Config, *, out: storage.PathLike | None = None) -> epath.Path:
     """Writes a diffusers folder from the newest checkpoint of ``cfg.run_dir``, as ``export.*`` says."""
     graphdef, state = restore_checkpoint(cfg)
     if out is not None:

@@ -20,6 +20,7 @@ PRESETS = sorted((CONFIGS / "presets").glob("*.yaml"))
 PRESET_DEVICES = {
     "tpu_v5e_8": 8,
     "tpu_v5p_8": 4,
+    "tpu_v5p_32": 16,
     "tpu_v6e_8": 8,
     "gpu_h100": 8,
     "cpu_8": 8,

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from etils import epath
 
+from flax_train import storage
 from flax_train.data import cache as cache_lib
 from flax_train.data.cache import CacheMismatchError, CacheMissingError, CacheSettings, LatentCache, verify_cache
-from flax_train.data.cache import make_loader, process_share
+from flax_train.data.cache import make_loader
 from flax_train.data.images import PreprocessSpec, SourceSpec
 
 SETTINGS = CacheSettings(
@@ -38,7 +39,7 @@ def write_cache(path, shard_counts, dtype=np.float32, settings=SETTINGS):
         }
         metadata = {"shard": k, "keys": [f"img{i}.png" for i in index], "captions": [f"caption {i}" for i in index],
                     "skipped": [[f"bad{k}.png", "unreadable image"]]}
-        cache_lib.atomic_write_bytes(cache_lib.shard_path(cache_dir, k), cache_lib.encode_shard(arrays, metadata))
+        storage.atomic_write_bytes(cache_lib.shard_path(cache_dir, k), cache_lib.encode_shard(arrays, metadata))
         n += count
     plan = {"settings": settings.to_json(), "layout": {"shard_size": 10, "num_items": 2 * n, "num_shards": len(shard_counts)}}
     cache_lib.write_manifest(cache_dir, plan, rejected=[("../x.png", "path outside dataset folder")])
@@ -100,23 +101,25 @@ def ids(batch):
     return batch["latents"][:, 0, 0, 0].astype(int).tolist()
 
 
-def test_each_process_reads_its_own_share_shuffled(tmp_path):
-    cache = LatentCache(write_cache(tmp_path, [10, 10, 7]))  # 27 samples: 13 per process, one left out
-    seen = []
-    for process in range(2):
-        loader = make_loader(cache, global_batch_size=4, seed=0, process_index=process, process_count=2, num_threads=2)
-        start, stop = process_share(27, process, 2)
-        epoch = sum((ids(b) for b in batches(loader, 6)), [])  # 6 batches of 2 = 12 of the 13
-        assert all(start <= i < stop for i in epoch) and len(set(epoch)) == 12
-        assert epoch != sorted(epoch)
-        seen.append(set(epoch))
-    assert seen[0].isdisjoint(seen[1])
-    first = sum((ids(b) for b in batches(make_loader(cache, global_batch_size=2, seed=0, process_index=0, process_count=1), 27)), [])
-    assert sorted(first[:27]) == list(range(27))  # one epoch is a permutation
-    other = sum((ids(b) for b in batches(make_loader(cache, global_batch_size=2, seed=1, process_index=0, process_count=1), 13)), [])
-    assert other[:26] != first[:26]
-    with pytest.raises(ValueError, match="fewer than one batch"):
+def test_processes_read_disjoint_rows_of_the_same_global_batches(tmp_path):
+    cache = LatentCache(write_cache(tmp_path, [10, 10, 7]))  # 27 samples
+    one = batches(make_loader(cache, global_batch_size=4, seed=0, process_index=0, process_count=1), 9)
+    two = [batches(make_loader(cache, global_batch_size=4, seed=0, process_index=p, process_count=2, num_threads=2), 9)
+           for p in range(2)]
+    for step in range(9):
+        # Process 0 holds the first half of each global batch, process 1 the second: whatever the
+        # number of processes, every step trains the same samples in the same order.
+        assert ids(two[0][step]) + ids(two[1][step]) == ids(one[step])
+    first = sum((ids(b) for b in one), [])
+    assert sorted(first[:24]) == sorted(set(first[:24])) and first[:24] != sorted(first[:24])  # shuffled, no repeats
+    everything = sum((ids(b) for b in batches(make_loader(cache, global_batch_size=3, seed=0, process_index=0, process_count=1), 9)), [])
+    assert sorted(everything) == list(range(27))  # one epoch is a permutation
+    other = sum((ids(b) for b in batches(make_loader(cache, global_batch_size=3, seed=1, process_index=0, process_count=1), 9)), [])
+    assert other != everything
+    with pytest.raises(ValueError, match="fewer than one global batch"):
         make_loader(cache, global_batch_size=32, seed=0, process_index=0, process_count=2)
+    with pytest.raises(ValueError, match="not divisible"):
+        make_loader(cache, global_batch_size=5, seed=0, process_index=0, process_count=2)
 
 
 def test_restored_loader_yields_the_same_next_batches(tmp_path):

@@ -10,6 +10,7 @@ one-line message.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import sys
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from flax_train import storage
 from xla_infer.schedulers import SCHEDULER_NAMES
 
 EXIT_BAD_INPUT = 2
@@ -40,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xla-infer", description="SDXL text-to-image with graphs compiled once (PyTorch/XLA or plain torch)."
     )
-    parser.add_argument("--model", required=True, help="SDXL diffusers folder (or a Hub id when online)")
+    parser.add_argument("--model", required=True, help="SDXL diffusers folder, Hub id or gs:// folder")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
+    parser.add_argument("--variant", default=None, help='weights of that precision, e.g. "fp16" (*.fp16.safetensors)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", type=Path, help="UTF-8 text file, one prompt per line (blank lines skipped)")
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--torch-compile", action="store_true", help="cpu/cuda: run the graphs through torch.compile")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="persistent XLA compilation cache (TPU; torch_xla cannot reload it on CPU)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder for PNGs and manifest.json")
+    parser.add_argument("--out", required=True, help="output folder (or gs:// URL) for PNGs and manifest.json")
     return parser
 
 
@@ -86,7 +90,7 @@ def read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
-def _save_png(image, path: Path) -> None:
+def _png_bytes(image) -> bytes:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -94,7 +98,9 @@ def _save_png(image, path: Path) -> None:
         # iTXt chunks hold UTF-8, so non-ASCII prompts survive; numbers and pairs are written as JSON.
         info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
     info.add_itxt("parameters", json.dumps(image.info, ensure_ascii=False))
-    image.save(path, pnginfo=info)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -113,6 +119,7 @@ def run(args: argparse.Namespace) -> dict:
         args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, height=args.height,
         width=args.width, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
         cache_dir=args.cache_dir, on_recompile="warn",  # report a recompilation, keep the images
+        revision=args.revision, variant=args.variant,
     )
     load_seconds = time.perf_counter() - load_start
     print(f"loaded {args.model} on {args.device} in {load_seconds:.1f} s; compiling (warm-up)...", file=sys.stderr)
@@ -121,11 +128,12 @@ def run(args: argparse.Namespace) -> dict:
     images = pipe(prompts, negative_prompts=args.negative_prompt, seeds=args.seed, guidance_scale=args.guidance,
                   progress=True)
 
-    args.out.mkdir(parents=True, exist_ok=True)
+    # A folder or a URL (gs://...); each file is written whole (see flax_train.storage).
+    out = storage.path(args.out)
     entries = []
     for i, image in enumerate(images):
         name = f"{i:05d}.png"
-        _save_png(image, args.out / name)
+        storage.atomic_write_bytes(out / name, _png_bytes(image))
         entries.append({"file": name, **image.info})
     timing = {
         "load_seconds": load_seconds,
@@ -137,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
         "compilations_after_warmup": pipe.compile_count - compiles_after_warmup,
     }
     manifest = {"pipeline": pipe.describe(), "timing": timing, "images": entries}
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    storage.atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode())
 
     compile_note = "" if pipe.compile_seconds is None else f" (XLA compile {pipe.compile_seconds:.1f} s)"
     print(f"warm-up{compile_note}: {pipe.warmup_seconds:.1f} s", file=sys.stderr)

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from flax_train import sdxl  # SDXL's constants; imports neither JAX nor the trainer
+from flax_train import model_source, sdxl  # these two import neither JAX nor the trainer
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_noise, make_sampler
 
 logger = logging.getLogger("xla_infer")
@@ -69,13 +69,6 @@ def parse_dtype(value: str | torch.dtype) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
-
-
-def _is_local(model: str | Path) -> bool:
-    text = str(model)
-    # A Hub id is "owner/name"; anything else (absolute, relative with ./, several parts) is a path.
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and "\\" not in text
-    return Path(text).expanduser().exists() or not looks_like_hub_id
 
 
 def _check_local_folder(folder: Path) -> None:
@@ -240,11 +233,15 @@ class Pipeline:
         cache_dir: str | Path | None = None,
         on_recompile: str = "raise",
         variant: str | None = None,
+        revision: str | None = None,
     ) -> "Pipeline":
-        """Load an SDXL diffusers folder (or a Hub id, when online) and prepare it on `device`.
+        """Load an SDXL diffusers folder, Hub id or gs:// folder and prepare it on `device`.
 
-        Weights are read from .safetensors only. `scheduler` is one of euler, euler_a, ddim, dpmpp_2m
-        (default: the folder's own scheduler), configured from the folder's scheduler config.
+        A Hub id or URL is fetched as the trainer fetches it (flax_train.model_source): the files
+        the pipeline loads, at `revision` (Hub branch, tag or commit), with the `variant` ("fp16")
+        weights. Weights are read from .safetensors only. `scheduler` is one of euler, euler_a,
+        ddim, dpmpp_2m (default: the folder's own scheduler), configured from the folder's
+        scheduler config.
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -257,10 +254,14 @@ class Pipeline:
                 canonical_name(scheduler)
             except UnsupportedScheduler as err:
                 raise InputError(str(err)) from None
-        local = _is_local(model)
-        source = str(Path(model).expanduser()) if local else str(model)
-        if local:
-            _check_local_folder(Path(source))
+        try:
+            folder = model_source.local_folder(model, revision=revision, variant=variant)
+        except (OSError, ValueError) as err:
+            raise InputError(f"could not fetch the model {model}: {err}") from None
+        _check_local_folder(folder)
+        source = str(folder)
+        # A Hub id or URL names the model better than the cache folder it was fetched to.
+        fetched = model_source.is_url(model) or model_source.is_hub_id(model)
 
         def load(what: str, fn, **kwargs):
             try:
@@ -268,7 +269,7 @@ class Pipeline:
             except (OSError, ValueError) as err:
                 raise InputError(f"could not load {what} from {source}: {err}") from None
 
-        index = _read_model_index(source, local)
+        index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
         scheduler_config = _read_scheduler_config(source)
         vae_config = load("vae", AutoencoderKL.load_config)
         factor = sdxl.vae_scale_factor(vae_config)
@@ -289,7 +290,8 @@ class Pipeline:
             force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
             device=device, dtype=torch_dtype, vae_dtype=vae_torch_dtype, batch_size=batch_size,
             height=height, width=width, steps=steps, scheduler=scheduler, torch_compile=torch_compile,
-            data_parallel=data_parallel, cache_dir=cache_dir, on_recompile=on_recompile, model_name=source,
+            data_parallel=data_parallel, cache_dir=cache_dir, on_recompile=on_recompile,
+            model_name=str(model) if fetched else source,
         )
 
     def _setup_xla(self, cache_dir: str | Path | None, data_parallel: bool | None) -> tuple[torch.device, int]:
@@ -685,18 +687,6 @@ def _check_sdxl_shapes(unet, text_encoder, text_encoder_2) -> None:
         raise InputError(f"UNet expects {expected} added-embedding inputs, the text encoder gives {passed}")
     if text_encoder.config.max_position_embeddings != text_encoder_2.config.max_position_embeddings:
         raise InputError("the two text encoders disagree on the token length")
-
-
-def _read_model_index(source: str, local: bool) -> dict[str, Any]:
-    if local:
-        path = Path(source) / "model_index.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-    from diffusers import DiffusionPipeline
-
-    try:
-        return dict(DiffusionPipeline.load_config(source))
-    except (OSError, ValueError) as err:
-        raise InputError(f"could not read model_index.json of {source}: {err}") from None
 
 
 def _read_scheduler_config(source: str) -> dict[str, Any]:

@@ -28,12 +28,11 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import grain
 import jax
@@ -42,7 +41,9 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
+from flax_train import model_source
 from flax_train.data.images import PreprocessSpec, SourceSpec
+from flax_train.storage import atomic_write_bytes
 
 FORMAT = "sdxl-tpu latent cache"
 VERSION = 1
@@ -134,15 +135,11 @@ def settings_differences(cached: Mapping[str, Any], expected: Mapping[str, Any])
 
 
 def _component_folder(path: str, component: str | None) -> Path:
-    """A local folder, or the files of a Hub repository (already downloaded ones are reused)."""
-    local = Path(path) / component if component else Path(path)
-    if Path(path).is_dir():
-        return local
-    from huggingface_hub import snapshot_download
-
-    prefix = f"{component}/" if component else ""
-    root = Path(snapshot_download(path, allow_patterns=[f"{prefix}*{suffix}" for suffix in _FINGERPRINT_SUFFIXES]))
-    return root / component if component else root
+    """``component``'s folder of the pipeline at ``path``, or, without ``component``, the separate
+    component folder at ``path``: local, or fetched as the trainer fetches it (flax_train.model_source)."""
+    if component:
+        return model_source.local_folder(path) / component
+    return model_source.local_folder(path, component=True)
 
 
 def _hash_folder(folder: Path) -> str:
@@ -174,27 +171,6 @@ def model_fingerprint(model_path: str | os.PathLike, vae_path: str | os.PathLike
             folder = _component_folder(str(model_path), component)
         fingerprint[component] = _hash_folder(folder)
     return fingerprint
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
-
-
-def atomic_write_bytes(path: epath.Path, data: bytes) -> None:
-    """All or nothing: a temporary file renamed into place locally; object stores upload atomically."""
-    if is_remote(path):
-        path.write_bytes(data)
-        return
-    local = Path(str(path))
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, local)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: epath.Path, value: Any) -> None:
@@ -247,15 +223,14 @@ def read_shard_header(path: str | os.PathLike) -> ShardHeader:
     return ShardHeader(tensors, metadata)
 
 
-def read_rows(path: str | os.PathLike, header: ShardHeader, row: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """Row `row` of each named tensor, read at its offset."""
+def read_rows(f: BinaryIO, header: ShardHeader, row: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Row `row` of each named tensor, read at its offset from the open shard file `f`."""
     out = {}
-    with open(path, "rb") as f:
-        for name in names:
-            tensor = header.tensors[name]
-            row_bytes = tensor.dtype.itemsize * int(np.prod(tensor.shape[1:], dtype=np.int64))
-            f.seek(tensor.offset + row * row_bytes)
-            out[name] = np.frombuffer(f.read(row_bytes), dtype=tensor.dtype).reshape(tensor.shape[1:])
+    for name in names:
+        tensor = header.tensors[name]
+        row_bytes = tensor.dtype.itemsize * int(np.prod(tensor.shape[1:], dtype=np.int64))
+        f.seek(tensor.offset + row * row_bytes)
+        out[name] = np.frombuffer(f.read(row_bytes), dtype=tensor.dtype).reshape(tensor.shape[1:])
     return out
 
 
@@ -335,27 +310,21 @@ class LatentCache:
     """Random access to the samples of a finished cache: `cache[i]` is a dict of numpy arrays.
 
     This is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`). `expected` settings, when
-    given, are checked against the manifest first. `local_dir` receives copies of remote shards
-    (a temporary folder by default).
+    given, are checked against the manifest first. A sample is read where it is, local or remote
+    (`gs://...`): a ranged read of its rows, never a copy of the cache to local disk. Each reader
+    thread keeps its shard files open, so a remote object is looked up once per thread, not per
+    sample.
     """
 
-    def __init__(
-        self,
-        cache_dir: str | os.PathLike,
-        expected: CacheSettings | None = None,
-        *,
-        local_dir: str | os.PathLike | None = None,
-    ):
+    def __init__(self, cache_dir: str | os.PathLike, expected: CacheSettings | None = None):
         self.cache_dir = epath.Path(cache_dir)
         self.manifest = verify_cache(cache_dir, expected) if expected is not None else read_manifest(cache_dir)
         self._files = [shard["file"] for shard in self.manifest["shards"]]
         counts = [shard["num_samples"] for shard in self.manifest["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
-        self._remote = is_remote(cache_dir)
-        self._local_dir = Path(local_dir) if local_dir else None
         self._headers: dict[int, ShardHeader] = {}
         self._lock = threading.Lock()
-        self._fetch_locks: dict[int, threading.Lock] = {}
+        self._open = threading.local()
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -369,59 +338,48 @@ class LatentCache:
         shard = bisect.bisect_right(self._starts, index) - 1
         return shard, index - self._starts[shard]
 
-    def _local_file(self, shard: int) -> str:
-        source = self.cache_dir / self._files[shard]
-        if not self._remote:
-            return str(source)
-        with self._lock:
-            if self._local_dir is None:
-                self._local_dir = Path(tempfile.mkdtemp(prefix="latent-cache-"))
-            lock = self._fetch_locks.setdefault(shard, threading.Lock())
-        local = self._local_dir / self._files[shard]
-        with lock:  # one download per shard, while other shards download in parallel
-            if not local.exists():
-                local.parent.mkdir(parents=True, exist_ok=True)
-                tmp = local.with_name(local.name + ".part")
-                tmp.write_bytes(source.read_bytes())
-                os.replace(tmp, local)
-        return str(local)
+    def _file(self, shard: int) -> BinaryIO:
+        """This thread's open handle on the shard's file."""
+        handles = self._open.__dict__.setdefault("handles", {})
+        if shard not in handles:
+            handles[shard] = (self.cache_dir / self._files[shard]).open("rb")
+        return handles[shard]
 
-    def _header(self, shard: int) -> tuple[str, ShardHeader]:
-        path = self._local_file(shard)
+    def _header(self, shard: int) -> ShardHeader:
         header = self._headers.get(shard)
         if header is None:
             # Only the tensor table is kept: captions of a large dataset would cost memory in every reader.
-            header = dataclasses.replace(read_shard_header(path), metadata={})
+            header = dataclasses.replace(read_shard_header(self.cache_dir / self._files[shard]), metadata={})
             with self._lock:
                 self._headers[shard] = header
-        return path, header
+        return header
 
     def _metadata(self, index: int, name: str) -> Any:
         shard, row = self._locate(int(index))
-        return read_shard_header(self._local_file(shard)).metadata[name][row]
+        return read_shard_header(self.cache_dir / self._files[shard]).metadata[name][row]
 
     def __getstate__(self) -> dict[str, Any]:
-        # Picklable for grain's worker processes: locks and open state stay behind.
+        # Picklable for grain's worker processes: locks and open files stay behind.
         state = dict(self.__dict__)
-        state.update(_headers={}, _lock=None, _fetch_locks={})
+        state.update(_headers={}, _lock=None, _open=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _lock=threading.Lock())
+        self.__dict__.update(state, _lock=threading.Lock(), _open=threading.local())
+
+    def _read(self, index: int, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        shard, row = self._locate(int(index))
+        return read_rows(self._file(shard), self._header(shard), row, names)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        shard, row = self._locate(int(index))
-        path, header = self._header(shard)
-        return read_rows(path, header, row, SAMPLE_ARRAYS)
+        return self._read(index, SAMPLE_ARRAYS)
 
     def caption(self, index: int) -> str:
         return self._metadata(index, "captions")
 
     def source_index(self, index: int) -> int:
         """The position of the sample in its source (skipped items leave gaps)."""
-        shard, row = self._locate(int(index))
-        path, header = self._header(shard)
-        return int(read_rows(path, header, row, ("index",))["index"])
+        return int(self._read(index, ("index",))["index"])
 
     def key(self, index: int) -> str:
         """The sample's name in the source (file path or row), for tracing a sample back."""
@@ -434,22 +392,17 @@ class LatentCache:
 # ---------------------------------------------------------------------------------------------
 # Training batches, with grain.
 #
-# Process p of P reads only its contiguous share of the cache (samples [p * n, (p + 1) * n), n =
-# len // P, so every process has as many batches as the others), reshuffled every epoch from the
-# run's seed, and yields batches of global_batch_size / P samples: dicts of numpy arrays named as in
-# the cache (`latents`, `prompt_embeds`, `pooled_prompt_embeds`, `add_time_ids`). Threads read
-# ahead a few batches on the host.
+# Every process computes the same global order (the cache reshuffled every epoch from the run's
+# seed) and cuts it into global batches of global_batch_size samples; process p of P reads only
+# rows [p * n, (p + 1) * n) of each (n = global_batch_size / P) and yields them as dicts of numpy
+# arrays named as in the cache (`latents`, `prompt_embeds`, `pooled_prompt_embeds`,
+# `add_time_ids`). So the global batch at each step is the same whatever the number of processes:
+# 2 hosts x 4 chips train exactly what 1 host x 8 chips does. Threads read ahead a few batches.
 #
 # The iterator is a `grain.DatasetIterator`: `state = it.get_state()` (a small JSON-able dict) and
 # `it.set_state(state)` on a freshly made iterator continue with exactly the batches the first one
-# would have yielded next. Orbax checkpoints it through `grain.checkpoint.CheckpointSave(it)` /
-# `CheckpointRestore(it)`.
-
-
-def process_share(num_samples: int, process_index: int, process_count: int) -> tuple[int, int]:
-    """[start, stop) of the samples process `process_index` reads; every share has the same size."""
-    per_process = num_samples // process_count
-    return process_index * per_process, (process_index + 1) * per_process
+# would have yielded next. The state is the same on every process (they advance in lockstep), so
+# the checkpoint keeps one.
 
 
 def make_dataset(
@@ -462,24 +415,20 @@ def make_dataset(
     num_threads: int = 4,
     prefetch_batches: int = 8,
 ) -> grain.IterDataset:
-    """The infinite stream of this process's batches; see the module doc."""
+    """The infinite stream of this process's batches; see the comment above."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+    if len(cache) < global_batch_size:
+        raise ValueError(f"the cache holds {len(cache)} samples: fewer than one global batch of {global_batch_size}")
     local_batch_size = global_batch_size // process_count
-    start, stop = process_share(len(cache), process_index, process_count)
-    if stop - start < local_batch_size:
-        raise ValueError(
-            f"the cache holds {len(cache)} samples, {stop - start} per process: fewer than one batch of "
-            f"{local_batch_size} per process"
-        )
     dataset = (
-        grain.MapDataset.source(cache)[start:stop]
+        grain.MapDataset.source(cache)
         .shuffle(seed=seed % 2**32)
         .repeat()  # each epoch shuffled anew: grain folds the epoch into the seed
-        .batch(local_batch_size, drop_remainder=True)
-    )
+        .batch(local_batch_size, drop_remainder=True)  # lazy: a batch is read only when asked for
+    )[process_index::process_count]
     return dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches))
 
 

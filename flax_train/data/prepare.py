@@ -40,7 +40,6 @@ from flax_train.data.cache import (
     SKIPPED,
     CacheMismatchError,
     CacheSettings,
-    atomic_write_bytes,
     encode_shard,
     model_fingerprint,
     read_json,
@@ -60,6 +59,7 @@ from flax_train.data.images import (
     prepare_sample,
 )
 from flax_train import config as config_lib, models, sharding, sdxl
+from flax_train.storage import atomic_write_bytes
 from flax_train.models.clip import encode_prompts
 from flax_train.models.vae import sample_posterior
 

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
 
+from flax_train import model_source
 from flax_train.models import weights
 from flax_train.models.weights import WeightsError
 
@@ -84,23 +85,25 @@ def read_config(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def resolve_folder(path: str | Path, subfolder: str | None = None) -> Path:
-    """A local component folder, or a Hub id ("org/name") downloaded with huggingface_hub (safetensors only)."""
-    local = Path(path) / subfolder if subfolder else Path(path)
-    if local.exists() or Path(path).exists():
-        return local
-    if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
-        from huggingface_hub import snapshot_download
+def resolve_folder(
+    path: str | Path, subfolder: str | None = None, *, revision: str | None = None, variant: str | None = None
+) -> Path:
+    """A local component folder: ``subfolder`` of the pipeline at ``path``, or, without ``subfolder``,
+    ``path`` itself as one component (a separate VAE). ``path`` is a folder, a Hub id or a URL
+    (see ``flax_train.model_source``)."""
+    if subfolder:
+        local = model_source.local_folder(path, revision=revision, variant=variant) / subfolder
+    else:
+        local = model_source.local_folder(path, revision=revision, variant=variant, component=True)
+    if not local.exists():
+        raise WeightsError(f"{local}: no such folder")
+    return local
 
-        patterns = [f"{subfolder}/*.json", f"{subfolder}/*.safetensors"] if subfolder else ["*.json", "*.safetensors"]
-        root = Path(snapshot_download(str(path), allow_patterns=patterns))
-        return root / subfolder if subfolder else root
-    raise WeightsError(f"{local}: no such folder")
 
-
-def resolve_pipeline(path: str | Path) -> Path:
-    """A whole diffusers pipeline folder (``model_index.json`` and one folder per component)."""
-    root = resolve_folder(path)
+def resolve_pipeline(path: str | Path, *, revision: str | None = None, variant: str | None = None) -> Path:
+    """A whole diffusers pipeline folder (``model_index.json`` and one folder per component), local
+    or fetched from a Hub id or URL (see ``flax_train.model_source``)."""
+    root = model_source.local_folder(path, revision=revision, variant=variant)
     if not (root / "model_index.json").is_file():
         raise FileNotFoundError(f"{root} is not a diffusers pipeline folder (no model_index.json)")
     return root

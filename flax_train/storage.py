@@ -1,0 +1,94 @@
+"""Where outputs live: a local folder or any URL ``etils.epath`` supports (``gs://bucket/...``).
+
+Every run path goes through ``epath.Path``, one type for both, so ``run_dir=gs://b/x`` reaches
+Cloud Storage instead of a local folder named ``gs:`` (what ``pathlib.Path("gs://b/x")`` becomes).
+Object stores have no rename and no append, which shapes the two writers here:
+
+- a file is written whole: locally to a temporary name renamed into place, remotely as one upload
+  (an object becomes visible only once its upload completes), so a reader never sees half a file;
+- a folder (an export) is built on local disk, then published: renamed into place locally;
+  uploaded remotely with its marker file (``model_index.json``) last and the old marker removed
+  first, so a reader that finds the marker finds a complete folder.
+
+No JAX here: ``xla_infer`` writes its images through it too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+    return "://" in str(path)
+
+
+def path(location: PathLike) -> epath.Path:
+    """The one path type for run outputs; ``~`` is expanded for local paths."""
+    return epath.Path(location if is_remote(location) else os.path.expanduser(str(location)))
+
+
+def atomic_write_bytes(target: PathLike, data: bytes) -> None:
+    """All or nothing: never a truncated file where ``target`` is, even if the process dies."""
+    if is_remote(target):
+        path(target).write_bytes(data)
+        return
+    local = Path(os.path.expanduser(str(target)))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=local.parent, prefix=f".{local.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upload_tree(source: PathLike, target: PathLike, *, last: str | None = None) -> None:
+    """Copies the files under local folder ``source`` to ``target``; the file named ``last`` (relative
+    to ``source``) is copied after all the others."""
+    source, target = Path(source), path(target)
+    files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
+    files.sort(key=lambda p: str(p) == last)  # stable: only moves `last` to the end
+    for relative in files:
+        destination = target / str(relative)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes((source / relative).read_bytes())
+
+
+def publish_folder(local: Path, target: PathLike, *, marker: str) -> epath.Path:
+    """Moves the finished local folder ``local`` to ``target``, replacing what was there (see the
+    module doc). ``local`` should sit next to ``target`` when both are local, so the move is a rename."""
+    out = path(target)
+    if not is_remote(target):
+        if out.exists():
+            shutil.rmtree(str(out))
+        os.replace(local, str(out))
+        return out
+    if (out / marker).exists():
+        (out / marker).unlink()  # first: from here on readers see no (complete) folder
+    if out.exists():
+        out.rmtree()
+    upload_tree(local, out, last=marker)
+    shutil.rmtree(local)
+    return out
+
+
+def staging_dir(target: PathLike) -> Path:
+    """An empty local folder to build ``target`` in before ``publish_folder``: a sibling for a local
+    target (so publishing is a rename on the same file system), a temporary folder for a URL."""
+    if is_remote(target):
+        return Path(tempfile.mkdtemp(prefix="sdxl-tpu-staging-"))
+    out = Path(os.path.expanduser(str(target)))
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)  # left by an interrupted earlier attempt
+    staging.mkdir(parents=True)
+    return staging
