@@ -11,27 +11,40 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from flax_train import storage
+from flax_train import errors, sharding, storage
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, directory: storage.PathLike, *, keep: int = 3, every_steps: int = 1000, use_async: bool = True):
+    def __init__(
+        self,
+        directory: storage.PathLike,
+        *,
+        keep: int = 3,
+        every_steps: int = 1000,
+        use_async: bool = True,
+        read_only: bool = False,
+    ):
+        """``read_only``: for reading a finished run, which must have a checkpoint (checked first)."""
         self.every_steps = every_steps
+        directory = storage.path(directory)
+        if read_only:
+            require(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=use_async,
-            create=True,
+            create=not read_only,
         )
         # A URL (gs://...) stays one; a local path becomes absolute, as orbax wants.
-        directory = storage.path(directory)
         if not storage.is_remote(directory):
             directory = directory.absolute()
         self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
@@ -46,23 +59,43 @@ class Checkpointer:
         """Starts an asynchronous save of ``state`` (a pytree of sharded arrays) at ``step``."""
         if not force and not self.due(step):
             return False
-        saved = self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state or {}),
-            ),
-            force=force,
-        )
+        try:
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state or {}),
+                ),
+                force=force,
+            )
+        except Exception as error:  # the previous background save's failure surfaces here too
+            raise self._failure(error) from error
         if saved:
             log.info("checkpoint at step %d started", step)
         return saved
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """Restores into ``abstract_state``'s shapes, dtypes and shardings (a ShapeDtypeStruct tree)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        """Restores into ``abstract_state``'s shapes, dtypes and shardings (a ShapeDtypeStruct tree).
+
+        Without ``step``: the newest checkpoint that restores. One that does not (a file truncated,
+        missing or unreadable) is named in a warning and moved aside to ``<dir>/damaged/`` (never
+        deleted: someone may want to look at it), and the one before is tried; the run then redoes
+        the steps after that one and can save them again.
+        """
+        if step is not None:
+            return self._restore(step, abstract_state)
+        for candidate in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self._restore(candidate, abstract_state)
+                failure = None
+            except Exception as error:  # whatever orbax or tensorstore raise on damaged files
+                failure = error
+            if self._everywhere(failure is None):
+                return restored
+            self._set_aside(candidate, failure)
+        raise errors.InputNotFound(f"no checkpoint in {self.manager.directory} restores")
+
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -72,12 +105,57 @@ class Checkpointer:
         )
         return restored.state, dict(restored.data or {})
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    @staticmethod
+    def _everywhere(ok: bool) -> bool:
+        """Whether ``ok`` holds on every process (each reads its own part of a checkpoint)."""
+        if jax.process_count() == 1:
+            return ok
+        return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+    def _set_aside(self, step: int, error: Exception | None) -> None:
+        directory = storage.path(self.manager.directory)
+        target = directory / "damaged" / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        reason = _first_line(error) if error is not None else "it failed to restore on another process"
+        log.warning("checkpoint %s cannot be restored (%s); moved to %s, trying the one before",
+                    directory / str(step), reason, target)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (directory / str(step)).rename(target)
+        sharding.sync("checkpoint set aside")
+        self.manager.reload()
+
+    def check(self, *, wait: bool = False) -> None:
+        """Stops the run at once, in one line, when a background save failed (a full disk, storage
+        gone): the checkpoints before it are intact and the next start resumes from the newest.
+        ``wait``: for the saves under way first."""
+        try:
+            if wait:
+                self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as error:
+            raise self._failure(error) from error
+
+    def _failure(self, error: Exception) -> errors.RunFailure:
+        return errors.RunFailure(f"a checkpoint could not be written to {self.manager.directory}: {_first_line(error)}")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.check(wait=True)
+        finally:
+            self.manager.close()
+
+
+def require(directory: storage.PathLike) -> None:
+    """Fails in one line when ``directory`` holds no checkpoint: cheap, so commands that need one
+    ask before building anything."""
+    folder = storage.path(directory)
+    if not (folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())):
+        raise errors.InputNotFound(f"no checkpoint in {folder}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:500]
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -25,12 +25,10 @@ from etils import epath
 from PIL.PngImagePlugin import PngInfo
 
 from flax_train import config as config_lib, models, sharding, storage, train
-from flax_train.config import ConfigError
+from flax_train.errors import BadInput, report
 from flax_train.data import prepare
-from flax_train.models import WeightsError
 from flax_train.sampling import Generator, png_bytes, read_prompt_file
 
-EXIT_USAGE = 2
 
 
 def _config(args: argparse.Namespace):
@@ -40,7 +38,8 @@ def _config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     result = train.train(_config(args), max_steps=args.max_steps)
     if result.stopped_by_preemption:
-        print(f"stopped at step {result.step} on SIGTERM; checkpoint saved in {result.run_dir}")
+        saved = f"checkpoint saved in {result.run_dir}" if result.step else "nothing trained yet, nothing to save"
+        print(f"stopped at step {result.step} on SIGTERM; {saved}")
     else:
         print(f"trained to step {result.step}; run directory {result.run_dir}")
         if result.export_dir:
@@ -64,12 +63,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.prompts:
         prompts += read_prompt_file(args.prompts)
     if not prompts:
-        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+        raise BadInput("give --prompt TEXT (repeatable) or --prompts FILE")
+    out = storage.writable_folder(args.out)  # before loading anything
     generator = Generator(
         args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution
     )
     images = generator(prompts, negative_prompt=args.negative_prompt, seed=args.seed, guidance_scale=args.guidance)
-    out = storage.path(args.out)
     # Every process generated the same images (the models are not sharded here); one writes them.
     if jax.process_index() == 0:
         write_samples(out, prompts, images, args)
@@ -149,7 +148,8 @@ def setup_runtime() -> None:
     off) means a restarted or resumed job, e.g. after a TPU preemption, loads its compiled step
     instead of compiling it again.
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: a library that logged while being imported has already given the root logger a handler.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of every save
     sharding.initialize_distributed()
     cache = os.environ.get("SDXL_TPU_COMPILATION_CACHE", str(Path.home() / ".cache" / "sdxl-tpu" / "jax"))
@@ -163,10 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_runtime()
     try:
         return args.func(args)
-    except (ConfigError, WeightsError, FileNotFoundError, ValueError) as error:
-        # Bad input: a message, not a traceback.
-        print(f"flax-train {args.command}: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as error:  # noqa: BLE001 - sorted by errors.report: bad input, failed run or bug
+        return report(f"flax-train {args.command}", error)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 from flax_train import metrics, sharding
 from flax_train.data.images import DataSource
 from flax_train.diffusion import PredictionType, TimestepBias
+from flax_train.errors import BadInput
 from flax_train.models.layers import Attention, Remat
 from flax_train.optim import LrSchedule, Optimizer
 from flax_train.schedulers import Sampler
@@ -90,7 +91,7 @@ DIFFUSERS_FLAGS = {
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config that cannot be used: unknown key, wrong type or invalid value."""
 
 
@@ -344,7 +345,11 @@ def _parse_yaml(text: str) -> Any:
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(["value=" + text]))["value"]
     except yaml.YAMLError as e:
-        raise ConfigError(f"not valid YAML: {e}") from None
+        # PyYAML's message takes several lines; the problem and where it is fit on one.
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"not valid YAML: {problem}{where}") from None
     except OmegaConfBaseException as e:  # a malformed `${...}` reference
         raise ConfigError(str(e).splitlines()[0]) from None
 
@@ -356,11 +361,15 @@ def _file_layers(path: str | os.PathLike, chain: tuple[str, ...] = ()) -> list[t
         name = os.path.normpath(name)
     if name in chain:
         raise ConfigError("config files name each other as base: " + " -> ".join(chain + (name,)))
+    via = f" (base of {chain[-1]})" if chain else ""
     try:
         text = epath.Path(path).read_text()
     except FileNotFoundError:
-        via = f" (base of {chain[-1]})" if chain else ""
         raise ConfigError(f"config file not found: {path}{via}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}{via}: not UTF-8 text (byte {e.start + 1}: {e.reason})") from None
+    except OSError as e:  # a folder, no permission
+        raise ConfigError(f"cannot read config file {path}{via}: {e.strerror or e}") from None
     with _naming(name):
         data = _parse_yaml(text)
         data = {} if data is None else data

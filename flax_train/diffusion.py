@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping, get_args
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax_train.errors import BadInput
 
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepBias = Literal["none", "earlier", "later", "range"]
@@ -41,12 +42,12 @@ def _betas(config: Mapping[str, Any]) -> tuple[np.ndarray, str]:
         # 1 - abar_t / abar_{t-1} cancels to ~1e-4 relative error: rescale below, in float64.
         scheduler = DDPMScheduler.from_config(config, rescale_betas_zero_snr=False)
     except (NotImplementedError, ValueError) as e:
-        raise ValueError(f"scheduler config not accepted by diffusers' DDPMScheduler: {e}") from e
+        raise BadInput(f"scheduler config not accepted by diffusers' DDPMScheduler: {e}") from e
     cfg = scheduler.config
     if cfg.trained_betas is None and cfg.beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"beta_schedule {cfg.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
+        raise BadInput(f"beta_schedule {cfg.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
     if cfg.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
+        raise BadInput(f"prediction_type {cfg.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
     betas = scheduler.betas.double()
     if config.get("rescale_betas_zero_snr", False):
         betas = rescale_zero_terminal_snr(betas)
@@ -170,23 +171,23 @@ def timestep_weights(
     `none` gives the uniform distribution. Invalid settings raise ValueError.
     """
     if strategy not in TIMESTEP_BIAS_STRATEGIES:
-        raise ValueError(f"timestep bias strategy {strategy!r} is unknown; use one of {TIMESTEP_BIAS_STRATEGIES}")
+        raise BadInput(f"timestep bias strategy {strategy!r} is unknown; use one of {TIMESTEP_BIAS_STRATEGIES}")
     n = int(num_train_timesteps)
     weights = np.ones(n, dtype=np.float64)
     if strategy != "none":
         if not multiplier > 0:
-            raise ValueError(f"timestep bias multiplier must be > 0, got {multiplier}")
+            raise BadInput(f"timestep bias multiplier must be > 0, got {multiplier}")
         if strategy == "range":
             end = n if end is None else end
             if not 0 <= begin < end <= n:
-                raise ValueError(f"timestep bias range needs 0 <= begin < end <= {n}, got begin={begin}, end={end}")
+                raise BadInput(f"timestep bias range needs 0 <= begin < end <= {n}, got begin={begin}, end={end}")
             biased = slice(begin, end)
         else:
             if not 0 < portion <= 1:
-                raise ValueError(f"timestep bias portion must be in (0, 1], got {portion}")
+                raise BadInput(f"timestep bias portion must be in (0, 1], got {portion}")
             count = int(portion * n)
             if count == 0:
-                raise ValueError(f"timestep bias portion {portion} covers no timestep out of {n}")
+                raise BadInput(f"timestep bias portion {portion} covers no timestep out of {n}")
             biased = slice(0, count) if strategy == "earlier" else slice(n - count, n)
         weights[biased] *= multiplier
     return (weights / weights.sum()).astype(np.float32)

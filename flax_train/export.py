@@ -71,13 +71,17 @@ def export_pipeline(
     return storage.publish_folder(tmp, out, marker="model_index.json")
 
 
+def export_dir(cfg: config_lib.Config) -> epath.Path:
+    return storage.path(cfg.export.dir or storage.path(cfg.run_dir) / "export")
+
+
 def export_run(cfg: config_lib.Config, graphdef: nnx.GraphDef, params: nnx.State) -> epath.Path:
     """Writes a run's diffusers folder to ``export.dir`` (default ``<run_dir>/export``).
 
     Every process calls this: parameters are gathered from the mesh (across processes on a pod)
     first; process 0 writes, the others wait for it.
     """
-    out = storage.path(cfg.export.dir or storage.path(cfg.run_dir) / "export")
+    out = export_dir(cfg)
     host_params = sharding.to_host(params)
     if jax.process_index() == 0:
         base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 from flax_train import storage
 
@@ -91,22 +92,50 @@ def throughput(
     return out
 
 
+def _rows_up_to(path: epath.Path, step: int) -> tuple[bytes, list[int]]:
+    """The lines of a metrics.jsonl whose step is at most ``step``, and the steps of the others (a
+    torn last line, written when a process was killed, is dropped too)."""
+    if not path.exists():
+        return b"", []
+    kept, dropped = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if row_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped.append(row_step)
+    return "".join(kept).encode(), dropped
+
+
 class MetricsWriter:
     """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard event files in the run
     directory, written by process 0 only.
 
+    A run resumed from the checkpoint of ``start_step`` redoes the steps after it: rows of those
+    steps in ``metrics.jsonl`` are dropped, and the new TensorBoard event file purges them from
+    the earlier ones (TensorBoard's ``purge_step``), so both hold one row per step.
+
     Object stores cannot append, so for a remote run directory (``gs://...``) both are written to a
     local folder and uploaded whole at most every ``upload_every_s`` seconds and on ``flush()`` /
-    ``close()`` (the trainer flushes at every checkpoint). A resumed run continues the uploaded
-    ``metrics.jsonl``; each run start adds a new TensorBoard event file, as TensorBoard expects.
+    ``close()`` (the trainer flushes at every checkpoint).
     """
 
     def __init__(
-        self, run_dir: storage.PathLike, *, tensorboard: bool = True, jsonl: bool = True, upload_every_s: float = 60.0
+        self,
+        run_dir: storage.PathLike,
+        *,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        jsonl: bool = True,
+        upload_every_s: float = 60.0,
     ):
         self.enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
+        self.redone: list[int] = []  # steps an earlier run logged after ``start_step``
         if not self.enabled:
             return
         self.run_dir = storage.path(run_dir)
@@ -115,17 +144,17 @@ class MetricsWriter:
         self._uploaded_at = time.monotonic()
         if self._remote:
             self.local_dir = Path(tempfile.mkdtemp(prefix="sdxl-tpu-metrics-"))
-            if jsonl and (self.run_dir / "metrics.jsonl").exists():
-                (self.local_dir / "metrics.jsonl").write_bytes((self.run_dir / "metrics.jsonl").read_bytes())
         else:
             self.local_dir = Path(str(self.run_dir))
             self.local_dir.mkdir(parents=True, exist_ok=True)
         if jsonl:
+            kept, self.redone = _rows_up_to(self.run_dir / "metrics.jsonl", start_step)
+            storage.atomic_write_bytes(self.local_dir / "metrics.jsonl", kept)
             self._jsonl = open(self.local_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.local_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.local_dir / "tensorboard"), purge_step=start_step + 1)
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:

@@ -35,6 +35,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
+from flax_train.errors import InputNotFound
 
 PathLike = str | os.PathLike
 
@@ -116,10 +117,10 @@ def needed_files(names: Iterable[str], *, index: Mapping | None, variant: str | 
     try:
         weights, _ = variant_compatible_siblings(weight_files, variant=variant)
     except ValueError as err:  # the variant exists in none of the folders
-        raise FileNotFoundError(str(err)) from None
+        raise InputNotFound(str(err)) from None
     missing = [f or "./" for f in folders if f"{f}config.json" in chosen and not any(w.startswith(f) for w in weights)]
     if missing:
-        raise FileNotFoundError(f"no safetensors weights in {', '.join(missing)}")
+        raise InputNotFound(f"no safetensors weights in {', '.join(missing)}")
     return sorted(set(chosen + list(weights)) & set(names))
 
 
@@ -137,7 +138,7 @@ def _download(repo_id: str, *, revision: str | None, variant: str | None, compon
         # the commit a previous download recorded for the branch.
         revision = api.resolve_revision(repo_id, revision=revision)
     except RevisionResolutionError as err:
-        raise FileNotFoundError(f"{repo_id}: {err}") from None
+        raise InputNotFound(f"{repo_id}: {err}") from None
     index = None
     if not component:
         index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision)).read_text())
@@ -172,11 +173,11 @@ def _copy_remote(url: str, *, variant: str | None, component: bool) -> Path:
     root = epath.Path(url)
     stats = _listing(root) if root.is_dir() else {}
     if not stats:
-        raise FileNotFoundError(f"{url}: no such folder (or it is empty)")
+        raise InputNotFound(f"{url}: no such folder (or it is empty)")
     index = None
     if not component:
         if "model_index.json" not in stats:
-            raise FileNotFoundError(f"{url} is not a diffusers pipeline folder (no model_index.json)")
+            raise InputNotFound(f"{url} is not a diffusers pipeline folder (no model_index.json)")
         index = json.loads((root / "model_index.json").read_text())
     files = needed_files(stats, index=index, variant=variant)
     key = hashlib.sha256(json.dumps([url, [(f, stats[f].length, stats[f].mtime) for f in files]]).encode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import optax
+from flax_train.errors import BadInput
 
 Optimizer = Literal["adamw", "adafactor", "lion"]
 LrSchedule = Literal["constant", "linear", "cosine"]
@@ -22,7 +23,7 @@ def learning_rate_schedule(
     elif kind == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_steps)
     else:
-        raise ValueError(f"lr schedule {kind!r}; choose one of {get_args(LrSchedule)}")
+        raise BadInput(f"lr schedule {kind!r}; choose one of {get_args(LrSchedule)}")
     if warmup_steps <= 0:
         return after
     warmup = optax.linear_schedule(0.0, peak, warmup_steps)
@@ -49,7 +50,7 @@ def make_optimizer(
     elif name == "lion":
         core = optax.lion(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
     else:
-        raise ValueError(f"optimizer {name!r}; choose one of {get_args(Optimizer)}")
+        raise BadInput(f"optimizer {name!r}; choose one of {get_args(Optimizer)}")
     parts: list[Any] = []
     if max_grad_norm:
         parts.append(optax.clip_by_global_norm(max_grad_norm))

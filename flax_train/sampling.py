@@ -36,6 +36,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from flax_train import models, schedulers, sdxl, sharding, storage
+from flax_train.errors import BadInput, InputNotFound
 from flax_train.models import clip
 from flax_train.schedulers import SamplerTables
 
@@ -132,16 +133,21 @@ def decode_latents(vae: Any, latents: jax.Array, scaling_factor: float | None = 
 def read_prompt_file(path: str | epath.PathLike) -> list[str]:
     """One prompt per non-empty line; a file that is not UTF-8 is refused naming the line."""
     prompts = []
-    with epath.Path(path).open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{number}: not UTF-8 ({error.reason})") from None
-            if line:
-                prompts.append(line)
+    try:
+        data = epath.Path(path).read_bytes()
+    except FileNotFoundError:
+        raise InputNotFound(f"{path}: no such prompt file") from None
+    except OSError as error:  # a folder, no permission: the user named the wrong thing
+        raise BadInput(f"{path}: cannot read the prompt file ({error.strerror or error})") from None
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise BadInput(f"{path}:{number}: not UTF-8 ({error.reason})") from None
+        if line:
+            prompts.append(line)
     if not prompts:
-        raise ValueError(f"{path}: no prompts (the file is empty)")
+        raise BadInput(f"{path}: no prompts (the file is empty)")
     return prompts
 
 
@@ -170,7 +176,7 @@ class Generator:
             unet_config = self.unet.config if self.unet is not None else models.read_config(root / "unet")
             resolution = unet_config["sample_size"] * self.vae_scale
         if resolution % self.vae_scale:
-            raise ValueError(f"resolution {resolution} is not divisible by the VAE's factor {self.vae_scale}")
+            raise BadInput(f"resolution {resolution} is not divisible by the VAE's factor {self.vae_scale}")
         self.resolution = resolution
         self.latent_channels = self.vae.config["latent_channels"]
         self._text = nnx.split(nnx.List(encoders))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_train.diffusion import PREDICTION_TYPES
+from flax_train.errors import BadInput
 
 Sampler = Literal["euler", "ddim"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)
@@ -88,14 +89,14 @@ def _configured(cls: type, options: Mapping[str, tuple[Any, ...]], config: Mappi
     try:
         scheduler = cls.from_config(config)
     except (NotImplementedError, ValueError, ImportError) as e:  # unknown beta_schedule, no scipy, ...
-        raise ValueError(f"scheduler config not accepted by diffusers' {cls.__name__}: {e}") from e
+        raise BadInput(f"scheduler config not accepted by diffusers' {cls.__name__}: {e}") from e
     for key, allowed in options.items():
         value = scheduler.config.get(key)
         if value is not None and value not in allowed:
-            raise ValueError(f"scheduler option {key}={value!r} is not supported by the JAX sampler; use {allowed}")
+            raise BadInput(f"scheduler option {key}={value!r} is not supported by the JAX sampler; use {allowed}")
     num_train = scheduler.config.num_train_timesteps
     if not 1 <= steps <= num_train:
-        raise ValueError(f"num_inference_steps must be in [1, {num_train}], got {steps}")
+        raise BadInput(f"num_inference_steps must be in [1, {num_train}], got {steps}")
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -154,7 +155,7 @@ def make_scheduler(name: str, scheduler_config: Mapping[str, Any], num_inference
     of an SDXL folder); keys it leaves out take the chosen scheduler's diffusers defaults.
     """
     if name not in _MAKERS:
-        raise ValueError(f"scheduler {name!r} is not supported; use one of {sorted(_MAKERS)}")
+        raise BadInput(f"scheduler {name!r} is not supported; use one of {sorted(_MAKERS)}")
     return _MAKERS[name](scheduler_config, int(num_inference_steps))
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 from jax._src import distributed as jax_distributed  # the coordination service's client: no public handle
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from flax_train.errors import BadInput
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -66,7 +67,7 @@ def resolve_mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     """Axis sizes {data, fsdp, tensor} on `num_devices` devices, the -1 axis taking the rest."""
     problems = mesh_axis_problems(mesh_cfg)
     if problems:
-        raise ValueError("; ".join(problems))
+        raise BadInput("; ".join(problems))
     if num_devices < 1:
         raise ValueError(f"the number of devices must be positive, got {num_devices}")
     shape = {axis: getattr(mesh_cfg, axis) for axis in MESH_AXES}
@@ -75,13 +76,13 @@ def resolve_mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     filled = [axis for axis, size in shape.items() if size == -1]
     if filled:
         if num_devices % fixed:
-            raise ValueError(
+            raise BadInput(
                 f"mesh: {described} cannot be laid on {num_devices} devices: "
                 f"the fixed axes take {fixed}, which does not divide {num_devices}"
             )
         shape[filled[0]] = num_devices // fixed
     elif fixed != num_devices:
-        raise ValueError(f"mesh: {described} needs {fixed} devices, but there are {num_devices}")
+        raise BadInput(f"mesh: {described} needs {fixed} devices, but there are {num_devices}")
     return shape
 
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 from etils import epath
+
+from flax_train import errors
 
 PathLike = str | os.PathLike
 
@@ -32,6 +35,28 @@ def is_remote(path: PathLike) -> bool:
 def path(location: PathLike) -> epath.Path:
     """The one path type for run outputs; ``~`` is expanded for local paths."""
     return epath.Path(location if is_remote(location) else os.path.expanduser(str(location)))
+
+
+def writable_folder(target: PathLike) -> epath.Path:
+    """``target`` once it is known to take files, checked before any long work so that a bad output
+    path fails in the first second, in one line, not after minutes of generating. Nothing is left
+    behind: a missing local folder is not created here (its nearest existing parent is tried)."""
+    out = path(target)
+    try:
+        if is_remote(target) or out.is_dir():
+            probe = out / f".write-test-{uuid.uuid4().hex}"  # unique: every host of a pod may probe at once
+            probe.write_bytes(b"")
+            probe.unlink()
+            return out
+        parent = Path(str(out))
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is a file")
+        Path(tempfile.mkdtemp(dir=parent, prefix=".write-test-")).rmdir()
+    except OSError as error:
+        raise errors.BadInput(f"{target}: cannot write there ({error.strerror or error})") from None
+    return out
 
 
 def atomic_write_bytes(target: PathLike, data: bytes) -> None:

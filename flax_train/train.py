@@ -389,9 +389,18 @@ def global_batch(local: dict[str, np.ndarray], shardings: dict[str, jax.sharding
 
 
 def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResult:
-    """Runs (or resumes) the training described by ``cfg``; ``max_steps`` stops early (tests)."""
+    """Runs (or resumes) the training described by ``cfg``; ``max_steps`` stops early (tests).
+
+    SIGTERM from here on (start-up and compilation included) stops the run with a checkpoint and
+    a normal return: see ``checkpoint.PreemptionGuard``.
+    """
+    with checkpoint.PreemptionGuard() as guard:
+        return _train(cfg, max_steps, guard)
+
+
+def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.PreemptionGuard) -> TrainResult:
     config_lib.validate(cfg, jax.device_count())
-    run_dir = storage.path(cfg.run_dir)
+    run_dir = storage.writable_folder(cfg.run_dir)
     if jax.process_index() == 0:
         config_lib.save(cfg, run_dir / "config.yaml")
 
@@ -418,7 +427,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
 
     # 4. Resume: the newest checkpoint in the run directory, if any.
     ckpt = checkpoint.Checkpointer(
-        cfg.checkpoint.dir or run_dir / "checkpoints",
+        checkpoint_dir(cfg),
         keep=cfg.checkpoint.keep,
         every_steps=cfg.checkpoint.every_steps,
         use_async=cfg.checkpoint.async_save,
@@ -428,7 +437,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
         state, data_state = ckpt.restore(abstract)
         if data_state:
             loader.set_state(data_state)
-        log.info("resumed from step %d", int(state.step))
+        log.info("resumed from the checkpoint of step %d in %s", int(state.step), ckpt.manager.directory)
 
     # 5. The step, compiled ahead of time.
     step_fn = make_step_fn(cfg, graphdef, tx, lr, schedule, empty, prediction_type)
@@ -448,9 +457,13 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
 
     # 6. The loop.
-    writer = metrics.MetricsWriter(run_dir, tensorboard=cfg.logging.tensorboard, jsonl=cfg.logging.jsonl)
-    validator = sampling.Validator(cfg, base, run_dir, writer) if cfg.validation.every_steps else None
     start_step = int(state.step)
+    writer = metrics.MetricsWriter(
+        run_dir, start_step=start_step, tensorboard=cfg.logging.tensorboard, jsonl=cfg.logging.jsonl
+    )
+    if writer.redone:
+        log.warning("steps %d-%d of an earlier run were not in a checkpoint: redoing them", start_step + 1, writer.redone[-1])
+    validator = sampling.Validator(cfg, base, run_dir, writer) if cfg.validation.every_steps else None
     end_step = cfg.train.max_steps if max_steps is None else min(cfg.train.max_steps, max_steps)
     losses: list[float] = []
     pending: tuple[int, dict, float] | None = None
@@ -480,37 +493,40 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
 
     step = start_step
+    if guard.requested.is_set():
+        log.warning("SIGTERM before the first step: stopping at step %d (nothing new to save)", step)
+        preempted = True
     try:
-        with checkpoint.PreemptionGuard() as guard:
-            while step < end_step:
-                state, step_metrics = compiled(state, global_batch(batch, batch_shardings))
-                step += 1
-                # Metrics of the previous step leave the device now that this one is queued.
-                if pending is not None:
-                    report(*pending)
-                now = time.perf_counter()
-                pending = (step, step_metrics, now - last_time)
-                last_time = now
-                bar.update(1)
-                saved = ckpt.due(step) or step == end_step
-                if saved:
-                    report(*pending)
-                    pending = None
-                    ckpt.save(step, state, loader.get_state(), force=step == end_step)
-                    writer.flush()
-                if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
-                    validator.run(step, graphdef, state.ema if state.ema is not None else state.params)
-                if guard.stop(step):
-                    if pending is not None:
-                        report(*pending)
-                        pending = None
-                    if not saved:  # orbax refuses a second save of the same step
-                        ckpt.save(step, state, loader.get_state(), force=True)
-                    preempted = True
-                    break
-                batch = next(loader)
+        while step < end_step and not preempted:
+            state, step_metrics = compiled(state, global_batch(batch, batch_shardings))
+            step += 1
+            ckpt.check()
+            # Metrics of the previous step leave the device now that this one is queued.
             if pending is not None:
                 report(*pending)
+            now = time.perf_counter()
+            pending = (step, step_metrics, now - last_time)
+            last_time = now
+            bar.update(1)
+            saved = ckpt.due(step) or step == end_step
+            if saved:
+                report(*pending)
+                pending = None
+                ckpt.save(step, state, loader.get_state(), force=step == end_step)
+                writer.flush()
+            if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
+                validator.run(step, graphdef, state.ema if state.ema is not None else state.params)
+            if guard.stop(step):
+                if pending is not None:
+                    report(*pending)
+                    pending = None
+                if not saved:  # orbax refuses a second save of the same step
+                    ckpt.save(step, state, loader.get_state(), force=True)
+                preempted = True
+                break
+            batch = next(loader)
+        if pending is not None:
+            report(*pending)
     finally:
         # Also on a non-finite loss with nan_policy=stop: finish pending saves, release the files.
         bar.close()
@@ -523,18 +539,22 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     return TrainResult(run_dir, step, losses, export_dir, preempted)
 
 
+def checkpoint_dir(cfg: config_lib.Config) -> epath.Path:
+    return storage.path(cfg.checkpoint.dir or storage.path(cfg.run_dir) / "checkpoints")
+
+
 def restore_checkpoint(cfg: config_lib.Config, *, step: int | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """The UNet graph and the TrainState saved at ``step`` (default: the newest) in ``cfg``'s run,
-    restored onto the config's mesh."""
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.merged_rules(cfg.mesh.rules)
-    base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
-    graphdef, abstract_params = nnx.split(models.abstract(unet_architecture(cfg, base), **unet_options(cfg)), nnx.Param)
-    tx, _ = build_optimizer(cfg)
-    abstract_state = jax.eval_shape(initial_state_fn(cfg, tx), abstract_params)
-    shardings = sharding.tree_shardings(abstract_state, mesh, rules)
-    ckpt = checkpoint.Checkpointer(cfg.checkpoint.dir or storage.path(cfg.run_dir) / "checkpoints", use_async=False)
+    restored onto the config's mesh. A run without a checkpoint is refused before anything is built."""
+    ckpt = checkpoint.Checkpointer(checkpoint_dir(cfg), use_async=False, read_only=True)
     try:
+        mesh = sharding.make_mesh(cfg.mesh)
+        rules = sharding.merged_rules(cfg.mesh.rules)
+        base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
+        graphdef, abstract_params = nnx.split(models.abstract(unet_architecture(cfg, base), **unet_options(cfg)), nnx.Param)
+        tx, _ = build_optimizer(cfg)
+        abstract_state = jax.eval_shape(initial_state_fn(cfg, tx), abstract_params)
+        shardings = sharding.tree_shardings(abstract_state, mesh, rules)
         state, _ = ckpt.restore(checkpoint.abstract_with_shardings(abstract_state, shardings), step)
     finally:
         ckpt.close()
@@ -549,7 +569,9 @@ def export_params(cfg: config_lib.Config, state: TrainState) -> nnx.State:
 
 def export_from_checkpoint(cfg: config_lib.Config, *, out: storage.PathLike | None = None) -> epath.Path:
     """Writes a diffusers folder from the newest checkpoint of ``cfg.run_dir``, as ``export.*`` says."""
-    graphdef, state = restore_checkpoint(cfg)
     if out is not None:
         cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dir=str(out)))
+    checkpoint.require(checkpoint_dir(cfg))  # both checked before anything is built or read
+    storage.writable_folder(export.export_dir(cfg))
+    graphdef, state = restore_checkpoint(cfg)
     return export.export_run(cfg, graphdef, export_params(cfg, state))

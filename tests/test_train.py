@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,102 +32,27 @@ from PIL import Image
 
 from flax_train import config as config_lib, diffusion, models, sdxl, sharding, train
 from flax_train.data import prepare
-from flax_train.demo import CONFIG as DEMO_CONFIG, synthetic, tiny
+from flax_train.demo import CONFIG as DEMO_CONFIG
+from train_support import (
+    BATCH,
+    REPO,
+    RESOLUTION,
+    STEPS,
+    Workspace,
+    assert_trees_equal,
+    cli_env,
+    host,
+    make_config,
+    make_workspace,
+    overrides,
+)
 
 pytestmark = pytest.mark.xdist_group("train")
-
-REPO = Path(__file__).resolve().parents[1]
-RESOLUTION = 16  # the tiny VAE downsamples by 2: 8x8 latents
-BATCH = 8  # one sample per device
-STEPS = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Workspace:
-    root: Path
-    base: Path  # the pretrained pipeline folder every run starts from
-    cache: Path  # the latent cache every run shares
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Workspace:
-    root = tmp_path_factory.mktemp("train")
-    base = tiny.save_tiny_pipeline(
-        root / "base",
-        seed=0,
-        image_size=RESOLUTION,
-        layers_per_block=1,
-        transformer_layers_per_block=(1, 1),
-        text_layers=1,
-    )
-    synthetic.write_synthetic_dataset(root / "synthetic", BATCH, image_size=RESOLUTION, seed=0)
-    return Workspace(root, base, root / "cache")
-
-
-def overrides(ws: Workspace, run_dir: Path, *extra: str) -> list[str]:
-    """The demo config made small; the step it compiles is the same for every run of this file
-    (constant learning rate: the schedule does not depend on max_steps)."""
-    return [
-        f"model.pretrained={ws.base}",
-        "model.unet_config=null",
-        f"data.resolution={RESOLUTION}",
-        f"data.path={ws.root / 'synthetic'}",
-        f"data.cache_dir={ws.cache}",
-        f"train.global_batch_size={BATCH}",
-        f"train.max_steps={STEPS}",
-        "train.warmup_steps=0",
-        "train.lr_schedule=constant",
-        "train.learning_rate=1e-3",
-        "train.ema.decay=0.9",
-        "checkpoint.every_steps=2",
-        "validation.every_steps=0",
-        "export.at_end=false",
-        "logging.every_steps=1",
-        "logging.tensorboard=false",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
-
-
-def make_config(ws: Workspace, run_dir: Path, *extra: str) -> config_lib.Config:
-    return config_lib.load([DEMO_CONFIG], overrides(ws, run_dir, *extra))
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a `flax-train` child process: it compiles the same step as the tests, so
-    it uses the session's compilation cache, if there is one (and never the CLI's default cache in
-    the home directory)."""
-    env = dict(os.environ, **extra)
-    if jax.config.jax_compilation_cache_dir:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(jax.config.jax_compilation_cache_dir)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(jax.config.jax_persistent_cache_min_compile_time_secs)
-    else:
-        env["SDXL_TPU_COMPILATION_CACHE"] = ""
-    return env
-
-
-def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, module: str = "flax_train.cli") -> str:
-    """Runs a CLI as a user would; returns its stdout, fails the test with its stderr."""
-    result = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, f"{module} {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
-    return result.stdout
-
-
-def host(tree: Any) -> Any:
-    """A numpy copy (the step donates its input state)."""
-    return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
-
-
-def assert_trees_equal(a: Any, b: Any) -> None:
-    leaves_a, tree_a = jax.tree.flatten(host(a))
-    leaves_b, tree_b = jax.tree.flatten(host(b))
-    assert tree_a == tree_b
-    for x, y in zip(leaves_a, leaves_b):
-        assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(x, y)
-
+    return make_workspace(tmp_path_factory.mktemp("train"))
 
 # --------------------------------------------------------------------------------------------
 # The step, compiled as the trainer compiles it, on a fixed batch
@@ -514,152 +437,3 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(workspace, ful
 
     rerun = train.train(make_config(workspace, run_dir, *extra), max_steps=stopped + 1)
     assert rerun.step == stopped + 1 and len(rerun.losses) == 1  # one new step: it resumed
-
-
-# --------------------------------------------------------------------------------------------
-# Pods: a run directory on Cloud Storage, and several processes
-
-
-def test_a_run_directory_on_cloud_storage(workspace, full_run, gcs_bucket, tmp_path):
-    """prepare -> train with checkpoints -> stop -> resume -> export -> xla-infer, all through the
-    CLIs with every path in a bucket of a real Cloud Storage API (the emulator)."""
-    from etils import epath
-
-    run_dir = f"{gcs_bucket}/runs/{tmp_path.name}"
-    args = ["--config", str(DEMO_CONFIG), *overrides(workspace, run_dir, "data.cache_dir=null")]
-    run_cli("prepare", *args, cwd=tmp_path)
-    first = run_cli("train", *args, "--max-steps", "2", cwd=tmp_path)
-    assert "trained to step 2" in first
-    second = run_cli("train", *args, "validation.every_steps=4", "validation.num_steps=2", "export.at_end=true",
-                     "logging.tensorboard=true", cwd=tmp_path)
-    assert "trained to step 4" in second and f"{run_dir}/export" in second
-
-    run = epath.Path(run_dir)
-    assert (run / "config.yaml").exists() and (run / "cache" / "manifest.json").exists()
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in rows] == [1, 2, 3, 4]  # the resumed run continued the file
-    assert [row["loss"] for row in rows] == full_run[1].losses  # the same run as on local disk
-    assert list((run / "tensorboard").iterdir())
-    assert [p.name for p in (run / "samples").iterdir()] == ["step_0000004.png"]
-    assert (run / "export" / "model_index.json").exists() and (run / "export" / "unet" / "config.json").exists()
-    # The checkpoint went through tensorstore's gs:// driver and back unchanged.
-    _, state = train.restore_checkpoint(config_lib.load([DEMO_CONFIG], overrides(workspace, run_dir)))
-    _, local = train.restore_checkpoint(full_run[0])
-    assert_trees_equal(state, local)
-
-    run_cli("--model", f"{run_dir}/export", "--prompt", "a red circle on a blue background", "--steps", "2",
-            "--out", f"{run_dir}/images", cwd=tmp_path, module="xla_infer.cli")
-    assert sorted(p.name for p in (run / "images").iterdir()) == ["00000.png", "manifest.json"]
-    # pathlib would have turned gs://b/x into a local folder gs:/b/x.
-    assert not (tmp_path / "gs:").exists() and not (REPO / "gs:").exists()
-
-
-class Processes:
-    """`flax-train` as N processes x 4 CPU devices on localhost, joined by JAX's distributed runtime
-    (what every worker of a TPU pod slice runs), with their output in files."""
-
-    def __init__(self, tmp_path: Path, name: str, *args: str, count: int = 2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count), JAX_PLATFORMS="cpu",
-                      XLA_FLAGS="--xla_force_host_platform_device_count=4")
-        self.logs = [tmp_path / f"{name}.{i}.log" for i in range(count)]
-        self.procs = []
-        for i, log in enumerate(self.logs):
-            with open(log, "w") as out:
-                self.procs.append(subprocess.Popen([sys.executable, "-m", "flax_train.cli", *args], cwd=REPO,
-                                                   env=dict(env, JAX_PROCESS_ID=str(i)), stdout=out, stderr=subprocess.STDOUT))
-
-    def output(self, i: int) -> str:
-        return self.logs[i].read_text()
-
-    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            for i, proc in enumerate(self.procs):
-                assert proc.poll() is None, f"process {i} exited ({proc.returncode}) before {what}:\n{self.output(i)[-3000:]}"
-            assert time.monotonic() < deadline, f"no {what} in {timeout} s"
-            time.sleep(0.2)
-
-    def wait(self, timeout: float = 600) -> list[str]:
-        """Every process's output, once all exited 0."""
-        try:
-            for proc in self.procs:
-                proc.wait(timeout=timeout)
-        finally:
-            self.kill()
-        for i, proc in enumerate(self.procs):
-            assert proc.returncode == 0, f"process {i} exited {proc.returncode}:\n{self.output(i)[-3000:]}"
-        return [self.output(i) for i in range(len(self.procs))]
-
-    def kill(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Finished checkpoints (orbax renames a checkpoint's temporary folder to its step when done)."""
-    folder = run_dir / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-
-
-def test_two_processes_train_what_one_does_and_survive_sigterm_and_kill(workspace, tmp_path):
-    """2 processes x 4 devices through the CLI: SIGTERM to one process stops both at the same step
-    with a checkpoint; kill -9 of both loses only the steps after the last checkpoint; the resumed
-    run ends with the parameters of an uninterrupted 1 process x 8 devices run; validation images,
-    export and sampling work across processes."""
-    run_dir = tmp_path / "run"
-    args = ["--config", str(DEMO_CONFIG),
-            *overrides(workspace, run_dir, "train.max_steps=100000", "validation.every_steps=1000", "validation.num_steps=2")]
-
-    # SIGTERM reaches process 1 only (a preemption notice on one host).
-    first = Processes(tmp_path, "first", "train", *args)
-    first.wait_until(lambda: checkpoint_steps(run_dir), "checkpoint")
-    first.procs[1].send_signal(signal.SIGTERM)
-    outputs = first.wait()
-    stops = [int(out.split("stopped at step ")[1].split()[0]) for out in outputs]
-    assert stops[0] == stops[1] and checkpoint_steps(run_dir)[-1] == stops[0], outputs
-
-    # Both killed outright after they saved one more checkpoint.
-    second = Processes(tmp_path, "second", "train", *args)
-    second.wait_until(lambda: checkpoint_steps(run_dir)[-1] > stops[0], "new checkpoint")
-    second.kill()
-    end = checkpoint_steps(run_dir)[-1] + 2
-
-    third = Processes(tmp_path, "third", "train", *args, "--max-steps", str(end))
-    assert all(f"trained to step {end}" in out for out in third.wait())
-    assert (run_dir / "samples" / f"step_{end:07d}.png").is_file()  # written once, by process 0
-
-    # The same run on 1 process x 8 devices. Every step trains the same samples with the same noise
-    # (the step-1 losses agree to the last bit or one), but the 2-process run sums the devices'
-    # partial gradients and losses across processes with gloo, in another order than the in-process
-    # all-reduce. Float addition is not associative, so the runs differ by rounding, which Adam
-    # amplifies where a gradient is near zero (it divides by the gradient's size). So: integers
-    # (step, RNG key) equal, and every float array (weights, EMA, optimizer moments) closer to the
-    # reference than 1% of what the last two training steps changed in it (measured: at most 0.2%
-    # after 8 steps, the median array 0.04%).
-    reference_cfg = make_config(workspace, tmp_path / "reference", "train.max_steps=100000", "checkpoint.every_steps=0")
-    reference = train.train(reference_cfg, max_steps=end)
-    _, expected = train.restore_checkpoint(reference_cfg, step=end)
-    multi_cfg = config_lib.load([DEMO_CONFIG], overrides(workspace, run_dir))
-    _, state = train.restore_checkpoint(multi_cfg, step=end)
-    _, earlier = train.restore_checkpoint(multi_cfg, step=end - 2)
-    assert jax.tree.structure(state) == jax.tree.structure(expected)
-    for got, want, before in zip(*(jax.tree.leaves(host(tree)) for tree in (state, expected, earlier))):
-        if np.issubdtype(want.dtype, np.floating):
-            assert np.linalg.norm(got - want) <= 0.01 * np.linalg.norm(before - want)
-        else:
-            np.testing.assert_array_equal(got, want)
-    rows = {row["step"]: row for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-    assert abs(rows[1]["loss"] - reference.losses[0]) <= 2 * np.spacing(np.float32(reference.losses[0]))
-
-    Processes(tmp_path, "export", "export", *args, "--out", str(tmp_path / "export")).wait()
-    exported = models.load(tmp_path / "export", subfolder="unet")
-    assert_trees_equal(nnx.state(exported, nnx.Param), state.ema)  # gathered from both processes
-    Processes(tmp_path, "sample", "sample", "--model", str(tmp_path / "export"), "--prompt", "a red circle",
-              "--steps", "2", "--out", str(tmp_path / "samples")).wait()
-    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0000.png"]

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Sequence
 
 from flax_train import storage
+from flax_train.errors import BadInput, report
 from xla_infer.schedulers import SCHEDULER_NAMES
 
 EXIT_BAD_INPUT = 2
 
 
-class _BadInput(Exception):
+class _BadInput(BadInput):
     pass
 
 
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> dict:
         if not args.prompt.strip():
             raise _BadInput("--prompt is empty")
         prompts = [args.prompt] * args.num_images
+    out = storage.writable_folder(args.out)  # before loading and compiling for minutes
 
     load_start = time.perf_counter()
     pipe = Pipeline.from_pretrained(
@@ -128,8 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     images = pipe(prompts, negative_prompts=args.negative_prompt, seeds=args.seed, guidance_scale=args.guidance,
                   progress=True)
 
-    # A folder or a URL (gs://...); each file is written whole (see flax_train.storage).
-    out = storage.path(args.out)
+    # Each file is written whole (see flax_train.storage): a killed run leaves no truncated PNG.
     entries = []
     for i, image in enumerate(images):
         name = f"{i:05d}.png"
@@ -161,18 +162,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from xla_infer.pipeline import InputError
-
     args = build_parser().parse_args(argv)  # usage errors exit 2 from argparse
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except (_BadInput, InputError) as err:
-        print(f"xla-infer: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("xla-infer: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - sorted by errors.report: bad input, failed run or bug
+        return report("xla-infer", err)
     return 0
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from flax_train import model_source, sdxl  # these two import neither JAX nor the trainer
+from flax_train.errors import BadInput
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_noise, make_sampler
 
 logger = logging.getLogger("xla_infer")
@@ -47,7 +48,7 @@ DEVICES = ("xla", "cpu", "cuda")
 Size = tuple[int, int]
 
 
-class InputError(ValueError):
+class InputError(BadInput):
     """Bad user input: a missing model folder or component, an impossible size, a bad prompt list..."""
 
 

@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import torch
 
+from flax_train.errors import BadInput
+
 SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m")
 
 # Accepted spellings, so users can also name the diffusers class they know.
@@ -37,7 +39,7 @@ _ALIASES = {
 State = dict[str, torch.Tensor]
 
 
-class UnsupportedScheduler(ValueError):
+class UnsupportedScheduler(BadInput):
     """The scheduler name or its configuration has no device implementation here."""
 
 

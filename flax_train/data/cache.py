@@ -43,6 +43,7 @@ from etils import epath
 
 from flax_train import model_source
 from flax_train.data.images import PreprocessSpec, SourceSpec
+from flax_train.errors import BadInput, InputNotFound
 from flax_train.storage import atomic_write_bytes
 
 FORMAT = "sdxl-tpu latent cache"
@@ -68,11 +69,11 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(BadInput):
     """A cache that was prepared with other settings than the ones asked for."""
 
 
-class CacheMissingError(FileNotFoundError):
+class CacheMissingError(InputNotFound):
     """No finished cache where one was expected."""
 
 
@@ -88,9 +89,9 @@ class CacheSettings:
 
     def __post_init__(self):
         if self.latent_source not in LATENT_SOURCES:
-            raise ValueError(f"latent_source must be one of {LATENT_SOURCES}, got {self.latent_source!r}")
+            raise BadInput(f"latent_source must be one of {LATENT_SOURCES}, got {self.latent_source!r}")
         if self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"cache dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
+            raise BadInput(f"cache dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable(
@@ -145,7 +146,7 @@ def _component_folder(path: str, component: str | None) -> Path:
 def _hash_folder(folder: Path) -> str:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _FINGERPRINT_SUFFIXES) if folder.is_dir() else []
     if not files:
-        raise FileNotFoundError(f"{folder}: no config, weights or tokenizer files to fingerprint")
+        raise InputNotFound(f"{folder}: no config, weights or tokenizer files to fingerprint")
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0")
@@ -419,9 +420,9 @@ def make_dataset(
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
+        raise BadInput(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
     if len(cache) < global_batch_size:
-        raise ValueError(f"the cache holds {len(cache)} samples: fewer than one global batch of {global_batch_size}")
+        raise BadInput(f"the cache holds {len(cache)} samples: fewer than one global batch of {global_batch_size}")
     local_batch_size = global_batch_size // process_count
     dataset = (
         grain.MapDataset.source(cache)

@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol, Sequence, get_args
 
 import numpy as np
 from PIL import Image, ImageOps
+from flax_train.errors import BadInput, InputNotFound
 
 DataSource = Literal["imagefolder", "captions_txt", "hf"]
 
@@ -69,7 +70,7 @@ class SourceSpec:
 
     def __post_init__(self):
         if self.kind not in self.KINDS:
-            raise ValueError(f"data source kind must be one of {self.KINDS}, got {self.kind!r}")
+            raise BadInput(f"data source kind must be one of {self.KINDS}, got {self.kind!r}")
 
     def to_json(self) -> dict[str, Any]:
         """The fields that determine the samples."""
@@ -99,7 +100,7 @@ class ImageFolderSource:
         self.root = Path(root).resolve()
         metadata = self.root / "metadata.jsonl"
         if not metadata.is_file():
-            raise FileNotFoundError(f"{metadata}: an imagefolder dataset needs a metadata.jsonl")
+            raise InputNotFound(f"{metadata}: an imagefolder dataset needs a metadata.jsonl")
         self.rejected: list[tuple[str, str]] = []
         self._samples: list[RawSample] = []
         with open(metadata, encoding="utf-8") as lines:
@@ -133,7 +134,7 @@ class CaptionTxtSource:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root}: no such dataset folder")
+            raise InputNotFound(f"{self.root}: no such dataset folder")
         self.rejected: list[tuple[str, str]] = []
         self._images: list[Path] = []
         for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
@@ -166,7 +167,7 @@ class HFSource:
 
         for column in (image_column, caption_column):
             if column not in dataset.column_names:
-                raise ValueError(f"dataset has no column {column!r}; its columns: {dataset.column_names}")
+                raise BadInput(f"dataset has no column {column!r}; its columns: {dataset.column_names}")
         self._dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
         self._image_column = image_column
         self._caption_column = caption_column
@@ -240,9 +241,9 @@ class PreprocessSpec:
 
     def __post_init__(self):
         if self.resolution <= 0 or self.resolution % 8:
-            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+            raise BadInput(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.max_pixels <= 0:
-            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+            raise BadInput(f"max_pixels must be positive, got {self.max_pixels}")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from flax_train.data import cache as cache_lib
+from flax_train.errors import BadInput
 from flax_train.data.cache import (
     EMPTY_PROMPT,
     CacheMissingError,
@@ -119,7 +120,7 @@ class Encoder:
     ):
         devices = list(jax.devices() if devices is None else devices)
         if batch_size % len(devices):
-            raise ValueError(f"prepare batch size {batch_size} must be a multiple of the {len(devices)} devices")
+            raise BadInput(f"prepare batch size {batch_size} must be a multiple of the {len(devices)} devices")
         num_processes = len({d.process_index for d in devices})
         self.mesh = Mesh(np.asarray(devices), ("data",))
         self.batch_size = batch_size
@@ -334,7 +335,7 @@ def prepare_cache(
     source = open_source(source_spec) if source is None else source
     num_items = len(source)
     if num_items == 0:
-        raise ValueError(f"the data source {source_spec.path} has no usable entries (rejected: {source.rejected[:5]})")
+        raise BadInput(f"the data source {source_spec.path} has no usable entries (rejected: {source.rejected[:5]})")
     num_shards = math.ceil(num_items / shard_size)
     plan = {
         "settings": settings.to_json(),

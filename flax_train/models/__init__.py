@@ -22,6 +22,7 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from flax_train import model_source
+from flax_train.errors import InputNotFound
 from flax_train.models import weights
 from flax_train.models.weights import WeightsError
 
@@ -82,7 +83,10 @@ def read_config(folder: str | Path) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise WeightsError(f"{folder}: missing config.json")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:  # not JSON, or not UTF-8: the folder's file, not our code
+        raise WeightsError(f"{path}: not a valid JSON config ({error})") from None
 
 
 def resolve_folder(
@@ -105,7 +109,7 @@ def resolve_pipeline(path: str | Path, *, revision: str | None = None, variant: 
     or fetched from a Hub id or URL (see ``flax_train.model_source``)."""
     root = model_source.local_folder(path, revision=revision, variant=variant)
     if not (root / "model_index.json").is_file():
-        raise FileNotFoundError(f"{root} is not a diffusers pipeline folder (no model_index.json)")
+        raise InputNotFound(f"{root} is not a diffusers pipeline folder (no model_index.json)")
     return root
 
 

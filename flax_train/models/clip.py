@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from flax_train.errors import BadInput
 
 from flax_train.models import freeze_config
 from flax_train.models import layers
@@ -102,7 +103,7 @@ class CLIPTextEmbeddings(nnx.Module):
 class CLIPAttention(nnx.Module):
     def __init__(self, width: int, num_heads: int, *, attention: str, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         if width % num_heads:
-            raise ValueError(f"hidden_size {width} is not a multiple of num_attention_heads {num_heads}")
+            raise BadInput(f"hidden_size {width} is not a multiple of num_attention_heads {num_heads}")
         self.num_heads = num_heads
         self.attention = attention
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -127,7 +128,7 @@ class CLIPAttention(nnx.Module):
 class CLIPMLP(nnx.Module):
     def __init__(self, width: int, hidden: int, activation: str, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
         if activation not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {activation!r} is not supported; choose one of {tuple(ACTIVATIONS)}")
+            raise BadInput(f"hidden_act {activation!r} is not supported; choose one of {tuple(ACTIVATIONS)}")
         self.activation = activation
         self.fc1 = layers.Linear(width, hidden, axes=(EMBED, MLP), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc2 = layers.Linear(hidden, width, axes=(MLP, EMBED), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -169,10 +170,10 @@ class CLIPTextTransformer(nnx.Module):
     ):
         eos = _config_value(config, "eos_token_id")
         if not isinstance(eos, int):
-            raise ValueError(f"eos_token_id must be one integer to pool at, got {eos!r}")
+            raise BadInput(f"eos_token_id must be one integer to pool at, got {eos!r}")
         layers.resolve_attention(attention)  # fail at construction on an unknown name
         if remat not in layers.REMAT_POLICIES:
-            raise ValueError(f"remat policy {remat!r}; choose one of {tuple(layers.REMAT_POLICIES)}")
+            raise BadInput(f"remat policy {remat!r}; choose one of {tuple(layers.REMAT_POLICIES)}")
         self.eos_token_id = eos
         self.remat = remat
         width = _config_value(config, "hidden_size")

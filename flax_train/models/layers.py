@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax_train.errors import BadInput
 
 Dtype = jnp.dtype | type
 
@@ -161,7 +162,7 @@ class GroupNorm(nnx.Module):
         param_dtype: Dtype = jnp.float32,
     ):
         if num_channels % num_groups:
-            raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
+            raise BadInput(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
         self.num_groups = num_groups
         self.eps = eps
         self.dtype = dtype
@@ -271,7 +272,7 @@ ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = get_args(Attention)
 def resolve_attention(implementation: str) -> str:
     """'auto' picks cuDNN's fused kernel on GPU and XLA's elsewhere; the results agree."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"attention implementation {implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+        raise BadInput(f"attention implementation {implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
     if implementation == "auto":
         return "cudnn" if jax.default_backend() == "gpu" else "xla"
     return implementation
@@ -324,7 +325,7 @@ assert tuple(REMAT_POLICIES) == get_args(Remat)
 def call_block(block: nnx.Module, *args, remat: str = "none"):
     """Calls ``block(*args)``, rematerialised with the named policy unless ``remat == "none"``."""
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}")
+        raise BadInput(f"remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}")
     if remat == "none":
         return block(*args)
     return nnx.remat(lambda b, *a: b(*a), policy=REMAT_POLICIES[remat])(block, *args)

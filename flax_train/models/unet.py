@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax_train.errors import BadInput
 
 from flax_train.models import freeze_config, layers
 from flax_train.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
@@ -92,7 +93,7 @@ def _per_level(value: Any, levels: int, key: str) -> list:
     """An int (or other scalar) repeated per level, or a per-level list checked for length."""
     if isinstance(value, (list, tuple)):
         if len(value) != levels:
-            raise ValueError(f"UNet config: {key} has {len(value)} entries for {levels} levels")
+            raise BadInput(f"UNet config: {key} has {len(value)} entries for {levels} levels")
         return list(value)
     return [value] * levels
 
@@ -111,27 +112,27 @@ def resolve_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if value not in accepted:
             if key == "num_attention_heads":
                 # diffusers itself refuses it: "attention_head_dim" holds the head counts.
-                raise ValueError(
+                raise BadInput(
                     f"UNet config: num_attention_heads={value!r} is rejected by diffusers' "
                     "UNet2DConditionModel too; give the number of heads per level as attention_head_dim"
                 )
-            raise ValueError(
+            raise BadInput(
                 f"UNet config: {key}={value!r} is not supported by this implementation "
                 f"(supported: {', '.join(repr(a) for a in accepted)})"
             )
     for key, allowed in (("down_block_types", DOWN_BLOCK_TYPES), ("up_block_types", UP_BLOCK_TYPES)):
         for block_type in cfg[key]:
             if block_type not in allowed:
-                raise ValueError(f"UNet config: {key} entry {block_type!r} is not supported (supported: {allowed})")
+                raise BadInput(f"UNet config: {key} entry {block_type!r} is not supported (supported: {allowed})")
     if cfg["norm_num_groups"] is None:
-        raise ValueError("UNet config: norm_num_groups=None is not supported (supported: an int)")
+        raise BadInput("UNet config: norm_num_groups=None is not supported (supported: an int)")
     levels = len(cfg["block_out_channels"])
     if len(cfg["down_block_types"]) != levels or len(cfg["up_block_types"]) != levels:
-        raise ValueError("UNet config: block_out_channels, down_block_types and up_block_types differ in length")
+        raise BadInput("UNet config: block_out_channels, down_block_types and up_block_types differ in length")
     if cfg["addition_embed_type"] == "text_time":
         for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
             if cfg[key] is None:
-                raise ValueError(f"UNet config: addition_embed_type='text_time' needs {key}")
+                raise BadInput(f"UNet config: addition_embed_type='text_time' needs {key}")
     return cfg
 
 
@@ -346,7 +347,7 @@ class UNet2DConditionModel(layers.Component):
         cfg = resolve_config(config)
         layers.resolve_attention(attention)
         if remat not in layers.REMAT_POLICIES:
-            raise ValueError(f"remat policy {remat!r}; choose one of {tuple(layers.REMAT_POLICIES)}")
+            raise BadInput(f"remat policy {remat!r}; choose one of {tuple(layers.REMAT_POLICIES)}")
         self.config = freeze_config(config)
         self.dtype = dtype
         self.attention = attention
@@ -367,7 +368,7 @@ class UNet2DConditionModel(layers.Component):
         reverse_depths = cfg["reverse_transformer_layers_per_block"]
         if reverse_depths is None:
             if any(isinstance(d, (list, tuple)) for d in depths):
-                raise ValueError(
+                raise BadInput(
                     "UNet config: nested transformer_layers_per_block needs reverse_transformer_layers_per_block"
                 )
             reverse_depths = depths[::-1]

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax_train.errors import BadInput
 
 from flax_train.models import freeze_config, layers
 from flax_train.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
@@ -313,13 +314,13 @@ class AutoencoderKL(layers.Component):
     ):
         cfg = {**DEFAULT_CONFIG, "_class_name": "AutoencoderKL", **config}
         if cfg["act_fn"] not in ("silu", "swish"):
-            raise ValueError(f"AutoencoderKL: act_fn {cfg['act_fn']!r} is not supported (only silu)")
+            raise BadInput(f"AutoencoderKL: act_fn {cfg['act_fn']!r} is not supported (only silu)")
         levels = len(cfg["block_out_channels"])
         for name, block_type in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             if tuple(cfg[name]) != (block_type,) * levels:
-                raise ValueError(f"AutoencoderKL: {name} must be {levels} x {block_type}, got {cfg[name]}")
+                raise BadInput(f"AutoencoderKL: {name} must be {levels} x {block_type}, got {cfg[name]}")
         if remat not in layers.REMAT_POLICIES:
-            raise ValueError(f"remat policy {remat!r}; choose one of {tuple(layers.REMAT_POLICIES)}")
+            raise BadInput(f"remat policy {remat!r}; choose one of {tuple(layers.REMAT_POLICIES)}")
         self.config = freeze_config(cfg)
         self.dtype = dtype
 

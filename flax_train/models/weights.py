@@ -21,16 +21,17 @@ from typing import Callable, Iterator, Mapping
 import jax
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from flax_train.errors import BadInput
 from flax_train.models import layers
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
-class WeightsError(ValueError):
+class WeightsError(BadInput):
     """A weights folder or file does not match the model it is loaded into."""
 
 
@@ -107,9 +108,13 @@ class SafetensorsReader:
     def __init__(self, files: list[Path]):
         self._where: dict[str, Path] = {}
         for f in files:
-            with safe_open(str(f), framework="np") as handle:
-                for key in handle.keys():
-                    self._where[key] = f
+            try:
+                with safe_open(str(f), framework="np") as handle:
+                    keys = handle.keys()
+            except SafetensorError as error:  # e.g. a pickle renamed .safetensors: refused, never unpickled
+                raise WeightsError(f"{f}: not a safetensors file ({error})") from None
+            for key in keys:
+                self._where[key] = f
 
     def keys(self) -> set[str]:
         return set(self._where)

@@ -1,0 +1,236 @@
+"""What a preemptible TPU fleet does to a run, done to the CLI on the tiny workspace: kill -9 at
+random moments (during asynchronous checkpoint writes too), damaged checkpoints, a checkpoint that
+cannot be written, SIGTERM while starting, and output paths that cannot be written."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flax_train import train
+from flax_train.demo import CONFIG as DEMO_CONFIG
+from train_support import (
+    REPO,
+    Workspace,
+    assert_trees_equal,
+    checkpoint_steps,
+    cli_env,
+    make_config,
+    make_workspace,
+    overrides,
+)
+
+pytestmark = pytest.mark.xdist_group("faults")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Workspace:
+    return make_workspace(tmp_path_factory.mktemp("faults"))
+
+
+def start_train(workspace: Workspace, run_dir: Path, log: Path, *extra: str, file_limit_kib: int = 0) -> subprocess.Popen:
+    """`flax-train train` in the background. ``file_limit_kib``: its files cannot grow past that, so
+    writes fail as on a full disk (EFBIG rather than ENOSPC; a size-limited file system would need
+    root to mount)."""
+    command = [sys.executable, "-m", "flax_train.cli", "train", "--config", str(DEMO_CONFIG),
+               *overrides(workspace, run_dir, *extra)]
+    if file_limit_kib:  # the shell ignores SIGXFSZ (inherited) so a write fails instead of killing
+        command = ["bash", "-c", f"trap '' XFSZ; ulimit -f {file_limit_kib}; exec \"$@\"", "bash", *command]
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_for(proc: subprocess.Popen, condition, what: str, log: Path, timeout: float = 300) -> bool:
+    """True once ``condition()`` holds; False if the process exited first (0 only)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            assert proc.returncode == 0, log.read_text()[-3000:]
+            return False
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        time.sleep(0.05)
+    return True
+
+
+def unfinished(run_dir: Path) -> set[str]:
+    """Checkpoints being written, or left half-written by a kill (orbax writes into a temporary folder)."""
+    folder = run_dir / "checkpoints"
+    return {p.name for p in folder.iterdir() if "tmp" in p.name} if folder.exists() else set()
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(workspace, tmp_path):
+    steps = 24
+    extra = (f"train.max_steps={steps}", "checkpoint.every_steps=3", "checkpoint.async_save=true")
+    run_dir = tmp_path / "killed"
+    rng = random.Random(0)
+    kills, during_save = 0, 0
+    while kills < 5:
+        log = tmp_path / f"run{kills}.log"
+        proc = start_train(workspace, run_dir, log, *extra)
+        try:
+            before, stale = (checkpoint_steps(run_dir) or [0])[-1], unfinished(run_dir)
+            # Alternate: kill while a checkpoint is being written, or a random moment after a new one.
+            if kills % 2 == 0:
+                alive = wait_for(proc, lambda: unfinished(run_dir) - stale, "checkpoint write", log)
+            else:
+                alive = wait_for(proc, lambda: (checkpoint_steps(run_dir) or [0])[-1] > before, "checkpoint", log)
+                time.sleep(rng.uniform(0, 0.5))
+            if not alive:
+                break  # finished before the kill: only possible if the steps ran out
+            during_save += bool(unfinished(run_dir) - stale)
+            proc.kill()
+            proc.wait()
+            kills += 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if before:
+            assert f"resumed from the checkpoint of step {before}" in log.read_text()
+    assert kills == 5 and during_save >= 1, (kills, during_save)
+
+    final = start_train(workspace, run_dir, tmp_path / "final.log", *extra)
+    assert final.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()[-3000:]
+    assert [row["step"] for row in metric_rows(run_dir)] == list(range(1, steps + 1))  # one row per step
+
+    reference = make_config(workspace, tmp_path / "uninterrupted", *extra)
+    train.train(reference)
+    _, expected = train.restore_checkpoint(reference)
+    _, resumed = train.restore_checkpoint(make_config(workspace, run_dir, *extra))
+    assert_trees_equal(resumed, expected)  # parameters, optimizer state, EMA, step, RNG key
+
+
+def _delete_a_file(checkpoint: Path) -> None:
+    next(p for p in sorted(checkpoint.rglob("*")) if p.is_file() and "state" in p.parts).unlink()
+
+
+def _truncate_the_largest_file(checkpoint: Path) -> None:
+    largest = max((p for p in checkpoint.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+
+
+def _empty_the_metadata(checkpoint: Path) -> None:
+    for p in checkpoint.rglob("*metadata*"):
+        if p.is_file():
+            p.write_bytes(b"")
+
+
+@pytest.fixture(scope="module")
+def eight_steps(workspace, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+    """An uninterrupted run of 8 steps with checkpoints at 2, 4, 6 and 8, and its config."""
+    extra = ("train.max_steps=8", "checkpoint.every_steps=2", "checkpoint.keep=10")
+    run_dir = tmp_path_factory.mktemp("eight") / "run"
+    train.train(make_config(workspace, run_dir, *extra))
+    return run_dir, extra
+
+
+def stopped_at_6(eight_steps, tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
+    """A copy of that run as a run stopped after step 6 leaves it."""
+    source, extra = eight_steps
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "8")
+    return source, run_dir, extra
+
+
+@pytest.mark.parametrize("damage", [_delete_a_file, _truncate_the_largest_file, _empty_the_metadata])
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restores(
+    workspace, eight_steps, tmp_path, damage, caplog
+):
+    source, run_dir, extra = stopped_at_6(eight_steps, tmp_path)
+    damage(run_dir / "checkpoints" / "6")
+
+    _, state = train.restore_checkpoint(make_config(workspace, run_dir, *extra))
+
+    _, expected = train.restore_checkpoint(make_config(workspace, source, *extra), step=4)
+    assert_trees_equal(state, expected)
+    assert f"checkpoint {run_dir / 'checkpoints' / '6'} cannot be restored" in caplog.text
+    damaged = list((run_dir / "checkpoints" / "damaged").iterdir())
+    assert len(damaged) == 1 and damaged[0].name.startswith("6-")  # kept, for whoever wants to look
+    assert checkpoint_steps(run_dir) == [2, 4]
+
+
+def test_training_goes_on_past_a_damaged_checkpoint(workspace, eight_steps, tmp_path):
+    source, run_dir, extra = stopped_at_6(eight_steps, tmp_path)
+    _truncate_the_largest_file(run_dir / "checkpoints" / "6")
+
+    result = train.train(make_config(workspace, run_dir, *extra))
+
+    assert result.step == 8 and len(result.losses) == 4  # steps 5 to 8: resumed from step 4
+    assert checkpoint_steps(run_dir) == [2, 4, 6, 8]  # step 6 saved again, the damaged one set aside
+    _, expected = train.restore_checkpoint(make_config(workspace, source, *extra))
+    _, resumed = train.restore_checkpoint(make_config(workspace, run_dir, *extra))
+    assert_trees_equal(resumed, expected)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(workspace, eight_steps, tmp_path):
+    _, run_dir, _ = stopped_at_6(eight_steps, tmp_path)
+    extra = ("train.max_steps=40", "checkpoint.every_steps=2", "checkpoint.async_save=true")
+    largest = max(p.stat().st_size for p in (run_dir / "checkpoints" / "6").rglob("*") if p.is_file())
+
+    log = tmp_path / "full.log"
+    proc = start_train(workspace, run_dir, log, *extra, file_limit_kib=largest // 8 // 1024)
+    assert proc.wait(timeout=600) == 1, log.read_text()[-3000:]
+    text = log.read_text()
+    # orbax and tensorstore print the failure on their own threads too; ours is one line, not a bug report.
+    ours = [line for line in text.splitlines() if line.startswith("flax-train train:")]
+    assert len(ours) == 1 and ours[0].startswith(f"flax-train train: error: a checkpoint could not be written to {run_dir}")
+    assert "bug in sdxl-tpu" not in text
+    # It stopped at the failed save (step 8), not steps later; checkpoint 6 is intact and resumes.
+    assert max(row["step"] for row in metric_rows(run_dir)) <= 10
+    assert checkpoint_steps(run_dir)[-1] == 6
+    result = train.train(make_config(workspace, run_dir, *extra), max_steps=8)
+    assert result.step == 8 and len(result.losses) == 2
+
+
+def test_sigterm_while_starting_exits_0_with_a_message(workspace, tmp_path):
+    run_dir = tmp_path / "run"
+    log = tmp_path / "start.log"
+    proc = start_train(workspace, run_dir, log)
+    try:
+        assert wait_for(proc, lambda: "mesh {" in log.read_text(), "start-up", log)
+        proc.send_signal(signal.SIGTERM)  # while the pipeline loads and the step compiles
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "stopped at step" in text and "on SIGTERM" in text, text[-2000:]
+
+
+def run_cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module", ["flax_train.cli", "xla_infer.cli"])
+def test_an_unusable_output_folder_is_refused_before_the_model_is_read(tmp_path, module):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    command = ["sample"] if module == "flax_train.cli" else []
+    # The model does not exist either: the output is checked first, so that is what is reported.
+    result = run_cli(module, *command, "--model", str(tmp_path / "no-model"), "--prompt", "a red circle",
+                     "--out", str(taken))
+    assert result.returncode == 2, result.stderr
+    assert f"{taken}: cannot write there" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()[-1]) < 300
+
+
+def test_export_without_a_checkpoint_says_so_before_reading_the_model(tmp_path):
+    result = run_cli("flax_train.cli", "export", f"model.pretrained={tmp_path / 'no-model'}",
+                     f"run_dir={tmp_path / 'never-trained'}")
+    assert result.returncode == 2, result.stderr
+    assert f"no checkpoint in {tmp_path / 'never-trained' / 'checkpoints'}" in result.stderr
+    assert "Traceback" not in result.stderr
