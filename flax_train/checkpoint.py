@@ -3,7 +3,9 @@
 A checkpoint has two items: ``state`` (parameters, optimizer state, EMA, step and RNG key, saved
 sharded — each process writes its own shards) and ``data`` (the loader's iterator state, JSON).
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it), so a
-preempted save never leaves a half-written checkpoint that resume would pick up.
+preempted save never leaves a half-written checkpoint that resume would pick up. A newest
+checkpoint that does not restore all the same (files damaged on disk) is set aside and the one
+before is used; a save that fails (a full disk) stops the run at once with one line.
 """
 
 from __future__ import annotations
