@@ -189,11 +189,10 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.flush()
         if self._jsonl:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
-        if self._remote:
-            storage.upload_tree(self.local_dir, self.run_dir)  # what closing the event file wrote
+        if self._remote:  # one upload, of everything the closed files hold
+            storage.upload_tree(self.local_dir, self.run_dir)
             shutil.rmtree(self.local_dir, ignore_errors=True)

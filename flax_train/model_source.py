@@ -35,19 +35,16 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
-from flax_train.errors import InputNotFound
 
-PathLike = str | os.PathLike
+from flax_train import storage
+from flax_train.errors import InputNotFound
+from flax_train.storage import PathLike
 
 # Where copies of remote folders go: $SDXL_TPU_MODEL_CACHE, or ~/.cache/sdxl-tpu/models.
 CACHE_ENV = "SDXL_TPU_MODEL_CACHE"
 # Files of these kinds make a folder a model's. Only safetensors are ever fetched: pickles can run
 # code when loaded, the others are for other runtimes.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".onnx", ".onnx_data", ".pb", ".ckpt", ".pt", ".pth")
-
-
-def is_url(location: PathLike) -> bool:
-    return "://" in str(location)
 
 
 def is_hub_id(location: PathLike) -> bool:
@@ -57,7 +54,7 @@ def is_hub_id(location: PathLike) -> bool:
         text.count("/") == 1
         and not text.startswith((".", "/", "~"))
         and "\\" not in text
-        and not is_url(text)
+        and not storage.is_remote(text)
         and not os.path.exists(text)
     )
 
@@ -76,7 +73,7 @@ def local_folder(
     ``revision`` (branch, tag or commit) applies to a Hub id; ``variant`` ("fp16") picks the
     ``*.fp16.safetensors`` weights from a Hub repo or a URL. A local folder is returned as it is.
     """
-    if is_url(location):
+    if storage.is_remote(location):
         return _copy_remote(str(location), variant=variant, component=component)
     if is_hub_id(location):
         return _download(str(location), revision=revision, variant=variant, component=component)
@@ -168,9 +165,7 @@ def _copy_remote(url: str, *, variant: str | None, component: bool) -> Path:
     copying the same folder at once (several on one host) each build their own and the first rename
     wins. Each host of a multi-host job copies to its own disk.
     """
-    from etils import epath
-
-    root = epath.Path(url)
+    root = storage.path(url)
     stats = _listing(root) if root.is_dir() else {}
     if not stats:
         raise InputNotFound(f"{url}: no such folder (or it is empty)")
@@ -189,7 +184,7 @@ def _copy_remote(url: str, *, variant: str | None, component: bool) -> Path:
     partial = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".partial", dir=target.parent))
     try:
         for relative in files:
-            _copy_file(root / relative, partial / relative)
+            storage.copy_file(root / relative, partial / relative)
         os.rename(partial, target)
     except OSError:
         if not target.is_dir():
@@ -211,9 +206,3 @@ def _listing(folder) -> dict:
         else:
             files[path.name] = stat
     return files
-
-
-def _copy_file(source, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with source.open("rb") as src, open(destination, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 24)

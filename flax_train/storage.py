@@ -76,16 +76,22 @@ def atomic_write_bytes(target: PathLike, data: bytes) -> None:
         raise
 
 
+def copy_file(source: PathLike, destination: PathLike) -> None:
+    """One file, local or remote on either side, streamed (weights can be many GB)."""
+    destination = path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with path(source).open("rb") as src, destination.open("wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+
+
 def upload_tree(source: PathLike, target: PathLike, *, last: str | None = None) -> None:
     """Copies the files under local folder ``source`` to ``target``; the file named ``last`` (relative
     to ``source``) is copied after all the others."""
-    source, target = Path(source), path(target)
+    source = Path(source)
     files = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
     files.sort(key=lambda p: str(p) == last)  # stable: only moves `last` to the end
     for relative in files:
-        destination = target / str(relative)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        destination.write_bytes((source / relative).read_bytes())
+        copy_file(source / relative, path(target) / str(relative))
 
 
 def publish_folder(local: Path, target: PathLike, *, marker: str) -> epath.Path:

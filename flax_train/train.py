@@ -571,7 +571,6 @@ def export_from_checkpoint(cfg: config_lib.Config, *, out: storage.PathLike | No
     """Writes a diffusers folder from the newest checkpoint of ``cfg.run_dir``, as ``export.*`` says."""
     if out is not None:
         cfg = dataclasses.replace(cfg, export=dataclasses.replace(cfg.export, dir=str(out)))
-    checkpoint.require(checkpoint_dir(cfg))  # both checked before anything is built or read
     storage.writable_folder(export.export_dir(cfg))
-    graphdef, state = restore_checkpoint(cfg)
+    graphdef, state = restore_checkpoint(cfg)  # which looks for a checkpoint before building anything
     return export.export_run(cfg, graphdef, export_params(cfg, state))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_train import model_source
+from flax_train import model_source, storage
 
 # One worker builds the tiny pipeline and starts the fake Hub once for all of them.
 pytestmark = pytest.mark.xdist_group("model_sources")
@@ -297,7 +297,7 @@ def test_locations():
     assert model_source.is_hub_id("stabilityai/stable-diffusion-xl-base-1.0")
     assert not model_source.is_hub_id("./runs/export") and not model_source.is_hub_id("/abs/x")
     assert not model_source.is_hub_id("gs://bucket/x") and not model_source.is_hub_id("runs/demo/base/unet")
-    assert model_source.is_url("gs://bucket/x") and not model_source.is_url("runs/x")
+    assert storage.is_remote("gs://bucket/x") and not storage.is_remote("runs/x")
     assert model_source.local_folder("~/somewhere") == Path.home() / "somewhere"  # a local folder is itself
 
 
@@ -387,7 +387,7 @@ def test_gs_folder_is_copied_once_and_loads(gcs_bucket, tiny, model_cache, tmp_p
         raise AssertionError("copied again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(model_source, "_copy_file", no_copy)
+        patch.setattr(storage, "copy_file", no_copy)
         assert models.resolve_pipeline(url) == folder
 
     # A changed remote folder is a new copy; the old one is left as it was.
@@ -404,7 +404,7 @@ def test_gs_folder_is_copied_once_and_loads(gcs_bucket, tiny, model_cache, tmp_p
 def test_gs_copy_interrupted_is_never_used(gcs_bucket, tiny, model_cache, tmp_path, monkeypatch):
     url = f"{gcs_bucket}/{tmp_path.name}/sdxl"
     upload(tiny, url)
-    copy, calls = model_source._copy_file, []
+    copy, calls = storage.copy_file, []
 
     def dies_midway(source, destination):
         calls.append(destination)
@@ -413,7 +413,7 @@ def test_gs_copy_interrupted_is_never_used(gcs_bucket, tiny, model_cache, tmp_pa
         copy(source, destination)
 
     with monkeypatch.context() as patch:
-        patch.setattr(model_source, "_copy_file", dies_midway)
+        patch.setattr(storage, "copy_file", dies_midway)
         with pytest.raises(OSError, match="connection reset"):
             model_source.local_folder(url)
     assert list(model_cache.iterdir()) == []  # nothing that could pass for a copy, nothing left over
@@ -431,14 +431,14 @@ def test_gs_copy_interrupted_is_never_used(gcs_bucket, tiny, model_cache, tmp_pa
 def test_gs_concurrent_copies_on_one_host_agree(gcs_bucket, tiny, model_cache, tmp_path, monkeypatch):
     url = f"{gcs_bucket}/{tmp_path.name}/sdxl"
     upload(tiny, url)
-    copy, both_copying = model_source._copy_file, threading.Barrier(2, timeout=60)
+    copy, both_copying = storage.copy_file, threading.Barrier(2, timeout=60)
 
     def copy_together(source, destination):
         if destination.name == "model_index.json":
             both_copying.wait()  # both processes are mid-copy; both will try to rename
         copy(source, destination)
 
-    monkeypatch.setattr(model_source, "_copy_file", copy_together)
+    monkeypatch.setattr(storage, "copy_file", copy_together)
     results = []
     threads = [threading.Thread(target=lambda: results.append(model_source.local_folder(url))) for _ in range(2)]
     for thread in threads:

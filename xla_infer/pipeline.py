@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from flax_train import model_source, sdxl  # these two import neither JAX nor the trainer
+from flax_train import model_source, sdxl, storage  # these import neither JAX nor the trainer
 from flax_train.errors import BadInput
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_noise, make_sampler
 
@@ -262,7 +262,7 @@ class Pipeline:
         _check_local_folder(folder)
         source = str(folder)
         # A Hub id or URL names the model better than the cache folder it was fetched to.
-        fetched = model_source.is_url(model) or model_source.is_hub_id(model)
+        fetched = storage.is_remote(model) or model_source.is_hub_id(model)
 
         def load(what: str, fn, **kwargs):
             try:
