@@ -28,7 +28,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.train_throughput
 	$(BIN)/python -m benchmarks.prepare_throughput --out benchmarks/results/prepare_throughput_cpu.json
-	$(BIN)/python -m benchmarks.xla_infer_latency
+	$(BIN)/python -m benchmarks.infer_latency
 
 clean:
 	rm -rf $(VENV) runs

@@ -390,6 +390,7 @@ def extrapolate(rows: list[dict[str, Any]], depth: int = SDXL_DEPTH) -> dict[str
             fitted = slope * depths + intercept
             residuals[field] = float(np.max(np.abs(fitted - values) / np.maximum(np.abs(values), 1e-30)))
     out["unet_params"] = int(round(out["unet_params"]))
+    out["status"] = "extrapolated"  # not compiled at this depth: the figures are a linear fit
     if residuals:
         out["fit_max_relative_residual"] = residuals
     return out
@@ -489,7 +490,8 @@ def host_info() -> dict[str, Any]:
 MARKDOWN_NOTES = """\
 ## What the columns mean
 
-- **how**: `compiled` is the full SDXL step compiled as is. `extrap. 1, 2` means the step was
+- **how** / **status**: `compiled` is the full SDXL step compiled as is. `extrap. 1, 2` (status
+  `extrapolated`: nothing at full depth was compiled) means the step was
   compiled for two shallower copies of SDXL (the deepest level's 10 transformer layers cut to 1
   and 2, everything else unchanged) and every per-chip figure (parameters, memory, FLOPs, cost-model
   time) was extrapolated linearly to 10 layers. The extrapolated parameter count is checked against
@@ -502,15 +504,16 @@ MARKDOWN_NOTES = """\
 - **compiler TFLOP/step**: `cost_analysis()["flops"]` x chips. **analytic**: 6.761 TFLOP forward per
   image at 1024px, 1.589 at 512px (torch FlopCounterMode on the diffusers UNet), x3 for forward +
   backward, x4 with full rematerialisation (the forward runs again in the backward pass).
-- **roofline s**: the least time the compiled program could take on the chip, max(compiler FLOPs /
-  peak FLOP/s, compiler bytes accessed / HBM bandwidth), bandwidths 819 (v5e), 2765 (v5p), 1640
-  (v6e) GB/s. It ignores collectives and assumes perfect overlap: a bound, not an estimate.
+- **roofline s**: max(compiler FLOPs / peak FLOP/s, compiler bytes accessed / HBM bandwidth),
+  bandwidths 819 (v5e), 2765 (v5p), 1640 (v6e) GB/s. An idealised figure from the compiler's own
+  counts, not a bound: it leaves out the collectives' traffic over the interconnect and assumes
+  compute and memory traffic overlap perfectly.
 - **est. step s**: the compiler's `optimal_seconds`, a {note}; `-` where the cost model could not
   price the program (it then answers a negative time, kept in the JSON as `optimal_seconds_unpriced`). **est. img/s** = global batch /
   est. step s. **est. MFU** = analytic model FLOPs (3 x forward; recomputation not counted) /
   (est. step s x peak bf16 FLOP/s x chips), peaks 197 (v5e), 459 (v5p), 918 (v6e) TFLOP/s.
   A real step is slower than the cost model's figure (input feeding, host work, collectives that
-  do not overlap as planned): read these as an upper bound on throughput until measured on a TPU.
+  do not overlap as planned): read these as optimistic until measured on a TPU.
 
 ## Published figures for comparison (not from this project)
 
@@ -563,7 +566,7 @@ def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], inf
         checks = sorted({(r["unet_params"], r["method"]) for r in rows if r.get("method") and "unet_params" in r})
         md += [f"SDXL UNet parameters: {real:,}; extrapolated: " + ", ".join(f"{p:,} ({m})" for p, m in checks) + ".", ""]
         md += ["The shallower compiles the extrapolated rows come from:", "", table(analogs), ""]
-    failed = [r for r in rows + analogs if r["status"] not in ("compiled", "oom", "over_hbm")]
+    failed = [r for r in rows + analogs if r["status"] not in ("compiled", "extrapolated", "oom", "over_hbm")]
     if failed:
         md += ["## Compiles that failed", ""]
         md += [f"- `{r['scenario']}` (depth {r.get('depth')}): {r['status']} - {str(r.get('error', ''))[:300]}" for r in failed]

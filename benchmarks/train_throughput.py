@@ -3,13 +3,21 @@
 For each mesh layout (pure data parallel, FSDP, hybrid) and remat policy it compiles the trainer's
 own step (`flax_train.train.train_step`, ahead of time, as `flax-train train` does), runs warm-up
 steps, times steady steps, and reports images/s, TFLOP/s per device (from XLA's cost analysis),
-MFU where the chip's peak is known, and each layout's speed relative to the first. Batches are
+MFU (model FLOPs: 3 x the UNet's forward) and HFU (the compiled step's FLOPs) where the chip's
+peak is known (see flax_train/flops.py), and each layout's speed relative to the first. Batches are
 random arrays of the cache's shapes, so no dataset or VAE is involved. Not a test: nothing is
 asserted. On a CPU host the 8 devices are simulated and the figures only compare layouts.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu python -m benchmarks.train_throughput
     python -m benchmarks.train_throughput --unet sdxl --resolution 1024 --batch 8 --dtype bfloat16 \
         --remat full --layouts fsdp                  # on an accelerator host
+    python -m benchmarks.train_throughput --quick    # seconds: checks the script, measures nothing
+
+Beside our step it times, in the same run and on the same host, the step diffusers'
+train_text_to_image_sdxl.py runs: the same UNet config as diffusers' UNet2DConditionModel in
+PyTorch (eager), the same batch, resolution and precision (fp32 weights; bf16 through autocast
+when --dtype bfloat16, as --mixed_precision bf16 does), noise-prediction MSE, AdamW, gradient
+checkpointing when --remat is not none. It reports both images/s and ours / diffusers.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ def run_layout(cfg, layout: str, args) -> dict:
     import jax
     import numpy as np
 
-    from flax_train import config as config_lib, diffusion, metrics, sdxl, sharding, train
+    from flax_train import config as config_lib, diffusion, flops, metrics, models, sdxl, sharding, train
 
     cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(**LAYOUTS[layout]))
     mesh = sharding.make_mesh(cfg.mesh)
@@ -53,7 +61,7 @@ def run_layout(cfg, layout: str, args) -> dict:
     host_batch["add_time_ids"][:] = [cfg.data.resolution] * 2 + [0, 0] + [cfg.data.resolution] * 2
     schedule = diffusion.NoiseSchedule.from_scheduler_config(sdxl.SCHEDULER_CONFIG)
     step_fn = train.make_step_fn(cfg, graphdef, tx, lr, schedule, empty, "epsilon")
-    compiled, compile_s = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
+    compiled, compile_s, hardware_flops = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
     shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host_batch.items()}
     device_batch = train.global_batch(host_batch, shardings)
     for _ in range(args.warmup):
@@ -64,7 +72,8 @@ def run_layout(cfg, layout: str, args) -> dict:
         state, out = compiled(state, device_batch)
     jax.block_until_ready(out)
     seconds = (time.perf_counter() - start) / args.steps
-    flops = metrics.compiled_flops(compiled)
+    abstract_unet = models.abstract(architecture, attention="xla")
+    model_flops = 3 * flops.unet_forward_flops(abstract_unet, shapes) * batch
     chip = metrics.detect_chip()
     peak = metrics.CHIP_PEAK_TFLOPS.get(chip or "", None)
     return {
@@ -73,8 +82,52 @@ def run_layout(cfg, layout: str, args) -> dict:
         "remat": cfg.model.remat,
         "compile_s": round(compile_s, 2),
         "memory": metrics.memory_summary(compiled),
-        **{k: round(v, 5) for k, v in metrics.throughput(seconds, batch, flops, peak).items()},
+        **{k: round(v, 5) for k, v in metrics.throughput(seconds, batch, hardware_flops, model_flops, peak).items()},
     }
+
+
+def run_diffusers(architecture: dict, args) -> dict:
+    """The diffusers training script's UNet step in PyTorch on the CPU (or the default CUDA device)."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+
+    from flax_train import train
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unet = UNet2DConditionModel(**{k: v for k, v in architecture.items() if not k.startswith("_")}).to(device).train()
+    if args.remat != "none":
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    shapes, _ = train.batch_spec(architecture, args.batch, args.resolution // args.vae_factor)
+    generator = torch.Generator().manual_seed(0)
+    inputs = {k: torch.randn(v.shape, generator=generator).to(device) for k, v in shapes.items()}
+    inputs["add_time_ids"] = torch.full((args.batch, 6), float(args.resolution), device=device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+
+    def step() -> None:
+        noise = torch.randn_like(inputs["latents"])
+        timesteps = torch.randint(0, 1000, (args.batch,), device=device)
+        with autocast:
+            pred = unet(inputs["latents"] + noise, timesteps, inputs["prompt_embeds"], added_cond_kwargs={
+                "text_embeds": inputs["pooled_prompt_embeds"], "time_ids": inputs["add_time_ids"]}).sample
+        F.mse_loss(pred.float(), noise.float()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    return {"layout": f"diffusers torch eager ({device})", "mesh": {"devices": 1}, "remat": args.remat,
+            "compile_s": round(warmup_s, 2), "step_time_s": round(seconds, 5),
+            "images_per_s": round(args.batch / seconds, 5)}
 
 
 def unet_architecture(unet: str, resolution: int) -> dict:
@@ -97,7 +150,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers PyTorch step")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny UNet at 32px, batch 8, one layout, 1 warm-up and 2 steps: checks the script runs")
     args = parser.parse_args()
+    if args.quick:
+        args.unet, args.resolution, args.batch, args.layouts, args.warmup, args.steps = "tiny", 32, 8, "fsdp", 1, 2
 
     import jax
 
@@ -117,22 +175,29 @@ def main() -> None:
         ],
     )
     results = [run_layout(cfg, layout, args) for layout in args.layouts.split(",")]
+    if not args.no_diffusers:
+        results.append(run_diffusers(unet_architecture(args.unet, args.resolution), args))
     base = results[0]["images_per_s"]
     for r in results:
         r["speed_vs_first"] = round(r["images_per_s"] / base, 3)
     device = jax.devices()[0]
     header = f"train step throughput, {args.unet} UNet at {args.resolution}px, global batch {args.batch}, {args.dtype}, on {len(jax.devices())} x {device.device_kind}"
     print(header)
-    print(f"{'layout':14s} {'mesh':28s} {'compile s':>9s} {'step s':>8s} {'img/s':>8s} {'TFLOP/s/dev':>11s} {'MFU':>6s} {'vs first':>8s}")
+    print(f"{'layout':14s} {'mesh':28s} {'compile s':>9s} {'step s':>8s} {'img/s':>8s} {'TFLOP/s/dev':>11s} "
+          f"{'MFU':>6s} {'HFU':>6s} {'vs first':>8s}")
     for r in results:
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
-        mfu = f"{r['mfu']:.1%}" if "mfu" in r else "-"
+        mfu, hfu = (f"{r[k]:.1%}" if k in r else "-" for k in ("mfu", "hfu"))
         print(
             f"{r['layout']:14s} {mesh:28s} {r['compile_s']:9.1f} {r['step_time_s']:8.3f} {r['images_per_s']:8.2f} "
-            f"{r.get('tflops_per_device', float('nan')):11.4f} {mfu:>6s} {r['speed_vs_first']:8.2f}"
+            f"{r.get('tflops_per_device', float('nan')):11.4f} {mfu:>6s} {hfu:>6s} {r['speed_vs_first']:8.2f}"
         )
+    ratio = None
+    if not args.no_diffusers:
+        ratio = round(max(r["images_per_s"] for r in results[:-1]) / results[-1]["images_per_s"], 3)
+        print(f"ours (best layout) / diffusers: {ratio:.2f}x images/s")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"train_throughput_{args.unet}_{device.platform}.json"
+    name = f"train_throughput_{args.unet}_{device.platform}{'_quick' if args.quick else ''}.json"
     (args.out / name).write_text(
         json.dumps(
             {
@@ -143,6 +208,7 @@ def main() -> None:
                 "cpu_count": os.cpu_count(),
                 "settings": {k: str(v) for k, v in vars(args).items()},
                 "results": results,
+                "ours_vs_diffusers_images_per_s": ratio,
             },
             indent=2,
         )

@@ -1,22 +1,29 @@
 """Checkpoints: one orbax CheckpointManager holding everything a run needs to continue bit-exactly.
 
-A checkpoint has two items: ``state`` (parameters, optimizer state, EMA, step and RNG key, saved
-sharded — each process writes its own shards) and ``data`` (the loader's iterator state, JSON).
+A checkpoint has three items: ``state`` (parameters, optimizer state, EMA, step and RNG key, saved
+sharded — each process writes its own shards), ``data`` (the loader's iterator state, JSON) and
+``checksums`` (one number per array of ``state`` and one for ``data``, computed before the save).
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames it), so a
 preempted save never leaves a half-written checkpoint that resume would pick up. A newest
-checkpoint that does not restore all the same (files damaged on disk) is set aside and the one
-before is used; a save that fails (a full disk) stops the run at once with one line.
+checkpoint that does not restore, or restores to values that do not match its checksums (files
+damaged on disk, bytes flipped), is set aside and the one before is used; a save that fails (a
+full disk) stops the run at once with one line.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -24,6 +31,12 @@ from jax.experimental import multihost_utils
 from flax_train import errors, sharding, storage
 
 log = logging.getLogger(__name__)
+
+ITEMS = ("state", "data", "checksums")
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint restored, but to values other than those saved."""
 
 
 class Checkpointer:
@@ -49,7 +62,7 @@ class Checkpointer:
         # A URL (gs://...) stays one; a local path becomes absolute, as orbax wants.
         if not storage.is_remote(directory):
             directory = directory.absolute()
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -61,12 +74,15 @@ class Checkpointer:
         """Starts an asynchronous save of ``state`` (a pytree of sharded arrays) at ``step``."""
         if not force and not self.due(step):
             return False
+        data_state = data_state or {}
+        sums = checksums(state, data_state)  # of the values in memory, so the files are checked against them
         try:
             saved = self.manager.save(
                 step,
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(data_state or {}),
+                    data=ocp.args.JsonSave(data_state),
+                    checksums=ocp.args.JsonSave(sums),
                 ),
                 force=force,
             )
@@ -79,8 +95,8 @@ class Checkpointer:
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restores into ``abstract_state``'s shapes, dtypes and shardings (a ShapeDtypeStruct tree).
 
-        Without ``step``: the newest checkpoint that restores. One that does not (a file truncated,
-        missing or unreadable) is named in a warning and moved aside to ``<dir>/damaged/`` (never
+        Without ``step``: the newest checkpoint that restores to the values saved. One that does
+        not (a file truncated, missing, unreadable or with bytes changed) is named in a warning and moved aside to ``<dir>/damaged/`` (never
         deleted: someone may want to look at it), and the one before is tried; the run then redoes
         the steps after that one and can save them again.
         """
@@ -103,9 +119,18 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
                 data=ocp.args.JsonRestore(),
+                checksums=ocp.args.JsonRestore(),
             ),
         )
-        return restored.state, dict(restored.data or {})
+        data_state = dict(restored.data or {})
+        saved, found = dict(restored.checksums or {}), checksums(restored.state, data_state)
+        wrong = [name for name in found if saved.get(name) != found[name]]
+        if wrong or saved.keys() != found.keys():
+            raise DamagedCheckpoint(
+                f"restored values differ from those saved in {len(wrong) or 'its list of'} arrays "
+                f"({', '.join(wrong[:3]) or 'names'}{', ...' if len(wrong) > 3 else ''})"
+            )
+        return restored.state, data_state
 
     @staticmethod
     def _everywhere(ok: bool) -> bool:
@@ -160,6 +185,39 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:500]
 
 
+def checksums(state: Any, data_state: dict) -> dict[str, int]:
+    """One 32-bit number per array of ``state`` (by tree path) and one for ``data_state``.
+
+    An array's number is the sum, modulo 2**32, of its elements' bits (as unsigned integers) times
+    an odd weight that depends on the position. Changing any one element changes the sum (an odd
+    weight is invertible modulo 2**32); integer sums do not depend on the reduction order, so the
+    number is the same however the array is sharded. Computed on the devices, in one program.
+    """
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0]) if jax.tree.leaves(state) else ((), ())
+    sums = [int(x) for x in sharding.to_host(_array_sums(list(leaves)))]
+    names = [jax.tree_util.keystr(path) for path in paths]
+    data = hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest()
+    return {**dict(zip(names, sums)), "data": int.from_bytes(data[:4], "little")}
+
+
+@jax.jit
+def _array_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+    def bits(x: jax.Array) -> jax.Array:
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        if x.dtype == jnp.bool_:
+            return x.astype(jnp.uint32)
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+    def weighted_sum(x: jax.Array) -> jax.Array:
+        b = bits(x)
+        weights = jnp.arange(b.size, dtype=jnp.uint32).reshape(b.shape) * jnp.uint32(2) + jnp.uint32(1)
+        return jnp.sum(b * (weights * jnp.uint32(0x9E3779B1)), dtype=jnp.uint32)
+
+    return [weighted_sum(x) for x in leaves]
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the target shardings, for restoring straight onto the mesh."""
     return jax.tree.map(
@@ -179,11 +237,18 @@ class PreemptionGuard:
     ``jax.distributed.initialize``) catches SIGTERM itself and, through the coordination service,
     picks one step that all processes reach; ``stop`` turns true there on every process. A Python
     handler would replace that manager's own, so none is installed then.
+
+    ``grace_s``: the process exits (status 1, with a line saying why) that many seconds after the
+    stop began even if the checkpoint is not written by then; orbax writes into a temporary folder,
+    so an abandoned save leaves the checkpoints before it as they were. A second SIGTERM changes
+    nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float | None = None) -> None:
         self.requested = threading.Event()
+        self.grace_s = grace_s
         self._previous = None
+        self._deadline: threading.Timer | None = None
 
     def __enter__(self) -> "PreemptionGuard":
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
@@ -191,10 +256,28 @@ class PreemptionGuard:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if self.requested.is_set():
+            log.warning("SIGTERM again: already stopping; the checkpoint being written is not interrupted")
+            return
         log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
         self.requested.set()
+        self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        if self.grace_s is not None and self._deadline is None:
+            self._deadline = threading.Timer(self.grace_s, self._give_up)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+    def _give_up(self) -> None:
+        print(f"flax-train: error: stopping on SIGTERM took longer than checkpoint.sigterm_grace_s={self.grace_s} s; "
+              "exiting without finishing the checkpoint (the next start resumes from the newest complete one)",
+              file=sys.stderr, flush=True)
+        os._exit(errors.EXIT_FAILURE)  # from a timer thread: the main thread is busy in the save
 
     def __exit__(self, *exc) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -204,5 +287,6 @@ class PreemptionGuard:
         # Every process must ask at every step (the protocol counts steps).
         if multihost_utils.reached_preemption_sync_point(step):
             log.warning("preemption notice: all processes save a checkpoint at step %d and stop", step)
+            self._start_deadline()
             return True
         return False

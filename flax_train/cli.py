@@ -24,7 +24,7 @@ import jax
 from etils import epath
 from PIL.PngImagePlugin import PngInfo
 
-from flax_train import config as config_lib, models, sharding, storage, train
+from flax_train import config as config_lib, errors, lora, models, sharding, storage, train
 from flax_train.errors import BadInput, report
 from flax_train.data import prepare
 from flax_train.sampling import Generator, png_bytes, read_prompt_file
@@ -35,15 +35,22 @@ def _config(args: argparse.Namespace):
     return config_lib.load(args.config or [], args.overrides)
 
 
+def _exported(cfg: config_lib.Config, out: epath.Path) -> str:
+    if cfg.train.method == "lora":
+        return f"LoRA weights for diffusers' load_lora_weights: {out / lora.WEIGHT_NAME}"
+    return f"diffusers pipeline: {out}"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    result = train.train(_config(args), max_steps=args.max_steps)
+    cfg = _config(args)
+    result = train.train(cfg, max_steps=args.max_steps)
     if result.stopped_by_preemption:
         saved = f"checkpoint saved in {result.run_dir}" if result.step else "nothing trained yet, nothing to save"
         print(f"stopped at step {result.step} on SIGTERM; {saved}")
     else:
         print(f"trained to step {result.step}; run directory {result.run_dir}")
         if result.export_dir:
-            print(f"diffusers pipeline: {result.export_dir}")
+            print(_exported(cfg, result.export_dir))
     return 0
 
 
@@ -99,7 +106,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.raw:
         cfg = config_lib.apply_overrides(cfg, ["export.use_ema=false"])
     out = train.export_from_checkpoint(cfg, out=args.out)
-    print(f"diffusers pipeline: {out}")
+    print(_exported(cfg, out))
     return 0
 
 
@@ -133,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("export", help="write a diffusers folder from the newest checkpoint of a run")
+    p = sub.add_parser(
+        "export", help="write a diffusers folder (a LoRA run: its LoRA file) from the newest checkpoint of a run"
+    )
     config_args(p)
     p.add_argument("--out", default=None, help="target folder (default: export.dir or <run_dir>/export)")
     p.add_argument("--raw", action="store_true", help="export the raw weights, not the EMA (as export.use_ema=false)")
@@ -151,6 +160,7 @@ def setup_runtime() -> None:
     # force: a library that logged while being imported has already given the root logger a handler.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of every save
+    errors.quiet_library_noise(own=("flax_train",))
     sharding.initialize_distributed()
     cache = os.environ.get("SDXL_TPU_COMPILATION_CACHE", str(Path.home() / ".cache" / "sdxl-tpu" / "jax"))
     if cache and jax.config.jax_compilation_cache_dir is None:

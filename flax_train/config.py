@@ -34,7 +34,7 @@ from etils import epath
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from flax_train import metrics, sharding
+from flax_train import lora, metrics, sharding
 from flax_train.data.images import DataSource
 from flax_train.diffusion import PredictionType, TimestepBias
 from flax_train.errors import BadInput
@@ -49,6 +49,7 @@ ParamDtype = Literal["float32", "bfloat16"]
 Crop = Literal["random", "center"]
 LatentMode = Literal["sample", "mean"]
 NanPolicy = Literal["stop", "skip"]
+TrainMethod = Literal["full", "lora"]  # train every UNet weight, or low-rank factors beside frozen ones
 Chip = Literal[tuple(metrics.CHIP_PEAK_TFLOPS)]  # the table's keys, so the names are written once
 
 # Flags of diffusers' train_text_to_image_sdxl.py whose names differ from ours, so a config that
@@ -85,6 +86,7 @@ DIFFUSERS_FLAGS = {
     "resume_from_checkpoint": "checkpoint.resume",
     "output_dir": "run_dir",
     "report_to": "logging.tensorboard",
+    "rank": "lora.rank",  # train_text_to_image_lora_sdxl.py
 }
 
 # SDXL's noise schedule has 1000 training timesteps; timestep-bias ranges index into it.
@@ -164,6 +166,7 @@ class DataConfig:
     random_flip: bool = False
     cache_dir: str | None = None  # latent cache; null: <run_dir>/cache
     latent_mode: LatentMode = "mean"  # latents cached as a VAE posterior sample or its mean
+    cache_shard_size: int = 256  # source items per cache file: what an interrupted prepare redoes at most
     max_pixels: int = 89_478_485  # larger source images are refused (decompression bombs)
 
 
@@ -185,11 +188,24 @@ class TimestepBiasConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Used when train.method is lora (flax_train.lora)."""
+
+    rank: int = 4  # --rank
+    alpha: float | None = None  # the update is scaled by alpha / rank; null: alpha = rank, as diffusers' scripts
+    dropout: float = 0.0  # on the LoRA input, in training only
+    # Module names as peft's target_modules: a module matches when its diffusers path is the name
+    # or ends with "." + the name. Attention projections by default; see lora.SUPPORTED_TARGETS.
+    target_modules: tuple[str, ...] = lora.DEFAULT_TARGETS
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # Images per micro-step over all chips (--train_batch_size x number of chips). An optimizer
     # update sees global_batch_size x grad_accum_steps images.
     global_batch_size: int = 8
     grad_accum_steps: int = 1
+    method: TrainMethod = "full"  # full: every UNet weight; lora: the `lora` section's factors only
     max_steps: int = 10_000
     seed: int = 0
     learning_rate: float = 1e-6
@@ -230,6 +246,9 @@ class CheckpointConfig:
     async_save: bool = True
     dir: str | None = None  # null: <run_dir>/checkpoints
     resume: bool = True  # continue from the newest checkpoint in `dir` when there is one
+    # Seconds from SIGTERM to exit: a checkpoint not finished by then is abandoned (the one before
+    # stays) and the run exits 1. null: wait for the save however long it takes.
+    sigterm_grace_s: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +285,7 @@ class Config:
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     validation: ValidationConfig = ValidationConfig()
@@ -531,6 +551,7 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         f"data.resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {d.resolution}",
     )
     check(d.max_pixels > 0, f"data.max_pixels must be positive, got {d.max_pixels}")
+    check(d.cache_shard_size > 0, f"data.cache_shard_size must be positive, got {d.cache_shard_size}")
     check(bool(d.caption_column), "data.caption_column must not be empty")
     check(bool(d.image_column), "data.image_column must not be empty")
 
@@ -571,6 +592,25 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     check(t.noise_offset >= 0, f"train.noise_offset must be >= 0, got {t.noise_offset}")
     check(0 <= t.caption_dropout <= 1, f"train.caption_dropout must be in [0, 1], got {t.caption_dropout}")
 
+    lo = config.lora
+    check(lo.rank >= 1, f"lora.rank must be >= 1, got {lo.rank}")
+    check(lo.alpha is None or (math.isfinite(lo.alpha) and lo.alpha > 0),
+          f"lora.alpha must be > 0 (or null for lora.rank), got {lo.alpha}")
+    check(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    check(len(lo.target_modules) > 0,
+          "lora.target_modules is empty; name at least one module, e.g. [to_q, to_k, to_v, to_out.0]")
+    for name in lo.target_modules:
+        if name not in lora.SUPPORTED_TARGETS:
+            close = difflib.get_close_matches(name, lora.SUPPORTED_TARGETS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(f"lora.target_modules: unknown module {name!r}; choose from "
+                            f"{', '.join(lora.SUPPORTED_TARGETS)}{hint}")
+    check(len(set(lo.target_modules)) == len(lo.target_modules),
+          f"lora.target_modules names a module twice: {list(lo.target_modules)}")
+    check(t.method != "lora" or m.unet_config is None,
+          "train.method is lora but model.unet_config is set; a LoRA trains beside the pretrained folder's UNet "
+          "(model.unet_config: null)")
+
     mesh = config.mesh
     shape = None
     mesh_problems = sharding.mesh_axis_problems(mesh)
@@ -597,6 +637,8 @@ def validate(config: Config, num_devices: int | None = None) -> None:
 
     c = config.checkpoint
     check(c.every_steps >= 0, f"checkpoint.every_steps must be >= 0 (0: no periodic saves), got {c.every_steps}")
+    check(c.sigterm_grace_s is None or c.sigterm_grace_s > 0,
+          f"checkpoint.sigterm_grace_s must be > 0 seconds or null, got {c.sigterm_grace_s}")
     check(c.keep is None or c.keep >= 1, f"checkpoint.keep must be >= 1 (or null to keep all), got {c.keep}")
 
     v = config.validation

@@ -12,6 +12,7 @@ Imports only the standard library, so that xla_infer can use it without pulling 
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 
@@ -52,8 +53,52 @@ def report(prefix: str, error: Exception) -> int:
         print(f"{prefix}: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     if isinstance(error, RunFailure):
-        print(f"{prefix}: error: {error}", file=sys.stderr)
+        # One write, on a line of its own: library threads may still be printing their part.
+        sys.stderr.write(f"\n{prefix}: error: {error}\n")
+        sys.stderr.flush()
         return EXIT_FAILURE
     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
     print(f"{prefix}: {BUG_HINT}", file=sys.stderr)
     return EXIT_FAILURE
+
+
+def quiet_library_noise(own: tuple[str, ...]) -> None:
+    """Keeps other libraries' reports of a failure we report ourselves to one line each.
+
+    A checkpoint write that fails (a full disk) makes orbax and tensorstore log the same error
+    from several threads with tracebacks through their internals, asyncio log one "Task exception
+    was never retrieved" per array, and tensorstore's late callbacks print "Event loop is closed"
+    tracebacks: well over a thousand lines around the one line of ours (a RunFailure) that says
+    what happened. So: log records of loggers not in ``own`` lose their tracebacks and lines after
+    the first, those asyncio records are dropped, and so are uncaught "Event loop is closed"
+    errors that reach ``sys.excepthook``. (Some of tensorstore's are printed by its own threads
+    without it, and still show.) An unexpected error in our own code still shows its traceback
+    (through `report`).
+    """
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_LibraryTracebacks(own))
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+class _LibraryTracebacks(logging.Filter):
+    def __init__(self, own: tuple[str, ...]):
+        super().__init__()
+        self.own = own
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self.own):
+            return True
+        message = record.getMessage()
+        if record.name == "asyncio" and "exception was never retrieved" in message:
+            return False
+        if record.exc_info or "\n" in message:
+            record.msg, record.args = (message.splitlines() or [""])[0], None
+            record.exc_info = record.exc_text = None
+        return True

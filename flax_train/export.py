@@ -1,9 +1,13 @@
-"""Export: a complete diffusers SDXL folder with the trained UNet.
+"""Export: a complete diffusers SDXL folder with the trained UNet, or a LoRA file.
 
 The trained UNet is written as PyTorch-layout safetensors under ``unet/``; every other component
 (VAE, text encoders, tokenizers, scheduler, ``model_index.json``) is copied from the pipeline the
 run started from, so ``StableDiffusionXLPipeline.from_pretrained(out)`` loads the result, and so do
 ``xla_infer`` and the other tools that read the diffusers format.
+
+A LoRA run (``train.method: lora``) exports only its factors, as diffusers' LoRA training scripts
+do: ``<export dir>/pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(<export dir>)``
+applies to a pipeline of ``model.pretrained``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax
 from etils import epath
 from flax import nnx
 
-from flax_train import config as config_lib, models, sharding, storage
+from flax_train import config as config_lib, lora, models, sharding, storage
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ def export_pipeline(
     """
     index_path = models.resolve_pipeline(base) / "model_index.json"
     tmp = storage.staging_dir(out)
-    index = json.loads(index_path.read_text())
+    index = storage.read_json(index_path)
     for name in SDXL_COMPONENTS:
         if not index.get(name) or index[name][0] is None:
             continue
@@ -71,18 +75,33 @@ def export_pipeline(
     return storage.publish_folder(tmp, out, marker="model_index.json")
 
 
+def export_lora(factors: nnx.State, lora_cfg: config_lib.LoraConfig, out: storage.PathLike) -> epath.Path:
+    """Writes ``out`` as a folder holding ``pytorch_lora_weights.safetensors`` from host
+    ``factors``; built aside and published whole, like a pipeline folder."""
+    tmp = storage.staging_dir(out)
+    lora.save_weights(factors, lora_cfg, tmp / lora.WEIGHT_NAME)
+    return storage.publish_folder(tmp, out, marker=lora.WEIGHT_NAME)
+
+
 def export_dir(cfg: config_lib.Config) -> epath.Path:
     return storage.path(cfg.export.dir or storage.path(cfg.run_dir) / "export")
 
 
 def export_run(cfg: config_lib.Config, graphdef: nnx.GraphDef, params: nnx.State) -> epath.Path:
-    """Writes a run's diffusers folder to ``export.dir`` (default ``<run_dir>/export``).
+    """Writes a run's diffusers folder (a LoRA run: its LoRA file) to ``export.dir`` (default
+    ``<run_dir>/export``). ``params``: the UNet's, or a LoRA run's factors.
 
     Every process calls this: parameters are gathered from the mesh (across processes on a pod)
     first; process 0 writes, the others wait for it.
     """
     out = export_dir(cfg)
     host_params = sharding.to_host(params)
+    if cfg.train.method == "lora":
+        if jax.process_index() == 0:
+            export_lora(host_params, cfg.lora, out)
+            log.info("exported the LoRA weights to %s", out / lora.WEIGHT_NAME)
+        sharding.sync("export")
+        return out
     if jax.process_index() == 0:
         base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
         export_pipeline(nnx.merge(graphdef, host_params), base, out, vae=cfg.model.vae, variant=cfg.model.variant)

@@ -81,14 +81,30 @@ def memory_summary(compiled: Any) -> str:
 
 
 def throughput(
-    step_seconds: float, global_batch: int, flops_per_device: float | None, peak_tflops: float | None
+    step_seconds: float,
+    images_per_step: int,
+    hardware_flops_per_device: float | None,
+    model_flops_per_step: float | None,
+    peak_tflops: float | None,
 ) -> dict[str, float]:
-    out = {"step_time_s": step_seconds, "images_per_s": global_batch / step_seconds}
-    if flops_per_device:
-        tflops = flops_per_device / step_seconds / 1e12
-        out["tflops_per_device"] = tflops
-        if peak_tflops:
-            out["mfu"] = tflops / peak_tflops
+    """Speed of one step, and how much of the chips' peak it uses, two ways (see ``flax_train.flops``):
+
+    - ``mfu``: model FLOPs utilisation, 3 x the forward FLOPs per image (what the model needs,
+      recomputation not counted) over the peak of all devices: the figure to compare trainers by;
+    - ``hfu``: hardware FLOPs utilisation, the FLOPs the compiled step executes (XLA's count,
+      rematerialisation included), per device over one device's peak.
+    """
+    out = {"step_time_s": step_seconds, "images_per_s": images_per_step / step_seconds}
+    devices = jax.device_count()
+    if hardware_flops_per_device:
+        out["tflops_per_device"] = hardware_flops_per_device / step_seconds / 1e12
+    if model_flops_per_step:
+        out["model_tflops_per_device"] = model_flops_per_step / devices / step_seconds / 1e12
+    if peak_tflops:
+        if hardware_flops_per_device:
+            out["hfu"] = out["tflops_per_device"] / peak_tflops
+        if model_flops_per_step:
+            out["mfu"] = out["model_tflops_per_device"] / peak_tflops
     return out
 
 
@@ -154,7 +170,10 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.local_dir / "tensorboard"), purge_step=start_step + 1)
+            # The event file is named by the second it was opened in; a resume within the same
+            # second would overwrite the previous run's file without a suffix that sorts after it.
+            self._tb = SummaryWriter(str(self.local_dir / "tensorboard"), purge_step=start_step + 1,
+                                     filename_suffix=f".{time.time_ns()}")
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:

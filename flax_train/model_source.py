@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from flax_train import storage
-from flax_train.errors import InputNotFound
+from flax_train.errors import BadInput, InputNotFound, RunFailure
 from flax_train.storage import PathLike
 
 # Where copies of remote folders go: $SDXL_TPU_MODEL_CACHE, or ~/.cache/sdxl-tpu/models.
@@ -126,19 +126,43 @@ def needed_files(names: Iterable[str], *, index: Mapping | None, variant: str | 
 
 
 def _download(repo_id: str, *, revision: str | None, variant: str | None, component: bool) -> Path:
+    """Sorts what the Hub answers into the user's errors (no such repo, revision or file; a gated
+    repo) and failures to reach it (no network, offline mode without a cached copy, server errors)."""
+    from huggingface_hub import errors as hub
+
+    def first_line(err: Exception) -> str:
+        return (str(err).strip() or type(err).__name__).splitlines()[0]
+
+    try:
+        return _fetch_from_hub(repo_id, revision=revision, variant=variant, component=component)
+    except hub.GatedRepoError as err:
+        raise BadInput(f"{repo_id} is gated: accept its terms on the Hub, then log in "
+                       f"(`hf auth login` or HF_TOKEN) ({first_line(err)})") from None
+    except (hub.RevisionResolutionError, hub.LocalEntryNotFoundError) as err:
+        raise RunFailure(f"{repo_id}: the Hub cannot be reached and the local Hub cache does not hold "
+                         f"this model: {first_line(err)}") from None
+    except hub.RevisionNotFoundError:
+        raise InputNotFound(f"{repo_id}: no revision {revision!r} (a branch, tag or commit) on the Hub") from None
+    except hub.RepositoryNotFoundError:
+        raise InputNotFound(f"{repo_id}: no such model on the Hub (or it is private and you are not "
+                            "logged in: `hf auth login` or HF_TOKEN)") from None
+    except hub.EntryNotFoundError as err:
+        raise InputNotFound(f"{repo_id}: {first_line(err)}") from None
+    except (hub.HfHubHTTPError, OSError) as err:  # requests' errors are OSErrors
+        raise RunFailure(f"{repo_id}: could not fetch from the Hub: {first_line(err)}") from None
+
+
+def _fetch_from_hub(repo_id: str, *, revision: str | None, variant: str | None, component: bool) -> Path:
     from huggingface_hub import HfApi, get_cached_repo_tree, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError, RevisionResolutionError
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
     api = HfApi()
-    try:
-        # Every file below comes from this one commit, even if the branch moves meanwhile. Offline,
-        # the commit a previous download recorded for the branch.
-        revision = api.resolve_revision(repo_id, revision=revision)
-    except RevisionResolutionError as err:
-        raise InputNotFound(f"{repo_id}: {err}") from None
+    # Every file below comes from this one commit, even if the branch moves meanwhile. Offline,
+    # the commit a previous download recorded for the branch.
+    revision = api.resolve_revision(repo_id, revision=revision)
     index = None
     if not component:
-        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json", revision=revision)).read_text())
+        index = storage.read_json(hf_hub_download(repo_id, "model_index.json", revision=revision))
     try:  # the listing snapshot_download cached: no request, and it works offline
         names = [f.path for f in get_cached_repo_tree(repo_id, revision=revision.resolved)]
     except CachedRepoTreeNotFoundError:
@@ -173,7 +197,7 @@ def _copy_remote(url: str, *, variant: str | None, component: bool) -> Path:
     if not component:
         if "model_index.json" not in stats:
             raise InputNotFound(f"{url} is not a diffusers pipeline folder (no model_index.json)")
-        index = json.loads((root / "model_index.json").read_text())
+        index = storage.read_json(root / "model_index.json")
     files = needed_files(stats, index=index, variant=variant)
     key = hashlib.sha256(json.dumps([url, [(f, stats[f].length, stats[f].mtime) for f in files]]).encode())
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", url)[-80:] + "-" + key.hexdigest()[:16]

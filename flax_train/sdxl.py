@@ -9,11 +9,12 @@ it without JAX.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from etils import epath
+
+from flax_train import storage
 
 # Both CLIP tokenizers pad and truncate every prompt to CLIP's context length.
 TOKEN_LENGTH = 77
@@ -102,9 +103,9 @@ def force_zeros_for_empty_prompt(folder: str | epath.PathLike) -> bool:
     index = epath.Path(folder) / "model_index.json"
     if not index.exists():
         return True
-    return bool(json.loads(index.read_text()).get("force_zeros_for_empty_prompt", True))
+    return bool(storage.read_json(index).get("force_zeros_for_empty_prompt", True))
 
 
 def scheduler_config(folder: str | epath.PathLike) -> dict[str, Any]:
     """The pipeline folder's ``scheduler/scheduler_config.json``."""
-    return json.loads((epath.Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+    return storage.read_json(epath.Path(folder) / "scheduler" / "scheduler_config.json")

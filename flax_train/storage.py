@@ -15,6 +15,7 @@ No JAX here: ``xla_infer`` writes its images through it too.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +36,21 @@ def is_remote(path: PathLike) -> bool:
 def path(location: PathLike) -> epath.Path:
     """The one path type for run outputs; ``~`` is expanded for local paths."""
     return epath.Path(location if is_remote(location) else os.path.expanduser(str(location)))
+
+
+def read_json(file: PathLike) -> dict:
+    """A JSON object from a file the user gave (a config in a model folder): a missing or malformed
+    file is the user's error and says which file."""
+    file = path(file)
+    try:
+        value = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise errors.InputNotFound(f"{file}: no such file") from None
+    except (ValueError, OSError) as error:  # not JSON, not UTF-8, a folder
+        raise errors.BadInput(f"{file}: not a readable JSON file ({error})") from None
+    if not isinstance(value, dict):
+        raise errors.BadInput(f"{file}: holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def writable_folder(target: PathLike) -> epath.Path:

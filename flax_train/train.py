@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -30,6 +30,8 @@ from flax_train import (
     config as config_lib,
     diffusion,
     export,
+    flops as flops_lib,
+    lora,
     metrics,
     models,
     optim,
@@ -46,11 +48,41 @@ log = logging.getLogger(__name__)
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates done
-    params: nnx.State  # the UNet's parameters, param_dtype (fp32 by default)
+    params: nnx.State  # what is trained, param_dtype (fp32 by default): the UNet, or its LoRA factors
     opt_state: Any
     ema: nnx.State | None  # exponential moving average of params (None when EMA is off)
     rng: jax.Array  # raw uint32 PRNG key; per-step keys are folded in from the step number
     skipped: jax.Array  # int32 scalar: updates skipped for a non-finite loss or gradient
+
+
+@flax.struct.dataclass
+class LoraTrainState(TrainState):
+    """A LoRA run's state: ``params`` are the LoRA factors, and ``frozen`` the UNet's own weights
+    in the compute dtype, never updated. They travel with the state through the compiled step (an
+    input, not a constant compiled into it) but are no part of a checkpoint, which holds the plain
+    TrainState (``trainable``): they come from model.pretrained again. A subclass rather than a
+    field of TrainState, so that a full fine-tune's checkpoints keep their tree (and older ones
+    still restore)."""
+
+    frozen: nnx.State
+
+
+def _train_state_fields(state: TrainState) -> dict[str, Any]:
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(TrainState)}
+
+
+def trainable(state: TrainState) -> TrainState:
+    """What a checkpoint holds: the state without any frozen weights."""
+    return TrainState(**_train_state_fields(state))
+
+
+def with_frozen(state: TrainState, frozen: nnx.State | None) -> TrainState:
+    """``state`` with LoRA's frozen weights beside it (as it is for ``frozen=None``)."""
+    return state if frozen is None else LoraTrainState(**_train_state_fields(state), frozen=frozen)
+
+
+def frozen_of(state: TrainState) -> nnx.State | None:
+    return state.frozen if isinstance(state, LoraTrainState) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +103,9 @@ class StepConfig:
 # Loss and step
 
 
+LORA_DROPOUT_STREAM = 0x10A  # any constant: the stream of LoRA dropout masks under the step key
+
+
 def diffusion_loss(
     params: nnx.State,
     batch: dict[str, jax.Array],
@@ -81,8 +116,31 @@ def diffusion_loss(
     timestep_weights: jax.Array | None,
     empty: dict[str, jax.Array],
     cfg: StepConfig,
+    frozen: nnx.State | None = None,
 ) -> jax.Array:
-    unet = nnx.merge(graphdef, params)
+    """The step's loss of the UNet ``graphdef`` with ``params`` (and, for LoRA, ``frozen``) on ``batch``."""
+    if frozen is None:
+        return _unet_loss(nnx.merge(graphdef, params), batch, key, schedule, timestep_weights, empty, cfg)
+    # LoRA: the factors beside the frozen weights, as fresh Variables made at this trace level:
+    # nnx refuses Variables of an outer trace (the step's, where they arrive) inside a
+    # rematerialised block.
+    frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
+    unet = nnx.merge(graphdef, lora.combine(params, frozen))
+    # The dropout masks' key is folded in rather than split off with the keys in _unet_loss, so
+    # that everything else draws what a full fine-tune draws.
+    with lora.dropout(jax.random.fold_in(key, LORA_DROPOUT_STREAM)):
+        return _unet_loss(unet, batch, key, schedule, timestep_weights, empty, cfg)
+
+
+def _unet_loss(
+    unet: nnx.Module,
+    batch: dict[str, jax.Array],
+    key: jax.Array,
+    schedule: diffusion.NoiseSchedule,
+    timestep_weights: jax.Array | None,
+    empty: dict[str, jax.Array],
+    cfg: StepConfig,
+) -> jax.Array:
     latents = batch["latents"].astype(jnp.float32)
     k_noise, k_time, k_drop = jax.random.split(key, 3)
     noise = diffusion.sample_noise(k_noise, latents.shape, cfg.noise_offset)
@@ -118,7 +176,8 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     key = jax.random.fold_in(state.rng, state.step)
     loss_fn = functools.partial(
-        diffusion_loss, graphdef=graphdef, schedule=schedule, timestep_weights=timestep_weights, empty=empty, cfg=cfg
+        diffusion_loss, graphdef=graphdef, schedule=schedule, timestep_weights=timestep_weights, empty=empty, cfg=cfg,
+        frozen=frozen_of(state),
     )
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -232,6 +291,39 @@ def init_unet(
     return graphdef, init()
 
 
+def frozen_unet_options(cfg: config_lib.Config) -> dict[str, Any]:
+    """LoRA's UNet: the base weights stored in the compute dtype (2 bytes a weight in bf16: they
+    get no gradient, optimizer state or EMA, so nothing needs them in fp32), the factors in
+    ``model.param_dtype``."""
+    return dict(unet_options(cfg), param_dtype=jnp.dtype(cfg.model.dtype))
+
+
+def lora_unet(cfg: config_lib.Config, architecture: dict[str, Any]) -> nnx.Module:
+    """An abstract UNet of ``architecture`` (shapes only) with concrete LoRA factors drawn from
+    ``train.seed``: called under ``jax.jit`` it creates the factors alone, under ``nnx.eval_shape``
+    it is the whole model's shape."""
+    unet = models.abstract(architecture, **frozen_unet_options(cfg))
+    return lora.inject(unet, cfg.lora, seed=cfg.train.seed, param_dtype=jnp.dtype(cfg.model.param_dtype))
+
+
+def build_lora_unet(
+    cfg: config_lib.Config, mesh: jax.sharding.Mesh, base: Path, rules: dict[str, Any]
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """The graph of the pretrained UNet with LoRA adapters, its LoRA factors and its frozen weights,
+    each created directly in its sharding (the frozen ones by the FSDP rules of a full fine-tune)."""
+    place = functools.partial(sharding.variable_sharding, mesh=mesh, rules=rules)
+    unet = models.load(base, subfolder="unet", sharding_fn=place, **frozen_unet_options(cfg))
+    _, frozen = nnx.split(unet, nnx.Param)
+    architecture = unet_architecture(cfg, base)
+    graphdef, abstract_factors, _ = lora.split(nnx.eval_shape(lambda: lora_unet(cfg, architecture)))
+
+    @functools.partial(jax.jit, out_shardings=sharding.tree_shardings(abstract_factors, mesh, rules))
+    def init():
+        return lora.split(lora_unet(cfg, architecture))[1]
+
+    return graphdef, init(), frozen
+
+
 def build_optimizer(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
     t = cfg.train
     lr = optim.learning_rate_schedule(
@@ -269,13 +361,24 @@ def build_state(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
     rules: dict[str, Any],
+    frozen: nnx.State | None = None,
 ) -> tuple[TrainState, Any]:
-    """The initial TrainState, sharded; and the sharding tree of the state for jit and restore."""
+    """The initial TrainState, sharded; and the sharding tree of the state for jit and restore.
+    ``frozen``: LoRA's frozen UNet weights, kept as they are (already sharded)."""
     init = initial_state_fn(cfg, tx)
     state_shardings = sharding.tree_shardings(jax.eval_shape(init, params), mesh, rules)
     param_shardings = sharding.tree_shardings(params, mesh, rules)
     state = jax.jit(init, in_shardings=(param_shardings,), out_shardings=state_shardings)(params)
+    if frozen is not None:
+        state = with_frozen(state, frozen)
+        state_shardings = with_frozen(state_shardings, sharding.tree_shardings(frozen, mesh, rules))
     return state, state_shardings
+
+
+class CompiledStep(NamedTuple):
+    executable: Any  # called as executable(state, batch) -> (state, metrics)
+    seconds: float  # lowering and compiling
+    hardware_flops: float | None  # per device and step, loops counted as often as they run
 
 
 def compile_step(
@@ -284,8 +387,8 @@ def compile_step(
     state_shardings: Any,
     batch_shapes: dict[str, jax.ShapeDtypeStruct],
     mesh: jax.sharding.Mesh,
-) -> tuple[Any, float]:
-    """Lowers and compiles the step ahead of time; returns the executable and the compile seconds."""
+) -> CompiledStep:
+    """Traces, lowers and compiles the step ahead of time (see ``CompiledStep``)."""
     batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
     jitted = jax.jit(
         step_fn,
@@ -298,8 +401,19 @@ def compile_step(
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch_shapes.items()
     }
     start = time.perf_counter()
-    compiled = jitted.lower(abstract_state, abstract_batch).compile()
-    return compiled, time.perf_counter() - start
+    traced = jitted.trace(abstract_state, abstract_batch)
+    compiled = traced.lower().compile()
+    seconds = time.perf_counter() - start
+    # XLA counts a loop body once; gradient accumulation is a scan over the micro-batches.
+    counted, once = flops_lib.jaxpr_flops(traced.jaxpr), flops_lib.jaxpr_flops(traced.jaxpr, full_loops=False)
+    xla = metrics.compiled_flops(compiled)
+    return CompiledStep(compiled, seconds, xla * counted / once if xla and once else xla)
+
+
+def model_flops_per_image(cfg: config_lib.Config, base: Path, batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> float:
+    """3 x the UNet's forward FLOPs for one image: the numerator of MFU (see ``flax_train.flops``)."""
+    options = {**unet_options(cfg), "attention": "xla", "remat": "none"}
+    return 3 * flops_lib.unet_forward_flops(models.abstract(unet_architecture(cfg, base), **options), batch_shapes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,7 +508,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     SIGTERM from here on (start-up and compilation included) stops the run with a checkpoint and
     a normal return: see ``checkpoint.PreemptionGuard``.
     """
-    with checkpoint.PreemptionGuard() as guard:
+    with checkpoint.PreemptionGuard(cfg.checkpoint.sigterm_grace_s) as guard:
         return _train(cfg, max_steps, guard)
 
 
@@ -419,11 +533,18 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     empty = unconditional_inputs(cache, base)
 
     # 3. UNet and optimizer, created sharded.
-    graphdef, params = build_unet(cfg, mesh, base, rules)
+    frozen = None
+    if cfg.train.method == "lora":
+        graphdef, params, frozen = build_lora_unet(cfg, mesh, base, rules)
+    else:
+        graphdef, params = build_unet(cfg, mesh, base, rules)
     tx, lr = build_optimizer(cfg)
-    state, state_shardings = build_state(cfg, params, tx, mesh, rules)
-    del params
-    log.info("UNet: %s parameters", f"{models.count_params(nnx.merge(graphdef, state.params)):,}")
+    state, state_shardings = build_state(cfg, params, tx, mesh, rules, frozen)
+    del params, frozen
+    log.info("UNet: %s parameters", f"{models.count_params(nnx.merge(graphdef, unet_state(state, state.params))):,}")
+    if frozen_of(state) is not None:
+        log.info("LoRA: %s trainable parameters (the rest frozen in %s)", f"{lora.trainable_count(state.params):,}",
+                 cfg.model.dtype)
 
     # 4. Resume: the newest checkpoint in the run directory, if any.
     ckpt = checkpoint.Checkpointer(
@@ -433,8 +554,10 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
         use_async=cfg.checkpoint.async_save,
     )
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        abstract = checkpoint.abstract_with_shardings(jax.eval_shape(lambda: state), state_shardings)
-        state, data_state = ckpt.restore(abstract)
+        saved = jax.eval_shape(lambda: trainable(state))  # without LoRA's frozen weights
+        abstract = checkpoint.abstract_with_shardings(saved, trainable(state_shardings))
+        restored, data_state = ckpt.restore(abstract)
+        state = with_frozen(restored, frozen_of(state))
         if data_state:
             loader.set_state(data_state)
         log.info("resumed from the checkpoint of step %d in %s", int(state.step), ckpt.manager.directory)
@@ -448,9 +571,10 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
         for k, v in first.items()
     }
     assert all(v.shape[0] == local_rows for v in first.values()), "loader batch does not match the config"
-    compiled, compile_s = compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
+    compiled, compile_s, hardware_flops = compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
     sharding.sync("step compiled")  # the first step's collectives would not wait long for a slow compile
-    flops = metrics.compiled_flops(compiled)
+    images_per_step = cfg.train.global_batch_size * cfg.train.grad_accum_steps
+    model_flops = model_flops_per_image(cfg, base, batch_shapes) * images_per_step
     log.info("step compiled in %.1f s; %s", compile_s, metrics.memory_summary(compiled))
     chip = cfg.logging.chip or metrics.detect_chip()
     peak = cfg.logging.peak_tflops or metrics.CHIP_PEAK_TFLOPS.get(chip or "", None)
@@ -488,7 +612,7 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
         losses.append(float(values["loss"]))
         if step % cfg.logging.every_steps == 0 or step == end_step:
             scalars = {k: float(v) for k, v in values.items() if k != "finite"}
-            scalars.update(metrics.throughput(seconds, cfg.train.global_batch_size * cfg.train.grad_accum_steps, flops, peak))
+            scalars.update(metrics.throughput(seconds, images_per_step, hardware_flops, model_flops, peak))
             writer.scalars(step, scalars)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
 
@@ -512,16 +636,16 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
             if saved:
                 report(*pending)
                 pending = None
-                ckpt.save(step, state, loader.get_state(), force=step == end_step)
+                ckpt.save(step, trainable(state), loader.get_state(), force=step == end_step)
                 writer.flush()
             if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
-                validator.run(step, graphdef, state.ema if state.ema is not None else state.params)
+                validator.run(step, graphdef, unet_state(state, state.ema if state.ema is not None else state.params))
             if guard.stop(step):
                 if pending is not None:
                     report(*pending)
                     pending = None
                 if not saved:  # orbax refuses a second save of the same step
-                    ckpt.save(step, state, loader.get_state(), force=True)
+                    ckpt.save(step, trainable(state), loader.get_state(), force=True)
                 preempted = True
                 break
             batch = next(loader)
@@ -539,19 +663,31 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     return TrainResult(run_dir, step, losses, export_dir, preempted)
 
 
+def unet_state(state: TrainState, params: nnx.State) -> nnx.State:
+    """The whole UNet's state for ``nnx.merge(graphdef, ...)``: ``params`` (the state's params or
+    EMA), with the frozen weights beside them for LoRA."""
+    frozen = frozen_of(state)
+    return params if frozen is None else lora.combine(params, frozen)
+
+
 def checkpoint_dir(cfg: config_lib.Config) -> epath.Path:
     return storage.path(cfg.checkpoint.dir or storage.path(cfg.run_dir) / "checkpoints")
 
 
 def restore_checkpoint(cfg: config_lib.Config, *, step: int | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """The UNet graph and the TrainState saved at ``step`` (default: the newest) in ``cfg``'s run,
-    restored onto the config's mesh. A run without a checkpoint is refused before anything is built."""
+    restored onto the config's mesh. A run without a checkpoint is refused before anything is built.
+    For LoRA the state holds the factors only (a plain TrainState)."""
     ckpt = checkpoint.Checkpointer(checkpoint_dir(cfg), use_async=False, read_only=True)
     try:
         mesh = sharding.make_mesh(cfg.mesh)
         rules = sharding.merged_rules(cfg.mesh.rules)
         base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
-        graphdef, abstract_params = nnx.split(models.abstract(unet_architecture(cfg, base), **unet_options(cfg)), nnx.Param)
+        architecture = unet_architecture(cfg, base)
+        if cfg.train.method == "lora":  # the checkpoint holds the factors only; the graph has the frozen rest
+            graphdef, abstract_params, _ = lora.split(nnx.eval_shape(lambda: lora_unet(cfg, architecture)))
+        else:
+            graphdef, abstract_params = nnx.split(models.abstract(architecture, **unet_options(cfg)), nnx.Param)
         tx, _ = build_optimizer(cfg)
         abstract_state = jax.eval_shape(initial_state_fn(cfg, tx), abstract_params)
         shardings = sharding.tree_shardings(abstract_state, mesh, rules)

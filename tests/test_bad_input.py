@@ -79,6 +79,21 @@ def test_a_pickle_named_as_safetensors_is_refused_and_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_malformed_json_in_a_model_folder_names_the_file(tmp_path, text):
+    from flax_train import sdxl
+    from flax_train.errors import BadInput
+
+    scheduler = tmp_path / "scheduler"
+    scheduler.mkdir()
+    (scheduler / "scheduler_config.json").write_bytes(text.encode("latin-1"))
+    (tmp_path / "model_index.json").write_bytes(text.encode("latin-1"))
+    for read in (sdxl.scheduler_config, sdxl.force_zeros_for_empty_prompt):
+        with pytest.raises(BadInput, match=r"\.json: ") as info:
+            read(tmp_path)
+        assert "\n" not in str(info.value)
+
+
 def test_a_bug_raising_valueerror_shows_its_traceback_and_exits_1(tmp_path):
     code = (
         "import sys, flax_train.cli as c, flax_train.train as t\n"
@@ -99,7 +114,7 @@ def test_report_sorts_user_errors_run_failures_and_bugs(capsys):
     assert report("p c", BadInput("bad value")) == 2
     assert report("p c", InputNotFound("x: missing")) == 2
     assert report("p c", RunFailure("disk full")) == 1
-    assert capsys.readouterr().err == "p c: error: bad value\np c: error: x: missing\np c: error: disk full\n"
+    assert capsys.readouterr().err == "p c: error: bad value\np c: error: x: missing\n\np c: error: disk full\n"
     try:
         raise KeyError("internal")
     except KeyError as error:

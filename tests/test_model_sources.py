@@ -349,6 +349,31 @@ def test_xla_infer_fetches_the_same_files(hub, hub_env, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["pipeline"]["model"] == REPO_ID
 
 
+@pytest.mark.parametrize(
+    "case, expected_status, expected",
+    [
+        ("no such repository", 2, "example/no-such-model: no such model on the Hub"),
+        ("no such revision", 2, f"{REPO_ID}: no revision 'no-such-branch'"),
+        ("Hub unreachable", 1, f"{REPO_ID}: the Hub cannot be reached and the local Hub cache does not hold this model"),
+    ],
+)
+def test_hub_errors_are_one_line_sorted_into_input_and_failure(hub, hub_env, tmp_path, case, expected_status, expected):
+    model, revision, env = REPO_ID, BRANCH, hub_env
+    if case == "no such repository":
+        model = "example/no-such-model"
+    elif case == "no such revision":
+        revision = "no-such-branch"
+    else:
+        env = {**hub_env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on the discard port
+    result = subprocess.run([sys.executable, "-m", "xla_infer.cli", "--model", model, "--revision", revision,
+                             "--prompt", "a red circle", "--device", "cpu", "--out", str(tmp_path / "out")],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == expected_status, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"xla-infer: error: {expected}"), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # gs:// folders
 

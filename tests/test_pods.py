@@ -20,6 +20,7 @@ from train_support import (
     Workspace,
     assert_trees_equal,
     checkpoint_steps,
+    flip_bytes_in_the_largest_file,
     host,
     make_config,
     make_workspace,
@@ -95,9 +96,14 @@ def test_two_processes_train_what_one_does_and_survive_sigterm_and_kill(workspac
     second.wait_until(lambda: checkpoint_steps(run_dir)[-1] > stops[0], "new checkpoint")
     second.kill()
     end = checkpoint_steps(run_dir)[-1] + 2
+    # And the newest checkpoint damaged on disk: both processes set it aside and resume from the one before.
+    newest = checkpoint_steps(run_dir)[-1]
+    flip_bytes_in_the_largest_file(run_dir / "checkpoints" / str(newest))
 
     third = Processes(tmp_path, "third", "train", *args, "--max-steps", str(end))
-    assert all(f"trained to step {end}" in out for out in third.wait())
+    outputs = third.wait()
+    assert all(f"trained to step {end}" in out and "cannot be restored" in out for out in outputs), outputs
+    assert [p.name.split("-")[0] for p in (run_dir / "checkpoints" / "damaged").iterdir()] == [str(newest)]
     assert (run_dir / "samples" / f"step_{end:07d}.png").is_file()  # written once, by process 0
 
     # The same run on 1 process x 8 devices. Every step trains the same samples with the same noise

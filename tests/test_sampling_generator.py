@@ -73,3 +73,18 @@ def test_prompt_file_errors_name_the_line(tmp_path):
     empty.write_text("\n \n")
     with pytest.raises(ValueError, match="no prompts"):
         read_prompt_file(empty)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_a_rematerialised_training_unet_samples_the_same_images(folder, generator, remat):
+    """Validation samples with the UNet as training built it, rematerialised blocks included."""
+    from flax import nnx
+
+    import flax_train.models as models
+
+    unet = models.load(folder, subfolder="unet", remat=remat)
+    graphdef, params = nnx.split(unet, nnx.Param)
+    embeds = generator.encode(["a red circle on a blue background"], [None])
+    images = generator.generate_from_embeds(graphdef, params, embeds, seed=5)
+    plain = generator.generate_from_embeds(*nnx.split(generator.unet, nnx.Param), embeds, seed=5)
+    np.testing.assert_array_equal(images, plain)

@@ -64,6 +64,7 @@ class CompiledStep:
     initial: train.TrainState  # never passed to `compiled`, which donates its state: see fresh()
     mesh: jax.sharding.Mesh
     batch: dict[str, np.ndarray]  # the first global_batch_size x grad_accum_steps cache samples
+    hardware_flops: float  # per device and step (train.CompiledStep)
 
     def __call__(self, state: train.TrainState, batch: dict[str, np.ndarray]) -> tuple[train.TrainState, dict]:
         shardings = {k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
@@ -104,8 +105,8 @@ def compile_train_step(cfg: config_lib.Config, sgd: bool = False) -> CompiledSte
     rows = cfg.train.global_batch_size * cfg.train.grad_accum_steps
     batch = {k: np.stack([cache[i % len(cache)][k] for i in range(rows)]) for k in cache[0]}
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    compiled, _ = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
-    return CompiledStep(compiled, state, mesh, batch)
+    compiled = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
+    return CompiledStep(compiled.executable, state, mesh, batch, compiled.hardware_flops)
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +240,9 @@ def test_gradient_accumulation_averages_the_micro_batches(workspace, sgd_fsdp):
     assert micro_losses[0] != micro_losses[1]  # the two halves really differ
     assert loss == pytest.approx(np.mean(micro_losses), rel=1e-5)
     assert_gradients_close(gradient, jax.tree.map(lambda a, b: (a + b) / 2, *micro_gradients))
+    # Two micro-batches execute twice the FLOPs of one (XLA alone counts the scan's body once);
+    # only the SGD update, outside the loop, is not repeated.
+    assert accumulating.hardware_flops == pytest.approx(2 * sgd_fsdp.hardware_flops, rel=0.01)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +259,7 @@ def full_run(workspace) -> tuple[config_lib.Config, train.TrainResult]:
         "validation.num_steps=2",
         "export.at_end=true",
         "logging.tensorboard=true",
+        "logging.peak_tflops=1.0",  # a CPU has no peak in the table: given, utilisation is logged
     )
     return cfg, train.train(cfg)
 
@@ -273,6 +278,9 @@ def test_a_run_logs_metrics_and_writes_validation_grids(full_run):
             assert np.isfinite(row[key]) and row[key] > 0, (key, row)
         assert row["learning_rate"] == pytest.approx(1e-3)
         assert row["skipped_steps"] == 0
+        # Per device against the given peak of 1 TFLOP/s.
+        assert row["mfu"] > 0 and row["mfu"] == pytest.approx(row["model_tflops_per_device"])
+        assert row["hfu"] > 0 and row["hfu"] == pytest.approx(row["tflops_per_device"])
     assert [row["loss"] for row in rows] == result.losses
     assert list((run_dir / "tensorboard").iterdir())
 
@@ -401,7 +409,7 @@ def test_nan_policy_skip_counts_and_stop_raises(workspace, full_run):
     assert not checkpoints.exists() or not any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
-def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(workspace, full_run):
+def test_sigterm_twice_saves_a_checkpoint_exits_0_and_the_rerun_resumes(workspace, full_run):
     run_dir = workspace.root / "preempted"
     extra = ("train.max_steps=100000", "checkpoint.every_steps=0")
     env = cli_env()
@@ -422,6 +430,12 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(workspace, ful
                 assert time.monotonic() < deadline, "no step logged in time"
                 time.sleep(0.5)
             child.send_signal(signal.SIGTERM)
+            # Again while the checkpoint is being written (orbax's temporary folder): nothing changes.
+            checkpoints = run_dir / "checkpoints"
+            while not (checkpoints.exists() and any("tmp" in p.name for p in checkpoints.iterdir())):
+                assert child.poll() is None, "exited before the checkpoint write was seen"
+                time.sleep(0.02)
+            child.send_signal(signal.SIGTERM)
             child.wait(timeout=300)
         finally:
             if child.poll() is None:
@@ -430,6 +444,7 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_rerun_resumes(workspace, ful
     assert child.returncode == 0, log_path.read_text()[-3000:]
     stdout = out_path.read_text()
     assert "on SIGTERM" in stdout, stdout
+    assert "SIGTERM again: already stopping" in log_path.read_text()
     stopped = int(stdout.split("stopped at step ")[1].split()[0])
     assert stopped >= 2  # the metrics of step 1 are written once step 2 is under way
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())

@@ -182,3 +182,23 @@ def test_sharded_loading_places_each_weight(checkpoint):
     # ... and the model computes the reference outputs with them (a partitioned matmul sums in
     # another order, so agreement is to float32 rounding, not bit for bit).
     assert np.abs(forward(model) - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("keep", [0, 7, 100, 0.5, 0.999])
+def test_a_truncated_weights_file_is_named(checkpoint, tmp_path, keep):
+    """A download cut short: the header or the tensor bytes end early (``keep``: bytes, or a fraction)."""
+    folder = copy_of(checkpoint[0], tmp_path)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: int(keep * len(data)) if isinstance(keep, float) else keep])
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        models.load(folder)
+
+
+def test_a_config_that_does_not_match_the_weights_names_a_key(checkpoint, tmp_path):
+    folder = copy_of(checkpoint[0], tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError, match="mlp.fc1"):
+        models.load(folder)

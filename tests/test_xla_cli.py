@@ -92,3 +92,136 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(folder, tmp_path, cap
     assert code == 2
     assert expected in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_image_to_image_with_prompt_2(folder, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(source)
+    out = tmp_path / "out"
+    code = main(cpu_args(folder, out, "--prompt", "a red circle", "--prompt-2", "a blue square",
+                         "--negative-prompt", "blurry", "--negative-prompt-2", "dark", "--image", str(source),
+                         "--strength", "0.5", "--steps", "4"))
+    assert code == 0
+    png = Image.open(out / "00000.png")
+    assert png.size == (64, 48)  # the image's size, with no --width/--height
+    assert png.text["prompt_2"] == "a blue square" and png.text["negative_prompt_2"] == "dark"
+    assert png.text["image"] == str(source) and png.text["strength"] == "0.5"
+    assert png.text["denoising_steps"] == "2"
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["timing"]["compilations_after_warmup"] == 0
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("not_an_image", "cannot read --image"),
+        ("missing", "cannot read --image"),
+        ("odd_size", "is 65x64 pixels: width 65 is not a positive multiple of the VAE factor 2"),
+        ("other_size", "is 64x48 pixels, but --width/--height ask for 64x64"),
+        ("strength_without_image", "--strength needs --image"),
+        ("strength_of_no_step", "strength 0.25 of 2 steps runs no denoising step"),
+        ("strength_above_one", "--strength: must be in (0, 1]"),
+    ],
+)
+def test_bad_image_exits_2_with_one_line_before_loading(folder, tmp_path, capsys, monkeypatch, case, expected):
+    from diffusers import UNet2DConditionModel
+
+    def no_loading(*args, **kwargs):  # a bad image must be refused before any weights are loaded or compiled
+        raise AssertionError("the UNet was loaded")
+
+    paths = {"not_an_image": tmp_path / "notes.png", "missing": tmp_path / "none.png",
+             "odd_size": tmp_path / "odd.png", "other_size": tmp_path / "small.png"}
+    paths["not_an_image"].write_text("not a PNG", encoding="utf-8")
+    Image.new("RGB", (65, 64)).save(paths["odd_size"])
+    Image.new("RGB", (64, 48)).save(paths["other_size"])
+    out = tmp_path / "out"
+    image = ["--image", str(paths.get(case, paths["other_size"]))]
+    extra = {"other_size": ["--width", "64", "--height", "64"], "strength_without_image": ["--strength", "0.5"],
+             "strength_of_no_step": ["--strength", "0.25"], "strength_above_one": ["--strength", "1.5"]}
+    args = cpu_args(folder, out, "--prompt", "x", *extra.get(case, ["--strength", "1"]),
+                    *([] if case == "strength_without_image" else image))
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_loading)
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse reports usage errors by exiting
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not out.exists()
+
+
+def test_inpainting_and_base_plus_refiner(folder, tmp_path):
+    source, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(source)
+    mask_image = Image.new("L", (64, 48), 0)
+    mask_image.paste(255, (16, 8, 48, 40))
+    mask_image.save(mask)
+    out = tmp_path / "inpainted"
+    code = main(cpu_args(folder, out, "--prompt", "a blue square", "--image", str(source), "--mask", str(mask),
+                         "--mask-blur", "3", "--steps", "4"))
+    assert code == 0
+    png = Image.open(out / "00000.png")
+    assert png.size == (64, 48) and png.text["mask"] == str(mask) and png.text["mask_blur"] == "3.0"
+    # diffusers' inpainting defaults: strength 0.9999 (3 of the 4 steps run), guidance 7.5
+    assert png.text["strength"] == "0.9999" and png.text["denoising_steps"] == "3"
+    assert png.text["guidance_scale"] == "7.5"
+    assert json.loads((out / "manifest.json").read_text())["timing"]["compilations_after_warmup"] == 0
+
+    refiner = save_tiny_pipeline(tmp_path / "refiner", seed=4, kind="refiner", layers_per_block=1,
+                                 transformer_layers_per_block=(1, 1))
+    out = tmp_path / "refined"
+    code = main(cpu_args(folder, out, "--prompt", "a red circle", "--refiner", str(refiner), "--high-noise-frac",
+                         "0.5", "--steps", "4"))
+    assert code == 0
+    png = Image.open(out / "00000.png")
+    assert png.text["refiner"] == str(refiner) and png.text["high_noise_frac"] == "0.5"
+    assert (png.text["base_steps"], png.text["refiner_steps"]) == ("2", "2")
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("mask_not_an_image", "cannot read --mask"),
+        ("mask_missing", "cannot read --mask"),
+        ("mask_other_size", "--mask {mask} is 64x48 pixels, but --image {image} is 64x64"),
+        ("mask_without_image", "--mask needs --image"),
+        ("blur_without_mask", "--mask-blur needs --mask"),
+        ("frac_without_refiner", "--high-noise-frac needs --refiner"),
+        ("refiner_with_image", "--refiner is for text-to-image"),
+        ("frac_of_one", "--high-noise-frac: must be in (0, 1)"),
+    ],
+)
+def test_bad_mask_or_refiner_exits_2_with_one_line_before_loading(folder, tmp_path, capsys, monkeypatch, case,
+                                                                  expected):
+    from diffusers import UNet2DConditionModel
+
+    def no_loading(*args, **kwargs):  # refused before any weights are loaded or compiled
+        raise AssertionError("the UNet was loaded")
+
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.new("RGB", (64, 64)).save(image)
+    if case == "mask_not_an_image":
+        mask.write_text("not a PNG", encoding="utf-8")
+    elif case != "mask_missing":
+        Image.new("L", (64, 48) if case == "mask_other_size" else (64, 64)).save(mask)
+    out = tmp_path / "out"
+    with_image = ["--image", str(image)]
+    extra = {
+        "mask_without_image": ["--mask", str(mask)],
+        "blur_without_mask": [*with_image, "--mask-blur", "4"],
+        "frac_without_refiner": ["--high-noise-frac", "0.5"],
+        "refiner_with_image": [*with_image, "--refiner", str(folder)],
+        "frac_of_one": ["--refiner", str(folder), "--high-noise-frac", "1"],
+    }.get(case, [*with_image, "--mask", str(mask)])
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_loading)
+    try:
+        code = main(cpu_args(folder, out, "--prompt", "x", *extra))
+    except SystemExit as exit_:  # argparse reports usage errors by exiting
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected.format(mask=mask, image=image) in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not out.exists()

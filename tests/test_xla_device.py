@@ -115,16 +115,24 @@ def test_cache_dir_on_cpu_is_reported_not_pretended(folder, tmp_path):
 
 
 def test_data_parallel_spmd_over_two_devices_matches_plain_torch(folder, tmp_path):
-    """Two PJRT CPU devices in a fresh process: the batch is sharded, the images are the same."""
+    """Two PJRT CPU devices in a fresh process: the batch is sharded, the images are the same.
+
+    Image-to-image too: its latents and the multistep state enter the step graph with the same
+    sharding as text-to-image's, so it adds only its encode graph.
+    """
     script = (
         "import json, sys, numpy as np\n"
         "from xla_infer import Pipeline\n"
         "pipe = Pipeline.from_pretrained(sys.argv[1], device='xla', dtype='fp32', batch_size=2, steps=2,"
         " scheduler='dpmpp_2m')\n"
         "images = pipe(['a red circle', 'a cat'], negative_prompts=[None, 'blurry'], seeds=[5, 9], output_type='np')\n"
-        "np.save(sys.argv[2], images)\n"
+        "compiles = pipe.compile_count\n"
+        "start = np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)\n"
+        "edited = [pipe(['a red circle', 'a cat'], seeds=[5, 9], image=start, strength=s, output_type='np')"
+        " for s in (1.0, 0.5)]\n"
+        "np.save(sys.argv[2], np.stack([images, *edited]))\n"
         "print(json.dumps({'mesh': pipe.mesh is not None, 'devices': pipe.num_devices,"
-        " 'compiles': pipe.compile_count}))\n"
+        " 'compiles': [compiles, pipe.compile_count]}))\n"
     )
     out = tmp_path / "spmd.npy"
     env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": "2", "OMP_NUM_THREADS": "1",
@@ -133,9 +141,14 @@ def test_data_parallel_spmd_over_two_devices_matches_plain_torch(folder, tmp_pat
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"mesh": True, "devices": 2, "compiles": 3}
+    assert report == {"mesh": True, "devices": 2, "compiles": [3, 4]}
     plain = load(folder, device="cpu", scheduler="dpmpp_2m")
-    expected = plain(["a red circle", "a cat"], negative_prompts=[None, "blurry"], seeds=[5, 9], output_type="np")
+    start = np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3)
+    expected = np.stack([
+        plain(["a red circle", "a cat"], negative_prompts=[None, "blurry"], seeds=[5, 9], output_type="np"),
+        *[plain(["a red circle", "a cat"], seeds=[5, 9], image=start, strength=strength, output_type="np")
+          for strength in (1.0, 0.5)],
+    ])
     np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=ATOL)
 
 

@@ -78,7 +78,9 @@ def test_sampler_matches_diffusers(name, overrides, steps):
 def test_dpm_orders_and_tables_are_static():
     sampler = make_sampler("dpmpp_2m", SDXL_CONFIG, 6)
     assert sampler.orders == [1, 2, 2, 2, 2, 1]  # first step and (final sigma zero) last step are first order
-    assert all(t.shape == (6,) for t in sampler.tables.values())
+    # A row per step; the add-noise tables have one more, (1, 0), for inpainting's blend after the last step.
+    assert all(t.shape == ((7,) if name.startswith("add_noise") else (6,)) for name, t in sampler.tables.items())
+    assert sampler.tables["add_noise_sample"][6] == 1 and sampler.tables["add_noise_noise"][6] == 0
     assert (sampler.tables["d1_coef"][[0, 5]] == 0).all() and (sampler.tables["d1_coef"][1:5] != 0).all()
 
 

@@ -162,3 +162,12 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     """Finished checkpoints (orbax renames a checkpoint's temporary folder to its step when done)."""
     folder = run_dir / "checkpoints"
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def flip_bytes_in_the_largest_file(checkpoint: Path) -> None:
+    """Bit rot: the files are all there, whole and readable, but some values are not what was saved."""
+    largest = max((p for p in checkpoint.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0x5A for b in data[middle : middle + 64])
+    largest.write_bytes(bytes(data))

@@ -2,6 +2,9 @@
 
     xla-infer --model runs/demo/export --prompt "a red circle" --steps 30 --out images/
     xla-infer --model DIR --prompts prompts.txt --batch-size 8 --device xla --cache-dir ~/.cache/xla --out images/
+    xla-infer --model DIR --prompt "a watercolour" --image photo.png --strength 0.6 --out images/
+    xla-infer --model DIR --prompt "a red hat" --image photo.png --mask mask.png --out images/
+    xla-infer --model BASE --refiner REFINER --prompt "a lighthouse" --high-noise-frac 0.8 --out images/
 
 Writes one PNG per image (generation parameters in PNG text chunks), manifest.json, and prints the
 compile (warm-up) time, the steady per-image latency and images/s. Bad input exits with code 2 and a
@@ -16,7 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from flax_train import storage
 from flax_train.errors import BadInput, report
@@ -29,19 +32,33 @@ class _BadInput(BadInput):
     pass
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+def _number(kind: type, what: str, ok: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: ``kind(text)``, refused with "must be <what>" unless ``ok(value)``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} "
+                                             f"that is {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, "positive", lambda v: v > 0)
+_positive_float = _number(float, "positive", lambda v: v > 0)
+_fraction = _number(float, "in (0, 1)", lambda v: 0 < v < 1)
+_strength = _number(float, "in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="xla-infer", description="SDXL text-to-image with graphs compiled once (PyTorch/XLA or plain torch)."
+        prog="xla-infer",
+        description="SDXL text-to-image, image-to-image, inpainting and base + refiner with graphs compiled once "
+                    "(PyTorch/XLA or plain torch).",
     )
     parser.add_argument("--model", required=True, help="SDXL diffusers folder, Hub id or gs:// folder")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
@@ -49,10 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
     source.add_argument("--prompts", type=Path, help="UTF-8 text file, one prompt per line (blank lines skipped)")
+    parser.add_argument("--prompt-2", default=None,
+                        help="prompt of the second text encoder for every image (default: the first prompt)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    parser.add_argument("--negative-prompt-2", default=None,
+                        help="negative prompt of the second text encoder (default: --negative-prompt)")
+    parser.add_argument("--image", default=None,
+                        help="image-to-image: start every image from this picture (its size is the output size)")
+    parser.add_argument("--strength", type=_strength, default=None,
+                        help="with --image: how much to change it, in (0, 1]; runs that share of --steps "
+                             "(default 0.3, 0.9999 with --mask, as diffusers)")
+    parser.add_argument("--mask", default=None,
+                        help="with --image: inpaint where this mask (the image's size) is white; black is kept")
+    parser.add_argument("--mask-blur", type=_positive_float, default=None,
+                        help="with --mask: Gaussian blur radius applied to the mask first (diffusers' blur_factor)")
+    parser.add_argument("--refiner", default=None,
+                        help="SDXL refiner folder or Hub id: text-to-image runs the base, then the refiner")
+    parser.add_argument("--high-noise-frac", type=_fraction, default=None,
+                        help="with --refiner: the share of the noise the base removes before the refiner "
+                             "takes over, in (0, 1) (default 0.8)")
     parser.add_argument("--num-images", type=_positive_int, default=1, help="images per --prompt (seeds S, S+1, ...)")
     parser.add_argument("--steps", type=_positive_int, default=30)
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (<= 1: none)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (<= 1: none; default 5, 7.5 with --mask, as diffusers)")
     parser.add_argument("--width", type=_positive_int, default=None, help="default: the model's native size")
     parser.add_argument("--height", type=_positive_int, default=None)
     parser.add_argument("--batch-size", type=_positive_int, default=None,
@@ -91,6 +127,18 @@ def read_prompt_file(path: Path) -> list[str]:
     return prompts
 
 
+def read_image(location: str, flag: str = "--image", mode: str = "RGB"):
+    """The --image (or --mask) picture as a PIL image of `mode`; an unreadable file is the user's error."""
+    from PIL import Image
+
+    try:
+        data = storage.path(location).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, not an image, truncated
+        raise _BadInput(f"cannot read {flag} {location}: {err}") from None
+
+
 def _png_bytes(image) -> bytes:
     from PIL.PngImagePlugin import PngInfo
 
@@ -106,7 +154,8 @@ def _png_bytes(image) -> bytes:
 
 def run(args: argparse.Namespace) -> dict:
     """Generate as the command line asks; returns the manifest it writes."""
-    from xla_infer.pipeline import Pipeline
+    from xla_infer.pipeline import (DEFAULT_HIGH_NOISE_FRAC, DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, Pipeline,
+                                    SizeError, first_step)
 
     if args.prompts is not None:
         prompts = read_prompt_file(args.prompts)
@@ -114,28 +163,67 @@ def run(args: argparse.Namespace) -> dict:
         if not args.prompt.strip():
             raise _BadInput("--prompt is empty")
         prompts = [args.prompt] * args.num_images
+    height, width, init_image, mask = args.height, args.width, None, None
+    for flag, value, needs, given in (("--strength", args.strength, "--image", args.image),
+                                      ("--mask", args.mask, "--image", args.image),
+                                      ("--mask-blur", args.mask_blur, "--mask", args.mask),
+                                      ("--high-noise-frac", args.high_noise_frac, "--refiner", args.refiner)):
+        if value is not None and given is None:
+            raise _BadInput(f"{flag} needs {needs}")
+    if args.refiner is not None and args.image is not None:
+        raise _BadInput("--refiner is for text-to-image: it cannot be combined with --image")
+    if args.image is not None:
+        # Every check of the image comes before loading and compiling: the pipeline is built for its size.
+        init_image = read_image(args.image)
+        given = (args.width or init_image.width, args.height or init_image.height)
+        if given != init_image.size:
+            raise _BadInput(f"--image {args.image} is {init_image.width}x{init_image.height} pixels, but "
+                            f"--width/--height ask for {given[0]}x{given[1]}")
+        width, height = init_image.size
+        if args.mask is not None:
+            mask = read_image(args.mask, "--mask", "L")  # grayscale, as diffusers' mask processor reads it
+            if mask.size != init_image.size:
+                raise _BadInput(f"--mask {args.mask} is {mask.width}x{mask.height} pixels, but --image {args.image} "
+                                f"is {init_image.width}x{init_image.height}")
+        default = DEFAULT_STRENGTH if mask is None else DEFAULT_INPAINT_STRENGTH
+        first_step(args.steps, default if args.strength is None else args.strength)  # refuses 0 steps run
     out = storage.writable_folder(args.out)  # before loading and compiling for minutes
 
     load_start = time.perf_counter()
-    pipe = Pipeline.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, height=args.height,
-        width=args.width, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
-        cache_dir=args.cache_dir, on_recompile="warn",  # report a recompilation, keep the images
-        revision=args.revision, variant=args.variant,
-    )
+    try:
+        pipe = Pipeline.from_pretrained(
+            args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, height=height,
+            width=width, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
+            cache_dir=args.cache_dir, on_recompile="warn",  # report a recompilation, keep the images
+            revision=args.revision, variant=args.variant, refiner=args.refiner,
+        )
+    except SizeError as err:
+        if init_image is None:
+            raise
+        raise _BadInput(f"--image {args.image} is {init_image.width}x{init_image.height} pixels: {err}") from None
     load_seconds = time.perf_counter() - load_start
     print(f"loaded {args.model} on {args.device} in {load_seconds:.1f} s; compiling (warm-up)...", file=sys.stderr)
-    pipe.warmup()
+    if args.refiner is not None:
+        pipe.switch_steps(args.high_noise_frac or DEFAULT_HIGH_NOISE_FRAC)  # a switch running no step: before compiling
+    pipe.warmup(image=init_image is not None and mask is None, mask=mask is not None, refiner=args.refiner is not None)
     compiles_after_warmup = pipe.compile_count
-    images = pipe(prompts, negative_prompts=args.negative_prompt, seeds=args.seed, guidance_scale=args.guidance,
-                  progress=True)
-
-    # Each file is written whole (see flax_train.storage): a killed run leaves no truncated PNG.
     entries = []
-    for i, image in enumerate(images):
+
+    def write(i: int, image) -> None:
+        # Each batch's files as soon as it is done, each written whole (see flax_train.storage): a
+        # killed run keeps the images it finished and leaves no truncated PNG.
         name = f"{i:05d}.png"
+        if args.image is not None:
+            image.info["image"] = args.image
+        if args.mask is not None:
+            image.info["mask"] = args.mask
         storage.atomic_write_bytes(out / name, _png_bytes(image))
         entries.append({"file": name, **image.info})
+
+    pipe(prompts, negative_prompts=args.negative_prompt, seeds=args.seed, guidance_scale=args.guidance,
+         prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, image=init_image,
+         strength=args.strength, mask_image=mask, mask_blur=args.mask_blur, denoising_end=args.high_noise_frac,
+         progress=True, on_image=write)
     timing = {
         "load_seconds": load_seconds,
         "warmup_seconds": pipe.warmup_seconds,
@@ -151,13 +239,13 @@ def run(args: argparse.Namespace) -> dict:
     compile_note = "" if pipe.compile_seconds is None else f" (XLA compile {pipe.compile_seconds:.1f} s)"
     print(f"warm-up{compile_note}: {pipe.warmup_seconds:.1f} s", file=sys.stderr)
     print(
-        f"{len(images)} images in {timing['generate_seconds']:.2f} s: {timing['seconds_per_image']:.3f} s/image "
+        f"{len(entries)} images in {timing['generate_seconds']:.2f} s: {timing['seconds_per_image']:.3f} s/image "
         f"steady, {timing['images_per_second']:.2f} images/s; compilations after warm-up: "
         f"{timing['compilations_after_warmup']}; "
         f"persistent cache: {pipe.cache_status}",
         file=sys.stderr,
     )
-    print(f"wrote {len(images)} PNGs and manifest.json to {args.out}", file=sys.stderr)
+    print(f"wrote {len(entries)} PNGs and manifest.json to {args.out}", file=sys.stderr)
     return manifest
 
 

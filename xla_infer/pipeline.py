@@ -1,8 +1,8 @@
 """Fixed-shape SDXL generation on an XLA device, and on plain torch for comparison.
 
 The diffusers / transformers torch modules do the network work; this file owns the loop around
-them, built so that an XLA device compiles three graphs once and reuses them for every later call
-of the same batch size and image size:
+them, built so that an XLA device compiles three graphs once (four with image-to-image) and reuses
+them for every later call of the same batch size and image size:
 
 - text encode: both tokenisers always pad/truncate to 77 tokens, and the negative prompt is always
   encoded (empty string when absent, zeroed by a per-row mask where SDXL's
@@ -11,7 +11,15 @@ of the same batch size and image size:
   data-parallel sharding keeps each image's pair on one chip), guidance scale a device tensor, the
   sampler arithmetic read from device tables with a device step counter (xla_infer.schedulers):
   the same graph at every step, with nothing read back to the host;
-- decode: the VAE in the dtype its config calls for, scaled to [0, 1] on the device.
+- decode: the VAE in the dtype its config calls for, scaled to [0, 1] on the device;
+- image encode (image-to-image only, compiled on its first use): the VAE encoder, its posterior
+  sampled with host-drawn noise, and the scheduler's add_noise at the start step. The strength
+  only moves the device step counter's starting value: the step graph is the same;
+- inpainting (compiled on its first use): the VAE encode of the image (and, for a 9-channel
+  inpainting UNet, of the masked image) with the mask brought to latent size; with a 4-channel UNet
+  a small blend graph after each step puts back the image outside the mask, as diffusers does;
+- base + refiner: a second set of graphs for the refiner model, on the same device; the switch
+  point is the number of base steps run and the refiner's first step, both host loop bounds.
 
 Everything that varies between calls (token ids, masks, micro-conditioning, guidance, seeds'
 noise) enters as device data, never as a constant baked into a graph. A compile counter
@@ -20,21 +28,20 @@ noise) enters as device data, never as a constant baked into a graph. A compile 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from flax_train import model_source, sdxl, storage  # these import neither JAX nor the trainer
-from flax_train.errors import BadInput
-from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_noise, make_sampler
+from flax_train.errors import BadInput, RunFailure, UserError
+from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_streams, make_sampler
 
 logger = logging.getLogger("xla_infer")
 
@@ -45,11 +52,20 @@ DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
 }
 DEVICES = ("xla", "cpu", "cuda")
+DEFAULT_STRENGTH = 0.3  # image-to-image, as diffusers' StableDiffusionXLImg2ImgPipeline
+DEFAULT_INPAINT_STRENGTH = 0.9999  # as StableDiffusionXLInpaintPipeline (it skips the first step)
+DEFAULT_GUIDANCE, DEFAULT_INPAINT_GUIDANCE = 5.0, 7.5  # as diffusers' SDXL pipelines
+DEFAULT_HIGH_NOISE_FRAC = 0.8  # base + refiner: the fraction the base denoises (diffusers' SDXL docs)
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's conditioning, diffusers' defaults
 Size = tuple[int, int]
 
 
 class InputError(BadInput):
     """Bad user input: a missing model folder or component, an impossible size, a bad prompt list..."""
+
+
+class SizeError(InputError):
+    """A height or width the pipeline cannot generate (the CLI names the input image it came from)."""
 
 
 class RecompilationError(RuntimeError):
@@ -72,24 +88,32 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
 
 
-def _check_local_folder(folder: Path) -> None:
+def _absent_components(index: dict[str, Any]) -> set[str]:
+    """Components model_index.json declares absent ([null, null]): the refiner's first text encoder and tokenizer."""
+    return {name for name in ("text_encoder", "tokenizer")
+            if isinstance(index.get(name), list) and index[name] and index[name][0] is None}
+
+
+def _check_local_folder(folder: Path, absent: set[str] = frozenset()) -> None:
     if not folder.is_dir():
         raise InputError(f"model folder {folder} does not exist (or is not a folder)")
-    missing = [name for name in COMPONENTS if not (folder / name).is_dir()]
+    needed = [name for name in COMPONENTS if name not in absent]
+    missing = [name for name in needed if not (folder / name).is_dir()]
     if missing:
         raise InputError(
             f"model folder {folder} is not a complete SDXL diffusers folder: missing {', '.join(missing)} "
-            f"(needs {', '.join(COMPONENTS)})"
+            f"(needs {', '.join(needed)})"
         )
     for name, config in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
                          ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json")):
-        if not (folder / name / config).is_file():
+        if name not in absent and not (folder / name / config).is_file():
             raise InputError(f"model folder {folder}: {name}/{config} is missing")
 
 
 @dataclass(frozen=True)
 class MicroConditioning:
-    """SDXL's size conditioning for one call: (height, width) pairs and the crop corner (top, left)."""
+    """SDXL's size conditioning for one call: (height, width) pairs and the crop corner (top, left);
+    for a model with `requires_aesthetics_score` (the refiner), aesthetic scores instead of target sizes."""
 
     original_size: Size
     crops_coords_top_left: Size
@@ -97,11 +121,56 @@ class MicroConditioning:
     negative_original_size: Size
     negative_crops_coords_top_left: Size
     negative_target_size: Size
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
 
-    def rows(self) -> tuple[list[int], list[int]]:
+    def rows(self) -> tuple[list[float], list[float]]:
+        """The add_time_ids of a negative row and of a positive row: six, or five with aesthetic scores."""
+        if self.aesthetic_score is not None:
+            positive = [*self.original_size, *self.crops_coords_top_left, self.aesthetic_score]
+            negative = [*self.negative_original_size, *self.negative_crops_coords_top_left,
+                        self.negative_aesthetic_score]
+            return negative, positive
         positive = [*self.original_size, *self.crops_coords_top_left, *self.target_size]
         negative = [*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size]
         return negative, positive
+
+
+def first_step(steps: int, strength: float) -> int:
+    """The first of `steps` steps that image-to-image runs for `strength`, as diffusers' img2img
+    `get_timesteps` (without denoising_start): the last int(steps * strength) steps run."""
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise InputError(f"strength must be a number in (0, 1], got {strength!r}") from None
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(f"strength must be in (0, 1], got {strength}")
+    # The samplers here are all of order 1 (one UNet call per step): no `* scheduler.order`.
+    init_steps = min(int(steps * strength), steps)
+    start = max(steps - init_steps, 0)
+    if start == steps:  # diffusers would fail on the empty schedule
+        raise InputError(f"strength {strength} of {steps} steps runs no denoising step; use at least {1 / steps:.4g}")
+    return start
+
+
+def _check_fraction(value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"the high-noise fraction (denoising_end) must be a number in (0, 1), got {value!r}") from None
+    if not 0.0 < value < 1.0:  # diffusers ignores other values; refusing says so
+        raise InputError(f"the high-noise fraction (denoising_end) must be in (0, 1), got {value}")
+    return value
+
+
+def _blur_radius(value: Any) -> float:
+    try:
+        radius = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"mask_blur must be a positive number, got {value!r}") from None
+    if not radius > 0:
+        raise InputError(f"mask_blur must be a positive number, got {radius}")
+    return radius
 
 
 def _pair(value: Any, name: str) -> Size:
@@ -113,7 +182,8 @@ def _pair(value: Any, name: str) -> Size:
 
 
 class Pipeline:
-    """SDXL text-to-image with graphs compiled once per (batch size, image size, steps, scheduler).
+    """SDXL text-to-image, image-to-image, inpainting and base + refiner with graphs compiled once
+    per (batch size, image size, steps, scheduler).
 
     Build with `Pipeline.from_pretrained(folder_or_hub_id, device="xla", ...)`, then call it with
     prompts; the first call (or `warmup()`) compiles.
@@ -124,12 +194,14 @@ class Pipeline:
         *,
         unet: torch.nn.Module,
         vae: torch.nn.Module,
-        text_encoder: torch.nn.Module,
+        text_encoder: torch.nn.Module | None,
         text_encoder_2: torch.nn.Module,
         tokenizer: Any,
         tokenizer_2: Any,
         scheduler_config: dict[str, Any],
         force_zeros_for_empty_prompt: bool = True,
+        requires_aesthetics_score: bool = False,
+        refiner: "Pipeline | None" = None,
         device: str = "xla",
         dtype: str | torch.dtype = "bf16",
         vae_dtype: str | torch.dtype | None = None,
@@ -157,14 +229,23 @@ class Pipeline:
         self.width = int(width or unet.config.sample_size * self.vae_scale_factor)
         for name, value in (("height", self.height), ("width", self.width)):
             if value <= 0 or value % self.vae_scale_factor:
-                raise InputError(
+                raise SizeError(
                     f"{name} {value} is not a positive multiple of the VAE factor {self.vae_scale_factor}"
                 )
         if not isinstance(steps, int) or steps <= 0:
             raise InputError(f"steps must be a positive integer, got {steps!r}")
         self.steps = steps
-        self.text_length = int(text_encoder.config.max_position_embeddings)
-        _check_sdxl_shapes(unet, text_encoder, text_encoder_2)
+        self.text_length = int(text_encoder_2.config.max_position_embeddings)
+        # The refiner's layout: no first text encoder, aesthetic scores in the time ids.
+        if (text_encoder is None) != (tokenizer is None):
+            raise InputError("a model without its first text encoder must have no first tokenizer either")
+        self.requires_aesthetics_score = bool(requires_aesthetics_score)
+        _check_sdxl_shapes(unet, text_encoder, text_encoder_2, 5 if self.requires_aesthetics_score else 6)
+        self.inpainting_unet = unet.config.in_channels == 9  # latents + mask + masked-image latents
+        latent_channels = int(getattr(vae.config, "latent_channels", 4))
+        if unet.config.in_channels not in (latent_channels, 2 * latent_channels + 1):
+            raise InputError(f"the UNet takes {unet.config.in_channels} input channels: neither the VAE's "
+                             f"{latent_channels} latent channels nor an inpainting UNet's {2 * latent_channels + 1}")
 
         scheduler_name = scheduler or scheduler_config.get("_class_name", "euler")
         try:
@@ -196,20 +277,35 @@ class Pipeline:
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self.unet = _prepare_module(unet, self.device, self.dtype)
-        self.text_encoder = _prepare_module(text_encoder, self.device, self.dtype)
+        self.text_encoder = None if text_encoder is None else _prepare_module(text_encoder, self.device, self.dtype)
         self.text_encoder_2 = _prepare_module(text_encoder_2, self.device, self.dtype)
         self.vae = _prepare_module(vae, self.device, self.vae_dtype)
         self.sampler.to(self.device)
-        self.latent_shape = (int(unet.config.in_channels), self.height // self.vae_scale_factor,
-                             self.width // self.vae_scale_factor)
+        self._init_sigma = self.sampler.init_noise_sigma.reshape(1).to(self.device)
+        self.latent_shape = (latent_channels, self.height // self.vae_scale_factor, self.width // self.vae_scale_factor)
+        if refiner is not None:
+            if self.inpainting_unet or self.requires_aesthetics_score:
+                raise InputError("a refiner follows a base text-to-image model, not an inpainting model or a refiner")
+            settings = ("device_kind", "batch_size", "height", "width", "steps", "latent_shape")
+            differing = [name for name in settings if getattr(refiner, name) != getattr(self, name)]
+            if differing:
+                raise InputError(f"the refiner's {', '.join(differing)} differ from the base model's")
+        self.refiner = refiner
 
         self.on_recompile = on_recompile
         self.torch_compile = torch_compile
         self._encode_graph = self._wrap(self._encode, "sdxl_text_encode")
         self._step_graph = self._wrap(self._denoise_step, "sdxl_denoise_step")
         self._decode_graph = self._wrap(self._decode, "sdxl_vae_decode")
+        self._image_graph = self._wrap(self._encode_image, "sdxl_vae_encode")
+        self._inpaint_graph = self._wrap(self._encode_inpaint, "sdxl_vae_encode_inpaint")
+        self._blend_graph = self._wrap(self._blend, "sdxl_inpaint_blend")
+        # Process-wide: the refiner's compilations count here too (building either compiles nothing).
         self._compiles_at_start = self._raw_compile_count()
         self.warmed_up = False
+        self.image_warmed_up = False  # the image-encode graph is compiled on the first image-to-image use
+        self.mask_warmed_up = False  # likewise the inpainting graphs, on the first inpainting use
+        self.refiner_warmed_up = False  # and the refiner's, on the first base + refiner use
         self.warmup_seconds: float | None = None
         self.compile_seconds: float | None = None
         self.last_call: dict[str, float] = {}
@@ -235,6 +331,7 @@ class Pipeline:
         on_recompile: str = "raise",
         variant: str | None = None,
         revision: str | None = None,
+        refiner: str | Path | None = None,
     ) -> "Pipeline":
         """Load an SDXL diffusers folder, Hub id or gs:// folder and prepare it on `device`.
 
@@ -243,6 +340,11 @@ class Pipeline:
         weights. Weights are read from .safetensors only. `scheduler` is one of euler, euler_a,
         ddim, dpmpp_2m (default: the folder's own scheduler), configured from the folder's
         scheduler config.
+
+        `refiner` (a refiner folder or Hub id, e.g. stabilityai/stable-diffusion-xl-refiner-1.0) is
+        loaded with the same settings and kept on the device next to the base: text-to-image calls
+        then run the base for the high-noise steps and the refiner for the rest. A folder whose
+        model_index.json declares no first text encoder (the refiner's layout) loads without one.
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -257,9 +359,13 @@ class Pipeline:
                 raise InputError(str(err)) from None
         try:
             folder = model_source.local_folder(model, revision=revision, variant=variant)
+        except (UserError, RunFailure):  # already say which model and what went wrong
+            raise
         except (OSError, ValueError) as err:
             raise InputError(f"could not fetch the model {model}: {err}") from None
-        _check_local_folder(folder)
+        index = storage.read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+        absent = _absent_components(index)
+        _check_local_folder(folder, absent)
         source = str(folder)
         # A Hub id or URL names the model better than the cache folder it was fetched to.
         fetched = storage.is_remote(model) or model_source.is_hub_id(model)
@@ -270,25 +376,37 @@ class Pipeline:
             except (OSError, ValueError) as err:
                 raise InputError(f"could not load {what} from {source}: {err}") from None
 
-        index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").is_file() else {}
         scheduler_config = _read_scheduler_config(source)
         vae_config = load("vae", AutoencoderKL.load_config)
         factor = sdxl.vae_scale_factor(vae_config)
         for name, value in (("height", height), ("width", width)):  # fail before loading any weights
             if value is not None and (value <= 0 or value % factor):
-                raise InputError(f"{name} {value} is not a positive multiple of the VAE factor {factor}")
+                raise SizeError(f"{name} {value} is not a positive multiple of the VAE factor {factor}")
         vae_torch_dtype = parse_dtype(vae_dtype) if vae_dtype is not None else _vae_dtype_for(torch_dtype, vae_config)
         weights = dict(use_safetensors=True, variant=variant)
+        unet = load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=torch_dtype, **weights)
+        refiner_pipe = None
+        if refiner is not None:
+            # The same settings and, by default, the base UNet's size, so both run on one latent shape.
+            native = unet.config.sample_size * factor
+            refiner_pipe = cls.from_pretrained(
+                refiner, device=device, dtype=torch_dtype, batch_size=batch_size, height=height or native,
+                width=width or native, steps=steps, scheduler=scheduler, vae_dtype=vae_dtype,
+                torch_compile=torch_compile, data_parallel=data_parallel, on_recompile=on_recompile, variant=variant,
+            )
         return cls(
-            unet=load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=torch_dtype, **weights),
+            unet=unet,
             vae=load("vae", AutoencoderKL.from_pretrained, torch_dtype=vae_torch_dtype, **weights),
-            text_encoder=load("text_encoder", CLIPTextModel.from_pretrained, dtype=torch_dtype, **weights),
+            text_encoder=None if "text_encoder" in absent else load(
+                "text_encoder", CLIPTextModel.from_pretrained, dtype=torch_dtype, **weights),
             text_encoder_2=load("text_encoder_2", CLIPTextModelWithProjection.from_pretrained, dtype=torch_dtype,
                                 **weights),
-            tokenizer=load("tokenizer", CLIPTokenizer.from_pretrained),
+            tokenizer=None if "tokenizer" in absent else load("tokenizer", CLIPTokenizer.from_pretrained),
             tokenizer_2=load("tokenizer_2", CLIPTokenizer.from_pretrained),
             scheduler_config=scheduler_config,
             force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+            requires_aesthetics_score=index.get("requires_aesthetics_score", False),
+            refiner=refiner_pipe,
             device=device, dtype=torch_dtype, vae_dtype=vae_torch_dtype, batch_size=batch_size,
             height=height, width=width, steps=steps, scheduler=scheduler, torch_compile=torch_compile,
             data_parallel=data_parallel, cache_dir=cache_dir, on_recompile=on_recompile,
@@ -345,19 +463,27 @@ class Pipeline:
         return fn
 
     @torch.no_grad()
-    def _encode(self, ids_1: torch.Tensor, ids_2: torch.Tensor, keep: torch.Tensor):
-        out_1 = self.text_encoder(ids_1, output_hidden_states=True)
+    def _encode(self, ids_1: torch.Tensor | None, ids_2: torch.Tensor, keep: torch.Tensor):
         out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
-        # SDXL conditions on the penultimate layer of both encoders and the projected pooled output of the second.
-        embeds = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        # SDXL conditions on the penultimate layer of both encoders and the projected pooled output of
+        # the second; the refiner, which has no first encoder, on the second's alone.
+        embeds = out_2.hidden_states[-2]
+        if self.text_encoder is not None:
+            out_1 = self.text_encoder(ids_1, output_hidden_states=True)
+            embeds = torch.cat([out_1.hidden_states[-2], embeds], dim=-1)
         pooled = out_2.text_embeds
         keep = keep.to(embeds.dtype)
         return embeds * keep[:, None, None], pooled * keep[:, None]
 
     @torch.no_grad()
-    def _denoise_step(self, latents, step, state, noise, embeds, pooled, time_ids, guidance):
+    def _denoise_step(self, latents, step, state, noise, embeds, pooled, time_ids, guidance, inpaint=None):
+        """One step. `inpaint` (B, 5, h, w): the mask and masked-image latents an inpainting UNet
+        reads after the latents (a 9-channel UNet's pipeline always passes it: one graph)."""
         sampler = self.sampler
-        model_input = sampler.scale_input(latents, step).repeat_interleave(2, dim=0).to(self.dtype)
+        model_input = sampler.scale_input(latents, step)
+        if inpaint is not None:
+            model_input = torch.cat([model_input, inpaint], dim=1)  # diffusers' order: scaled latents, mask, masked
+        model_input = model_input.repeat_interleave(2, dim=0).to(self.dtype)
         out = self.unet(
             model_input,
             sampler.timestep(step),
@@ -372,19 +498,82 @@ class Pipeline:
         latents, state = sampler.step(latents, guided, step, state, step_noise)
         return latents, step + 1, state
 
-    @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _latent_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The VAE config's per-channel latents mean and std, when it gives both (else None)."""
         config = self.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            channels = latents.shape[1]
-            mean_t = torch.tensor(mean, dtype=latents.dtype).view(1, channels, 1, 1).to(latents.device)
-            std_t = torch.tensor(std, dtype=latents.dtype).view(1, channels, 1, 1).to(latents.device)
-            latents = latents * std_t / config.scaling_factor + mean_t
+        if mean is None or std is None:
+            return None
+        channels = latents.shape[1]
+        mean_t = torch.tensor(mean, dtype=latents.dtype).view(1, channels, 1, 1).to(latents.device)
+        std_t = torch.tensor(std, dtype=latents.dtype).view(1, channels, 1, 1).to(latents.device)
+        return mean_t, std_t
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        scaling, stats = self.vae.config.scaling_factor, self._latent_stats(latents)
+        if stats is not None:
+            latents = latents * stats[1] / scaling + stats[0]
         else:
-            latents = latents / config.scaling_factor
+            latents = latents / scaling
         image = self.vae.decode(latents.to(self.vae_dtype), return_dict=False)[0]
         return (image.to(torch.float32) * 0.5 + 0.5).clamp(0, 1)
+
+    def _vae_sample(self, image: torch.Tensor, posterior_noise: torch.Tensor, stats: bool = True) -> torch.Tensor:
+        """Scaled latents of a [-1, 1] image, sampled from the VAE posterior with host-drawn noise."""
+        posterior = self.vae.encode(image.to(self.vae_dtype)).latent_dist
+        # latent_dist.sample(generator) is mean + std * a Gaussian; the Gaussian comes from the host.
+        latents = (posterior.mean + posterior.std * posterior_noise.to(posterior.mean.dtype)).to(torch.float32)
+        scaling, latent_stats = self.vae.config.scaling_factor, self._latent_stats(latents) if stats else None
+        if latent_stats is not None:
+            return (latents - latent_stats[0]) * scaling / latent_stats[1]
+        return scaling * latents
+
+    @staticmethod
+    def _pixels(pixels: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1], as diffusers' VaeImageProcessor. Uint8 travels
+        to the device: a quarter of float32's bytes."""
+        image = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return 2.0 * image - 1.0
+
+    @torch.no_grad()
+    def _encode_image(self, pixels, posterior_noise, noise, start):
+        """Image-to-image's starting latents, as StableDiffusionXLImg2ImgPipeline.prepare_latents.
+
+        `pixels` (B, H, W, 3) uint8; `posterior_noise` and `noise` (B, C, h, w) drawn on the host;
+        `start` (1,) the first step run.
+        """
+        latents = self._vae_sample(self._pixels(pixels), posterior_noise)
+        return self.sampler.add_noise(latents, noise, start)
+
+    @torch.no_grad()
+    def _encode_inpaint(self, pixels, mask, posterior_noise, noise, masked_noise, start, full):
+        """Inpainting's inputs, as StableDiffusionXLInpaintPipeline.prepare_latents / prepare_mask_latents.
+
+        `mask` (B, 1, H, W) float, already binarised (1 = repaint); `full` (1,) bool: strength 1,
+        where the start is pure noise instead of the noised image (a where, not a branch: one graph).
+        Returns the starting latents, and either the UNet's extra channels (9-channel UNet) or the
+        image latents and latent-size mask the blend after each step needs (4-channel UNet).
+        """
+        image = self._pixels(pixels)
+        # The inpainting pipeline scales the encoded latents without the VAE's latents_mean/std
+        # (unlike image-to-image); SDXL's VAE has none, but the pipeline is followed as written.
+        image_latents = self._vae_sample(image, posterior_noise, stats=False)
+        noised = self.sampler.add_noise(image_latents, noise, start)
+        latents = torch.where(full.reshape(1, 1, 1, 1), noise * self._init_sigma, noised)
+        # Nearest-neighbour to latent size, as diffusers' F.interpolate default.
+        small_mask = torch.nn.functional.interpolate(mask, size=self.latent_shape[1:])
+        if self.inpainting_unet:
+            masked_latents = self._vae_sample(image * (mask < 0.5), masked_noise, stats=False)
+            return latents, torch.cat([small_mask, masked_latents], dim=1)
+        return latents, image_latents, small_mask
+
+    @torch.no_grad()
+    def _blend(self, latents, step, small_mask, image_latents, noise):
+        """With a 4-channel UNet, after each step (`step` already counts it): the image noised to the
+        next step's level outside the mask (the clean image after the last step), as diffusers."""
+        proper = self.sampler.add_noise(image_latents, noise, step)
+        return (1 - small_mask) * proper + small_mask * latents
 
     # ------------------------------------------------------------------ compile accounting
 
@@ -439,25 +628,52 @@ class Pipeline:
             xs.mark_sharding(tensor, self.mesh, spec)
         return tensor
 
-    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Ids for both tokenisers, padded/truncated to 77, and how many tokens each text lost."""
+    def _tokenize(self, texts_1: list[str], texts_2: list[str]):
+        """Ids of each text list for its tokeniser, padded/truncated to 77, and the tokens each text lost.
+
+        Without a first tokenizer (the refiner) its ids are None and its dropped counts the second's.
+        """
         length = self.text_length
-        ids, dropped = [], [0] * len(texts)
-        for tokenizer in (self.tokenizer, self.tokenizer_2):
+        ids, dropped = [], []
+        for tokenizer, texts in ((self.tokenizer, texts_1), (self.tokenizer_2, texts_2)):
+            if tokenizer is None:
+                ids.append(None)
+                dropped.append(None)
+                continue
             ids.append(tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                                  return_tensors="pt").input_ids)
             full = tokenizer(texts, verbose=False).input_ids
-            dropped = [max(d, len(f) - length) for d, f in zip(dropped, full)]
-        return ids[0], ids[1], dropped
+            dropped.append([max(0, len(f) - length) for f in full])
+        return ids[0], ids[1], dropped[1] if dropped[0] is None else dropped[0], dropped[1]
 
     def _micro_conditioning(self, original_size, crops_coords_top_left, target_size, negative_original_size,
-                            negative_crops_coords_top_left, negative_target_size) -> MicroConditioning:
+                            negative_crops_coords_top_left, negative_target_size,
+                            image_to_image: bool = False, aesthetic_score: float = AESTHETIC_SCORE,
+                            negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE) -> MicroConditioning:
         size = (self.height, self.width)
         original = _pair(original_size or size, "original_size")
         crops = _pair(crops_coords_top_left or (0, 0), "crops_coords_top_left")
         target = _pair(target_size or size, "target_size")
-        # As diffusers: the negative rows get their own conditioning only when both sizes are given.
-        if negative_original_size is not None and negative_target_size is not None:
+        if self.requires_aesthetics_score:
+            # As StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score (the refiner): the
+            # scores take the target sizes' places, and in this branch the negative rows do take
+            # negative_crops_coords_top_left.
+            negative = (_pair(negative_original_size or original, "negative_original_size"),
+                        _pair(negative_crops_coords_top_left or (0, 0), "negative_crops_coords_top_left"),
+                        _pair(negative_target_size or target, "negative_target_size"))
+            try:
+                scores = float(aesthetic_score), float(negative_aesthetic_score)
+            except (TypeError, ValueError):
+                raise InputError("aesthetic_score and negative_aesthetic_score must be numbers") from None
+            return MicroConditioning(original, crops, target, *negative, *scores)
+        if image_to_image:
+            # As StableDiffusionXLImg2ImgPipeline (without aesthetic score, as for the base model):
+            # each negative size defaults to its positive one on its own, and the negative rows take
+            # the positive crop corner (its _get_add_time_ids ignores negative_crops_coords_top_left).
+            negative = (_pair(negative_original_size or original, "negative_original_size"), crops,
+                        _pair(negative_target_size or target, "negative_target_size"))
+        # As StableDiffusionXLPipeline: the negative rows get their own conditioning only when both sizes are given.
+        elif negative_original_size is not None and negative_target_size is not None:
             negative = (_pair(negative_original_size, "negative_original_size"),
                         _pair(negative_crops_coords_top_left or (0, 0), "negative_crops_coords_top_left"),
                         _pair(negative_target_size, "negative_target_size"))
@@ -465,62 +681,187 @@ class Pipeline:
             negative = (original, crops, target)
         return MicroConditioning(original, crops, target, *negative)
 
-    def _host_batch(self, prompts, negatives, seeds, guidance_scale, micro: MicroConditioning):
-        """Host tensors for one batch of exactly `batch_size` rows, conditioning rows interleaved (neg, pos)."""
-        texts, keep = [], []
-        for prompt, negative in zip(prompts, negatives):
-            texts += [negative or "", prompt]
+    def _host_conditioning(self, prompts, prompts_2, negatives, negatives_2, guidance_scale,
+                           micro: MicroConditioning):
+        """Host tensors of one batch's conditioning, rows interleaved (neg, pos), and, per row, the
+        tokens each encoder's text lost (two lists, rows interleaved like the texts)."""
+        texts_1, texts_2, keep = [], [], []
+        for prompt, prompt_2, negative, negative_2 in zip(prompts, prompts_2, negatives, negatives_2):
+            texts_1 += [negative or "", prompt]
+            texts_2 += [negative_2, prompt_2]
             zero_negative = negative is None and self.force_zeros_for_empty_prompt
             keep += [0.0 if zero_negative else 1.0, 1.0]
-        ids_1, ids_2, dropped = self._tokenize(texts)
+        ids_1, ids_2, dropped_1, dropped_2 = self._tokenize(texts_1, texts_2)
         negative_row, positive_row = micro.rows()
         time_ids = torch.tensor([negative_row, positive_row] * len(prompts), dtype=self.dtype)
         # guidance <= 1 means no guidance in diffusers (the positive prediction alone); scale 1 gives that.
         scale = guidance_scale if guidance_scale > 1 else 1.0
         guidance = torch.full((len(prompts), 1, 1, 1), float(scale), dtype=torch.float32)
-        latents, noise = draw_noise(seeds, self.latent_shape, self.steps, self.sampler.needs_step_noise)
-        latents = latents * self.sampler.init_noise_sigma
-        return dict(ids_1=ids_1, ids_2=ids_2, keep=torch.tensor(keep), time_ids=time_ids, guidance=guidance,
-                    latents=latents, noise=noise), dropped
+        host = dict(ids_1=ids_1, ids_2=ids_2, keep=torch.tensor(keep), time_ids=time_ids, guidance=guidance)
+        return host, (dropped_1, dropped_2)
+
+    def _host_batch(self, prompts, prompts_2, negatives, negatives_2, seeds, guidance_scale,
+                    micro: MicroConditioning, images: list[np.ndarray] | None = None, start: int = 0,
+                    masks: list[np.ndarray] | None = None, full: bool = False, refiner=None):
+        """Host tensors for one batch of exactly `batch_size` rows, conditioning rows interleaved (neg, pos).
+
+        `prompts_2` / `negatives_2` are the texts of the second text encoder, already resolved;
+        `negatives` entries of None mark SDXL's zeroed negatives. With `images`, the batch starts
+        from them at step `start` (image-to-image), and with `masks` too it inpaints (`full`:
+        strength 1). `refiner` = (stop, refiner_start, refiner_micro): the base runs steps
+        [0, stop), the refiner [refiner_start, steps). Returns the tensors and, per row, the tokens
+        each encoder's text lost.
+        """
+        host, dropped = self._host_conditioning(prompts, prompts_2, negatives, negatives_2, guidance_scale, micro)
+        host["start"] = start
+        step_noise = self.sampler.needs_step_noise
+        segments = [(start, self.steps)] if step_noise else []
+        if masks is not None:
+            # Each generator's draws in diffusers' order: the image's posterior sample (not drawn when a
+            # 9-channel UNet starts from pure noise), the noise, the masked image's posterior sample
+            # (drawn even for a 4-channel UNet, which never reads it), then one per step run.
+            skip_image = self.inpainting_unet and full
+            firsts, noise = draw_streams(seeds, self.latent_shape, self.steps, 2 if skip_image else 3, segments)
+            if skip_image:
+                firsts.insert(0, torch.zeros_like(firsts[0]))
+            host.update(pixels=torch.from_numpy(np.stack(images)), mask=torch.from_numpy(np.stack(masks))[:, None],
+                        posterior_noise=firsts[0], added_noise=firsts[1], masked_noise=firsts[2],
+                        full=torch.tensor([bool(full)]))
+        elif images is not None:
+            firsts, noise = draw_streams(seeds, self.latent_shape, self.steps, 2, segments)
+            host.update(pixels=torch.from_numpy(np.stack(images)), posterior_noise=firsts[0], added_noise=firsts[1])
+        elif refiner is None:
+            firsts, noise = draw_streams(seeds, self.latent_shape, self.steps, 1, segments)
+            host["latents"] = firsts[0] * self.sampler.init_noise_sigma
+        else:
+            stop, refiner_start, refiner_micro = refiner
+            segments = [(0, stop)] if step_noise else []
+            refiner_noise = self.refiner.sampler.needs_step_noise
+            if refiner_noise:  # the refiner's step noise comes next from the same generators
+                segments.append((refiner_start, self.steps))
+            firsts, noise = draw_streams(seeds, self.latent_shape, self.steps, 1, segments)
+            host.update(latents=firsts[0] * self.sampler.init_noise_sigma, stop=stop)
+            # diffusers' encode_prompt zips [prompt, prompt_2] with the refiner's single tokenizer, so
+            # its (second) encoder reads the first prompt and negative prompt; prompt_2 is not used.
+            refiner_host, _ = self.refiner._host_conditioning(
+                prompts, prompts, negatives, [negative or "" for negative in negatives], guidance_scale,
+                refiner_micro)
+            refiner_host.update(start=refiner_start, noise=noise.pop() if refiner_noise else None)
+            host["refiner"] = refiner_host
+        host["noise"] = noise[0] if step_noise else None
+        return host, dropped
+
+    def switch_steps(self, fraction: float) -> tuple[int, int]:
+        """Base + refiner: the steps the base runs (diffusers' denoising_end) and the refiner's first
+        step (its denoising_start), from each model's own timesteps."""
+        def cutoff(sampler) -> int:
+            train_steps = sampler.reference.config.num_train_timesteps
+            return int(round(train_steps - fraction * train_steps))
+
+        stop = int((self.sampler.timesteps >= cutoff(self.sampler)).sum())
+        refiner_sampler = self.refiner.sampler
+        refiner_start = self.steps - int((refiner_sampler.timesteps < cutoff(refiner_sampler)).sum())
+        if stop == 0 or refiner_start >= self.steps:
+            model = "base" if stop == 0 else "refiner"
+            raise InputError(f"a high-noise fraction of {fraction} leaves the {model} no step of {self.steps}")
+        return stop, refiner_start
 
     # ------------------------------------------------------------------ generation
 
-    def _run_batch(self, host: dict[str, torch.Tensor], progress=None) -> torch.Tensor:
-        """Dispatch one batch; returns the device tensor of images (B, 3, H, W) in [0, 1]."""
-        embeds, pooled = self._encode_graph(
-            self._to_device(host["ids_1"]), self._to_device(host["ids_2"]), self._to_device(host["keep"])
-        )
+    def _run_batch(self, host: dict[str, Any], progress=None, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Dispatch one batch; returns the device tensor of images (B, 3, H, W) in [0, 1].
+
+        `latents`: device latents to continue from at `host["start"]` (the refiner after the base).
+        """
+        ids_1 = None if host["ids_1"] is None else self._to_device(host["ids_1"])
+        embeds, pooled = self._encode_graph(ids_1, self._to_device(host["ids_2"]), self._to_device(host["keep"]))
         time_ids = self._to_device(host["time_ids"])
         guidance = self._to_device(host["guidance"])
-        latents = self._to_device(host["latents"])
         noise = None if host["noise"] is None else self._to_device(host["noise"], batch_dim=1)
-        state = {k: self._to_device(v) for k, v in self.sampler.initial_state(host["latents"]).items()}
-        step = self._to_device(torch.zeros(1, dtype=torch.long), batch_dim=None)
-        for _ in range(self.steps):
-            latents, step, state = self._step_graph(latents, step, state, noise, embeds, pooled, time_ids, guidance)
+        # The first and last steps are loop bounds and a device counter: image-to-image and inpainting
+        # start the counter later, base + refiner stops the base early and starts the refiner late,
+        # each on the same step graph, so no strength or switch point compiles anything.
+        start, stop = host["start"], host.get("stop", self.steps)
+        step = self._to_device(torch.tensor([start], dtype=torch.long), batch_dim=None)
+        inpaint = blend = None
+        if "mask" in host:
+            added_noise = self._to_device(host["added_noise"])
+            outputs = self._inpaint_graph(
+                self._to_device(host["pixels"]), self._to_device(host["mask"]),
+                self._to_device(host["posterior_noise"]), added_noise, self._to_device(host["masked_noise"]), step,
+                self._to_device(host["full"], batch_dim=None),
+            )
+            latents = outputs[0]
+            if self.inpainting_unet:
+                inpaint = outputs[1]
+            else:
+                blend = (outputs[2], outputs[1], added_noise)  # mask, image latents, their noise
+        elif "pixels" in host:
+            latents = self._image_graph(self._to_device(host["pixels"]), self._to_device(host["posterior_noise"]),
+                                        self._to_device(host["added_noise"]), step)
+        elif latents is None:
+            latents = self._to_device(host["latents"])
+        template = torch.zeros((len(host["guidance"]), *self.latent_shape))
+        state = {k: self._to_device(v) for k, v in self.sampler.initial_state(template).items()}
+        for _ in range(stop - start):
+            latents, step, state = self._step_graph(latents, step, state, noise, embeds, pooled, time_ids, guidance,
+                                                    inpaint)
+            if blend is not None:
+                latents = self._blend_graph(latents, step, *blend)
             if progress is not None:
                 progress.update(1)
+        if "refiner" in host:  # hand the latents over on the device, as diffusers' output_type="latent"
+            return self.refiner._run_batch(host["refiner"], progress, latents=latents)
         return self._decode_graph(latents)
 
-    def warmup(self) -> float:
-        """Compile the text-encode, denoise-step and decode graphs (one full batch); returns seconds."""
+    def warmup(self, image: bool = False, mask: bool = False, refiner: bool = False) -> float:
+        """Compile the text-encode, denoise-step and decode graphs (one full batch); with `image` the
+        image-to-image encode graph too, with `mask` the inpainting graphs, with `refiner` the
+        refiner's (when the pipeline has one). Returns the seconds this call took.
+
+        A 9-channel inpainting UNet only inpaints: its first warm-up compiles the inpainting graphs.
+        Graphs already compiled are not run again; `warmup_seconds` and `compile_seconds` add up
+        every warm-up of the pipeline.
+        """
         start, compile_start = time.perf_counter(), self._compile_seconds_total()
         micro = self._micro_conditioning(None, None, None, None, None, None)
         n = self.batch_size
-        host, _ = self._host_batch([""] * n, [None] * n, list(range(n)), 5.0, micro)
-        self._run_batch(host).cpu()
-        self.warmup_seconds = time.perf_counter() - start
-        self.compile_seconds = self._compile_seconds_total() - compile_start if self._xla_metrics else None
-        self.warmed_up = True
+        texts = ([""] * n, [""] * n, [None] * n, [""] * n, list(range(n)), 5.0, micro)
+        blank = [np.zeros((self.height, self.width, 3), dtype=np.uint8)] * n
+        blank_masks = [np.zeros((self.height, self.width), dtype=np.float32)] * n
+        # Each later mode runs one step from the last step: only its own graphs are new.
+        if not self.warmed_up:
+            if self.inpainting_unet:
+                inpaint = self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]
+                self._run_batch(inpaint).cpu()
+                self.mask_warmed_up = True
+            else:
+                self._run_batch(self._host_batch(*texts)[0]).cpu()
+            self.warmed_up = True
+        if image and not self.image_warmed_up and not self.inpainting_unet:  # (that UNet only inpaints)
+            self._run_batch(self._host_batch(*texts, images=blank, start=self.steps - 1)[0]).cpu()
+            self.image_warmed_up = True
+        if mask and not self.mask_warmed_up:
+            self._run_batch(self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]).cpu()
+            self.mask_warmed_up = True
+        if refiner and self.refiner is not None and not self.refiner_warmed_up:
+            refiner_micro = self.refiner._micro_conditioning(None, None, None, None, None, None, image_to_image=True)
+            switch = (1, self.steps - 1, refiner_micro)  # one base step, then the refiner's last
+            self._run_batch(self._host_batch(*texts, refiner=switch)[0]).cpu()
+            self.refiner_warmed_up = True
+        seconds = time.perf_counter() - start
+        self.warmup_seconds = (self.warmup_seconds or 0.0) + seconds
+        if self._xla_metrics:
+            self.compile_seconds = (self.compile_seconds or 0.0) + self._compile_seconds_total() - compile_start
         logger.info("warm-up: %.1f s, %d compilation(s)", self.warmup_seconds, self.compile_count)
-        return self.warmup_seconds
+        return seconds
 
     def __call__(
         self,
         prompts: str | Sequence[str],
         negative_prompts: str | Sequence[str | None] | None = None,
         seeds: int | Sequence[int] | None = None,
-        guidance_scale: float = 5.0,
+        guidance_scale: float | None = None,
         original_size: Size | None = None,
         crops_coords_top_left: Size = (0, 0),
         target_size: Size | None = None,
@@ -529,14 +870,45 @@ class Pipeline:
         negative_target_size: Size | None = None,
         output_type: str = "pil",
         progress: bool = False,
+        prompt_2: str | Sequence[str | None] | None = None,
+        negative_prompt_2: str | Sequence[str | None] | None = None,
+        image: Any = None,
+        strength: float | None = None,
+        on_image: Callable[[int, Any], None] | None = None,
+        mask_image: Any = None,
+        mask_blur: float | None = None,
+        denoising_end: float | None = None,
+        aesthetic_score: float = AESTHETIC_SCORE,
+        negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
     ):
         """Generate one image per prompt; returns PIL images (or an (N, H, W, 3) float array for "np").
 
         `seeds`: one per prompt, or an int s giving s, s+1, ...; absent, random seeds are drawn and
-        recorded in each image's `info`. Prompts are run in batches of the pipeline's batch size,
+        recorded in each image's `info`. `guidance_scale` defaults to 5 (7.5 when inpainting, as
+        diffusers). Prompts are run in batches of the pipeline's batch size,
         the last one padded. `negative_prompts` entries that are None give SDXL's zeroed negative
         conditioning; strings are encoded. The size arguments are SDXL's micro-conditioning, as in
         diffusers' StableDiffusionXLPipeline.
+
+        `prompt_2` / `negative_prompt_2` go to the second text encoder (a string for every image, or
+        one per image); as in diffusers, an absent one, an empty string, or a list entry of None
+        gives it the first encoder's text. `image` (a PIL image or an (H, W, 3) uint8 array of the
+        pipeline's size, or one per prompt) makes it image-to-image, as
+        StableDiffusionXLImg2ImgPipeline: `strength` (default 0.3, as diffusers) in (0, 1] sets how
+        many of the steps run, from the last; the micro-conditioning then follows that pipeline.
+
+        `mask_image` too (a PIL image or an (H, W) uint8 or float array, one for all prompts or one
+        per prompt; white = repaint) makes it inpainting, as StableDiffusionXLInpaintPipeline: the
+        mask is binarised at 0.5 (after a Gaussian blur of radius `mask_blur`, as diffusers'
+        VaeImageProcessor.blur, if given), `strength` defaults to 0.9999, and a 9-channel
+        inpainting UNet or a 4-channel UNet with latent blending after each step is used as loaded.
+
+        With a refiner, text-to-image runs the base for the `denoising_end` fraction of the noise
+        (default 0.8) and the refiner from there (its denoising_start), with `aesthetic_score` /
+        `negative_aesthetic_score` in the refiner's conditioning (as for a refiner's own image-to-image).
+
+        `on_image(i, pil_image)` is called for each image as soon as its batch is back on the host,
+        in order (the CLI writes each file then, so a long job killed midway keeps what it made).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -544,12 +916,10 @@ class Pipeline:
         if not all(isinstance(p, str) for p in prompts):
             raise InputError("prompts must be strings")
         n = len(prompts)
-        if negative_prompts is None or isinstance(negative_prompts, str):
-            negatives = [negative_prompts] * n
-        else:
-            negatives = list(negative_prompts)
-            if len(negatives) != n:
-                raise InputError(f"{len(negatives)} negative prompts for {n} prompts")
+        negatives = _per_prompt(negative_prompts, n, "negative prompts")
+        # diffusers: `prompt_2 or prompt`, `negative_prompt_2 or (negative_prompt or "")`.
+        prompts_2 = _second_texts(prompt_2, prompts, "prompt_2")
+        negatives_2 = _second_texts(negative_prompt_2, [neg or "" for neg in negatives], "negative_prompt_2")
         if seeds is None:
             base = secrets.randbelow(2**31)
             seed_list = [base + i for i in range(n)]
@@ -561,37 +931,108 @@ class Pipeline:
                 raise InputError(f"{len(seed_list)} seeds for {n} prompts")
         if output_type not in ("pil", "np"):
             raise InputError("output_type must be 'pil' or 'np'")
+        masks, switch, full = None, None, False
+        if image is None:
+            if strength is not None:
+                raise InputError("strength is for image-to-image and inpainting: give an image too")
+            if mask_image is not None or mask_blur is not None:
+                raise InputError("mask_image and mask_blur are for inpainting: give an image too")
+            if self.inpainting_unet:
+                raise InputError("this model's UNet is an inpainting UNet (9 input channels): "
+                                 "give image and mask_image")
+            if self.requires_aesthetics_score:  # diffusers has no text-to-image with aesthetic scores
+                raise InputError("this is a refiner model (requires_aesthetics_score): load it as refiner= of a base")
+            images, start = None, 0
+            if self.refiner is not None:
+                refiner_fraction = _check_fraction(DEFAULT_HIGH_NOISE_FRAC if denoising_end is None else denoising_end)
+                switch = self.switch_steps(refiner_fraction)
+            elif denoising_end is not None:
+                raise InputError("denoising_end hands the latents over to a refiner: load the pipeline with refiner=")
+        else:
+            if denoising_end is not None:
+                raise InputError("denoising_end (base + refiner) is for text-to-image, not with an image")
+            images = self._per_image(image, n, "images", self._image_array)
+            if mask_image is None:
+                if self.inpainting_unet:
+                    raise InputError("this model's UNet is an inpainting UNet (9 input channels): give a mask_image")
+                if mask_blur is not None:
+                    raise InputError("mask_blur is for inpainting: give a mask_image too")
+                strength = DEFAULT_STRENGTH if strength is None else strength
+            else:
+                masks = self._per_image(mask_image, n, "masks", lambda one: self._mask_array(one, mask_blur))
+                strength = DEFAULT_INPAINT_STRENGTH if strength is None else strength
+            start = first_step(self.steps, strength)
+            full = float(strength) == 1.0  # diffusers' is_strength_max: start from pure noise
+        if guidance_scale is None:  # diffusers' defaults: 7.5 for its inpainting pipeline, 5 for the others
+            guidance_scale = DEFAULT_INPAINT_GUIDANCE if masks is not None else DEFAULT_GUIDANCE
         micro = self._micro_conditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
-                                         negative_crops_coords_top_left, negative_target_size)
-        if not self.warmed_up:
-            self.warmup()
+                                         negative_crops_coords_top_left, negative_target_size,
+                                         image_to_image=images is not None, aesthetic_score=aesthetic_score,
+                                         negative_aesthetic_score=negative_aesthetic_score)
+        refiner = None
+        if switch is not None:
+            # The refiner's micro-conditioning is StableDiffusionXLImg2ImgPipeline's for the same sizes.
+            refiner_micro = self.refiner._micro_conditioning(
+                original_size, crops_coords_top_left, target_size, negative_original_size,
+                negative_crops_coords_top_left, negative_target_size, image_to_image=True,
+                aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+            refiner = (*switch, refiner_micro)
+        modes = dict(image=images is not None and masks is None, mask=masks is not None, refiner=switch is not None)
+        if (not self.warmed_up or (modes["image"] and not self.image_warmed_up)
+                or (modes["mask"] and not self.mask_warmed_up) or (modes["refiner"] and not self.refiner_warmed_up)):
+            self.warmup(**modes)
 
-        start, compiles_before = time.perf_counter(), self.compile_count
+        start_time, compiles_before = time.perf_counter(), self.compile_count
         b = self.batch_size
         batches = math.ceil(n / b)
-        bar = _progress_bar(batches * self.steps) if progress else None
+        steps_run = self.steps - start if switch is None else switch[0] + self.steps - switch[1]
+        bar = _progress_bar(batches * steps_run) if progress else None
         arrays: list[np.ndarray] = []
-        dropped_all: list[int] = []
+        dropped_all: list[tuple[list[int], list[int]]] = []
         pending = None
+
+        def to_pil(i: int, pixels: np.ndarray):
+            params = self._parameters(prompts[i], prompts_2[i], negatives[i], negatives_2[i], seed_list[i],
+                                      guidance_scale, micro, [*dropped_all[i][0], *dropped_all[i][1]])
+            if images is not None:
+                params.update(strength=strength, denoising_steps=self.steps - start)
+            if masks is not None:
+                params.update(inpainting=True, mask_blur=mask_blur)
+            if switch is not None:
+                params.update(refiner=self.refiner.model_name, high_noise_frac=refiner_fraction,
+                              base_steps=switch[0], refiner_steps=self.steps - switch[1],
+                              aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+            return _to_pil(pixels, params)
+
+        def finished(batch: np.ndarray) -> None:
+            first = sum(len(a) for a in arrays)
+            arrays.append(batch)
+            if on_image is not None:
+                for i, pixels in enumerate(batch, start=first):
+                    on_image(i, to_pil(i, pixels))
         for k in range(batches):
             rows = slice(k * b, (k + 1) * b)
             real = len(prompts[rows])
             pad = b - real
             host, dropped = self._host_batch(
-                prompts[rows] + [""] * pad, negatives[rows] + [None] * pad, seed_list[rows] + [0] * pad,
-                float(guidance_scale), micro,
+                prompts[rows] + [""] * pad, prompts_2[rows] + [""] * pad, negatives[rows] + [None] * pad,
+                negatives_2[rows] + [""] * pad, seed_list[rows] + [0] * pad, float(guidance_scale), micro,
+                images=None if images is None else images[rows] + [np.zeros_like(images[0])] * pad, start=start,
+                masks=None if masks is None else masks[rows] + [np.zeros_like(masks[0])] * pad, full=full,
+                refiner=refiner,
             )
-            self._warn_truncation(k * b, prompts[rows], negatives[rows], dropped[: 2 * real])
-            dropped_all += dropped[: 2 * real]
-            images = self._run_batch(host, bar)
+            dropped = (dropped[0][: 2 * real], dropped[1][: 2 * real])
+            self._warn_truncation(k * b, prompts[rows], prompts_2[rows], negatives[rows], negatives_2[rows], dropped)
+            dropped_all += [(dropped[0][2 * i: 2 * i + 2], dropped[1][2 * i: 2 * i + 2]) for i in range(real)]
+            batch_images = self._run_batch(host, bar)
             # Fetch the previous batch only now, so the device works on this one meanwhile.
             if pending is not None:
-                arrays.append(_fetch(*pending))
-            pending = (images, real)
-        arrays.append(_fetch(*pending))
+                finished(_fetch(*pending))
+            pending = (batch_images, real)
+        finished(_fetch(*pending))
         if bar is not None:
             bar.close()
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start_time
         self.last_call = {"images": n, "batches": batches, "seconds": seconds, "seconds_per_image": seconds / n,
                           "images_per_second": n / seconds}
         self._guard(compiles_before, "generation")
@@ -599,26 +1040,97 @@ class Pipeline:
         pixels = np.concatenate(arrays)
         if output_type == "np":
             return pixels
-        return [
-            _to_pil(pixels[i], self._parameters(prompts[i], negatives[i], seed_list[i], guidance_scale, micro,
-                                                dropped_all[2 * i: 2 * i + 2]))
-            for i in range(n)
-        ]
+        return [to_pil(i, pixels[i]) for i in range(n)]
 
-    def _warn_truncation(self, offset, prompts, negatives, dropped):
-        for i, (prompt, negative) in enumerate(zip(prompts, negatives)):
-            rows = ((negative, dropped[2 * i], "negative prompt"), (prompt, dropped[2 * i + 1], "prompt"))
-            for text, lost, kind in rows:
-                if lost > 0:
-                    logger.warning(
-                        "%s %d is longer than CLIP's %d tokens: the last %d token(s) were dropped (%.60r...)",
-                        kind, offset + i, self.text_length, lost, text,
-                    )
+    @staticmethod
+    def _per_image(value: Any, n: int, what: str, convert: Callable[[Any], np.ndarray]) -> list[np.ndarray]:
+        """One array per prompt from one value for all of them or a list of n."""
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise InputError(f"{len(value)} {what} for {n} prompts")
+            return [convert(one) for one in value]
+        return [convert(value)] * n
 
-    def _parameters(self, prompt, negative, seed, guidance_scale, micro, dropped) -> dict[str, Any]:
+    def _mask_array(self, mask: Any, blur: float | None = None) -> np.ndarray:
+        """An inpainting mask as the (H, W) float32 array of 0 and 1 (1: repaint) that the graph takes.
+
+        As diffusers' mask processor: grayscale ("L"), scaled to [0, 1] (uint8 / 255), binarised at
+        0.5. `blur` first applies PIL's GaussianBlur(blur) to the 8-bit mask, as VaeImageProcessor.blur.
+        """
+        from PIL import Image, ImageFilter
+
+        if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype == np.uint8:
+            mask = Image.fromarray(mask)  # mode "L"
+        if isinstance(mask, Image.Image):
+            mask = mask.convert("L")
+            if blur is not None:
+                mask = mask.filter(ImageFilter.GaussianBlur(_blur_radius(blur)))
+            values = np.asarray(mask).astype(np.float32) / 255.0
+        elif isinstance(mask, np.ndarray) and mask.ndim == 2 and np.issubdtype(mask.dtype, np.floating):
+            if blur is not None:
+                raise InputError("mask_blur blurs an 8-bit mask: give a PIL image or a uint8 array")
+            values = mask.astype(np.float32)
+        else:
+            shape = getattr(mask, "shape", None)
+            raise InputError(f"mask_image must be a PIL image or an (H, W) uint8 or float array, got "
+                             f"{type(mask).__name__}{'' if shape is None else f' {shape} {mask.dtype}'}")
+        height, width = values.shape
+        if (height, width) != (self.height, self.width):
+            raise SizeError(f"the mask is {width}x{height} pixels but the pipeline generates "
+                            f"{self.width}x{self.height} (the image's size)")
+        return (values >= 0.5).astype(np.float32)
+
+    def _image_array(self, image: Any) -> np.ndarray:
+        """An input image as the (H, W, 3) uint8 array of the pipeline's size that the graph takes."""
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            array = np.asarray(image.convert("RGB"))
+        elif isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise InputError(f"an image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+            array = image
+        else:
+            raise InputError(f"image must be a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+        height, width = array.shape[:2]
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise SizeError(f"the image is {width}x{height} pixels, not a multiple of the VAE factor {factor}")
+        if (height, width) != (self.height, self.width):
+            raise SizeError(
+                f"the image is {width}x{height} pixels but the pipeline generates {self.width}x{self.height} "
+                "(the size its graphs are compiled for)"
+            )
+        return array
+
+    def _warn_truncation(self, offset, prompts, prompts_2, negatives, negatives_2, dropped):
+        dropped_1, dropped_2 = dropped
+        for i in range(len(prompts)):
+            rows = (
+                (negatives[i] or "", negatives_2[i], 2 * i, "negative prompt"),
+                (prompts[i], prompts_2[i], 2 * i + 1, "prompt"),
+            )
+            for text_1, text_2, row, kind in rows:
+                # One warning when both encoders read the same text, else one per encoder's text.
+                if text_1 == text_2:
+                    texts = ((text_1, max(dropped_1[row], dropped_2[row]), kind),)
+                else:
+                    texts = ((text_1, dropped_1[row], kind), (text_2, dropped_2[row], f"{kind} 2"))
+                for text, lost, name in texts:
+                    if lost > 0:
+                        logger.warning(
+                            "%s %d is longer than CLIP's %d tokens: the last %d token(s) were dropped (%.60r...)",
+                            name, offset + i, self.text_length, lost, text,
+                        )
+
+    def _parameters(self, prompt, prompt_2, negative, negative_2, seed, guidance_scale, micro,
+                    dropped) -> dict[str, Any]:
+        zeroed = negative is None and self.force_zeros_for_empty_prompt  # neither encoder's text was used
         params = {
             "prompt": prompt,
+            "prompt_2": prompt_2,
             "negative_prompt": "" if negative is None else negative,
+            "negative_prompt_2": "" if zeroed else negative_2,
             "seed": seed,
             "steps": self.steps,
             "guidance_scale": guidance_scale,
@@ -649,6 +1161,8 @@ class Pipeline:
             "height": self.height,
             "steps": self.steps,
             "scheduler": self.scheduler_name,
+            "inpainting_unet": self.inpainting_unet,
+            "refiner": None if self.refiner is None else self.refiner.model_name,
             "torch_compile": self.torch_compile,
             "compile_count": self.compile_count,
             "warmup_seconds": self.warmup_seconds,
@@ -675,18 +1189,21 @@ def _vae_dtype_for(dtype: torch.dtype, vae_config) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
-def _check_sdxl_shapes(unet, text_encoder, text_encoder_2) -> None:
+def _check_sdxl_shapes(unet, text_encoder, text_encoder_2, time_ids: int = 6) -> None:
     cfg = unet.config
     if cfg.addition_embed_type != "text_time":
         raise InputError(f"the UNet is not SDXL-style (addition_embed_type={cfg.addition_embed_type!r})")
-    hidden = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    hidden = (0 if text_encoder is None else text_encoder.config.hidden_size) + text_encoder_2.config.hidden_size
     if cfg.cross_attention_dim != hidden:
         raise InputError(f"UNet cross_attention_dim {cfg.cross_attention_dim} != text hidden sizes summed {hidden}")
     expected = unet.add_embedding.linear_1.in_features
-    passed = cfg.addition_time_embed_dim * 6 + text_encoder_2.config.projection_dim
+    passed = cfg.addition_time_embed_dim * time_ids + text_encoder_2.config.projection_dim
     if expected != passed:
-        raise InputError(f"UNet expects {expected} added-embedding inputs, the text encoder gives {passed}")
-    if text_encoder.config.max_position_embeddings != text_encoder_2.config.max_position_embeddings:
+        hint = " (requires_aesthetics_score in model_index.json decides 5 or 6 time ids)"
+        raise InputError(f"UNet expects {expected} added-embedding inputs, the text encoder and {time_ids} "
+                         f"time ids give {passed}{hint}")
+    if text_encoder is not None and \
+            text_encoder.config.max_position_embeddings != text_encoder_2.config.max_position_embeddings:
         raise InputError("the two text encoders disagree on the token length")
 
 
@@ -697,6 +1214,30 @@ def _read_scheduler_config(source: str) -> dict[str, Any]:
         return dict(EulerDiscreteScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError) as err:
         raise InputError(f"could not read the scheduler config of {source}: {err}") from None
+
+
+def _per_prompt(values, n: int, what: str) -> list:
+    """One value per prompt from a single value (or None) for all, or a list of n."""
+    if values is None or isinstance(values, str):
+        return [values] * n
+    values = list(values)
+    if len(values) != n:
+        raise InputError(f"{len(values)} {what} for {n} prompts")
+    return values
+
+
+def _second_texts(values, firsts: list[str], what: str) -> list[str]:
+    """The second text encoder's text per prompt, as diffusers' `prompt_2 = prompt_2 or prompt`.
+
+    A single string (or None) falls back to the first text when empty; a list is kept as given
+    (diffusers keeps "" entries of a list), except that entries of None fall back too.
+    """
+    if values is None or isinstance(values, str):
+        return [values or first for first in firsts]
+    values = _per_prompt(values, len(firsts), what)
+    if not all(v is None or isinstance(v, str) for v in values):
+        raise InputError(f"{what} must be strings")
+    return [first if v is None else v for v, first in zip(values, firsts)]
 
 
 def _fetch(images: torch.Tensor, real: int) -> np.ndarray:

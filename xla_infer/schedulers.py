@@ -114,9 +114,34 @@ class DeviceSampler:
         self.init_noise_sigma = (init if torch.is_tensor(init) else torch.tensor(init)).to(torch.float32)
         self.tables: dict[str, torch.Tensor] = {"timesteps": self.timesteps}
         self.tables.update(self._build_tables())
+        self.tables.update(self._add_noise_tables())
 
     def _build_tables(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def _add_noise_tables(self) -> dict[str, torch.Tensor]:
+        # Image-to-image starts from the scheduler's add_noise(sample, noise, t) at its first step.
+        # Every add_noise here is linear, a * sample + b * noise, so a and b per step are read off
+        # diffusers' own add_noise on ones and zeros (exactly: multiplying by 1 or 0 and adding 0
+        # round nothing), after set_begin_index(i) as the img2img pipeline does.
+        ref = self.reference
+        one, zero = torch.ones(1), torch.zeros(1)
+
+        def row(i):
+            if hasattr(ref, "set_begin_index"):
+                ref.set_begin_index(i)
+            timestep = ref.timesteps[i: i + 1]
+            return ref.add_noise(one, zero, timestep), ref.add_noise(zero, one, timestep)
+
+        sample_coef, noise_coef = _per_step(row, self.steps)
+        if hasattr(ref, "set_begin_index"):
+            ref.set_begin_index(0)
+        # Row `steps` (1, 0) is the clean sample: inpainting with a 4-channel UNet blends in the image
+        # noised to the next step's level after every step, and the clean image after the last one
+        # (1 * x + 0 * noise is x exactly).
+        sample_coef = torch.cat([sample_coef, torch.ones(1)])
+        noise_coef = torch.cat([noise_coef, torch.zeros(1)])
+        return {"add_noise_sample": sample_coef, "add_noise_noise": noise_coef}
 
     def to(self, device: torch.device | str) -> "DeviceSampler":
         """Move the tables to `device` (once, before any step)."""
@@ -132,6 +157,10 @@ class DeviceSampler:
         if not self.scales_input:
             return sample
         return sample / _at(self.tables["input_divisor"], step)
+
+    def add_noise(self, sample: torch.Tensor, noise: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """diffusers' `add_noise` at the timestep of `step`: image-to-image's starting latents."""
+        return _at(self.tables["add_noise_sample"], step) * sample + _at(self.tables["add_noise_noise"], step) * noise
 
     def initial_state(self, latents: torch.Tensor) -> State:
         """Host-side per-batch state (multistep history); empty for one-step samplers."""
@@ -326,7 +355,13 @@ class DPMSolverPP2MSampler(DeviceSampler):
         }
 
     def initial_state(self, latents: torch.Tensor) -> State:
-        return {"prev_data": torch.zeros_like(latents, dtype=torch.float32)}
+        # has_prev is 0 until a step has run: an image-to-image call starts at a later step, where the
+        # table holds a second-order row, but diffusers' first step there is first order (it has no
+        # previous prediction yet). Multiplying by 1 afterwards changes no bit.
+        return {
+            "prev_data": torch.zeros_like(latents, dtype=torch.float32),
+            "has_prev": torch.zeros((latents.shape[0], 1, 1, 1), dtype=torch.float32),
+        }
 
     def step(self, sample, model_output, step, state, noise=None):
         t = self.tables
@@ -337,29 +372,54 @@ class DPMSolverPP2MSampler(DeviceSampler):
             data = alpha_s * sample - sigma_s * model_output
         sample = sample.to(torch.float32)
         first_order = _at(t["sample_coef"], step) * sample - _at(t["data_coef"], step) * data
-        d1 = _at(t["inv_r0"], step) * (data - state["prev_data"])
-        return first_order + _at(t["d1_coef"], step) * d1, {"prev_data": data}
+        d1 = _at(t["inv_r0"], step) * (data - state["prev_data"]) * state["has_prev"]
+        # 1 computed from the input, not a new constant: under SPMD it then keeps the input's batch
+        # sharding (a constant comes out replicated, and the next step would be another graph).
+        new_state = {"prev_data": data, "has_prev": state["has_prev"] * 0.0 + 1.0}
+        return first_order + _at(t["d1_coef"], step) * d1, new_state
 
 
 def draw_noise(
-    seeds: list[int], latent_shape: tuple[int, int, int], steps: int, step_noise: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Initial latents (B, C, h, w) and, for ancestral samplers, per-step noise (steps, B, C, h, w).
+    seeds: list[int], latent_shape: tuple[int, int, int], steps: int, step_noise: bool, initial: int = 1,
+    start: int = 0,
+) -> tuple[torch.Tensor | None, ...]:
+    """`initial` Gaussian tensors (B, C, h, w), then, for ancestral samplers, per-step noise (steps, B, C, h, w).
 
     Each image has its own CPU generator seeded with its seed, drawn in the order diffusers draws
-    from a list of generators (initial latents first, then one draw per step), so an image depends
-    only on its seed, never on its batch neighbours, and matches diffusers given the same seeds.
+    from a list of generators, so an image depends only on its seed, never on its batch neighbours,
+    and matches diffusers given the same seeds. Text-to-image draws the initial latents first
+    (initial=1); image-to-image draws the VAE posterior sample, then the noise add_noise adds
+    (initial=2). Then one draw per step run: a call starting at step `start` draws for steps
+    start..steps-1 only, and the rows before `start` (never read) are zero.
+    Returns the `initial` tensors followed by the step noise (None without step noise).
     """
-    latents, noise = [], []
+    firsts, segments = draw_streams(seeds, latent_shape, steps, initial, [(start, steps)] if step_noise else [])
+    return (*firsts, segments[0] if step_noise else None)
+
+
+def draw_streams(
+    seeds: list[int], latent_shape: tuple[int, int, int], steps: int, initial: int,
+    segments: list[tuple[int, int]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """draw_noise's streams in general: per image, `initial` Gaussians, then step noise for each
+    (start, stop) range of `segments` in turn, from the image's one generator.
+
+    Base + refiner draws the base's steps, then the refiner's, from the same generator, as when
+    diffusers' two pipelines are given the same generator. Returns the `initial` tensors (B, C, h, w)
+    and one (steps, B, C, h, w) tensor per segment, zero outside its range.
+    """
+    shape = (1, *latent_shape)
+    firsts: list[list[torch.Tensor]] = [[] for _ in range(initial)]
+    noise: list[list[torch.Tensor]] = [[] for _ in segments]
     for seed in seeds:
         generator = torch.Generator("cpu").manual_seed(int(seed))
-        latents.append(torch.randn((1, *latent_shape), generator=generator, dtype=torch.float32))
-        if step_noise:
-            noise.append(
-                torch.stack([torch.randn((1, *latent_shape), generator=generator, dtype=torch.float32)
-                             for _ in range(steps)])
-            )
-    return torch.cat(latents), (torch.cat(noise, dim=1) if step_noise else None)
+        for drawn in firsts:
+            drawn.append(torch.randn(shape, generator=generator, dtype=torch.float32))
+        for (start, stop), drawn in zip(segments, noise):
+            run = [torch.randn(shape, generator=generator, dtype=torch.float32) for _ in range(start, stop)]
+            zeros = [torch.zeros(shape) for _ in range(start)], [torch.zeros(shape) for _ in range(stop, steps)]
+            drawn.append(torch.stack(zeros[0] + run + zeros[1]))
+    return [torch.cat(drawn) for drawn in firsts], [torch.cat(drawn, dim=1) for drawn in noise]
 
 
 _SAMPLERS = {cls.name: cls for cls in (EulerSampler, EulerAncestralSampler, DDIMSampler, DPMSolverPP2MSampler)}

@@ -488,7 +488,7 @@ def open_cache(cfg: config_lib.Config, base: str | os.PathLike, *, prepare_if_mi
     except CacheMissingError:
         if not prepare_if_missing:
             raise
-    prepare_cache(cache_dir(cfg), base, source, preprocess, **options)
+    prepare_cache(cache_dir(cfg), base, source, preprocess, shard_size=cfg.data.cache_shard_size, **options)
     return LatentCache(cache_dir(cfg), expected=settings)
 
 

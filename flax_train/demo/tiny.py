@@ -21,6 +21,7 @@ from flax_train import sdxl
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+KINDS = ("base", "inpainting", "refiner")  # save_tiny_pipeline's folder layouts
 
 # Words that become single tokens by default: enough to write readable demo prompts.
 DEFAULT_WORDS: tuple[str, ...] = tuple(
@@ -132,6 +133,7 @@ def tiny_component_configs(
     text_projection_dim: int = 32,
     addition_time_embed_dim: int = 8,
     norm_num_groups: int = 8,
+    kind: str = "base",
 ) -> dict[str, dict[str, Any]]:
     """Keyword arguments for each SDXL component, at tiny widths.
 
@@ -141,7 +143,14 @@ def tiny_component_configs(
     penultimate states of both encoders (cross_attention_dim = hidden1 + hidden2) and on
     text_time added embeddings (6 micro-conditioning numbers + the pooled projection of encoder 2).
     `vocab_size` defaults to the default tokenizer's.
+
+    `kind="inpainting"` gives SDXL's inpainting UNet (9 input channels: the latents, the mask and
+    the masked image's latents); `kind="refiner"` the refiner's, which conditions on the second
+    encoder alone (cross_attention_dim = hidden2) and on 5 time ids (the aesthetic score replaces
+    the target size).
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     levels = len(unet_channels)
     if levels not in (2, 3):
         raise ValueError(f"unet_channels must have 2 or 3 levels, got {unet_channels}")
@@ -157,7 +166,7 @@ def tiny_component_configs(
 
     unet = dict(
         sample_size=image_size // vae_factor,
-        in_channels=4,
+        in_channels=9 if kind == "inpainting" else 4,
         out_channels=4,
         down_block_types=down_blocks,
         up_block_types=up_blocks,
@@ -165,14 +174,15 @@ def tiny_component_configs(
         layers_per_block=layers_per_block,
         attention_head_dim=tuple(unet_heads),  # diffusers' name for heads per level, as in SDXL
         transformer_layers_per_block=tuple(transformer_layers_per_block),
-        cross_attention_dim=text_hidden[0] + text_hidden[1],
+        cross_attention_dim=text_hidden[1] if kind == "refiner" else text_hidden[0] + text_hidden[1],
         norm_num_groups=norm_num_groups,
         norm_eps=1e-5,
         act_fn="silu",
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=addition_time_embed_dim,
-        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_projection_dim,
+        projection_class_embeddings_input_dim=(5 if kind == "refiner" else 6) * addition_time_embed_dim
+        + text_projection_dim,
     )
     vae = dict(
         in_channels=3,
@@ -237,6 +247,7 @@ def save_tiny_pipeline(
     image_size: int = 64,
     words: Iterable[str] | None = None,
     scheduler: Mapping[str, Any] | None = None,
+    kind: str = "base",
     **config_overrides: Any,
 ) -> Path:
     """Write a complete SDXL diffusers folder with random weights drawn from `seed`.
@@ -244,17 +255,26 @@ def save_tiny_pipeline(
     `diffusers.StableDiffusionXLPipeline.from_pretrained(path)` loads it offline. Extra keyword
     arguments go to `tiny_component_configs` (e.g. `unet_channels=(32, 64, 64)`); `scheduler`
     overrides keys of SDXL's scheduler config (e.g. `prediction_type="v_prediction"`).
+
+    `kind="inpainting"` writes a StableDiffusionXLInpaintPipeline folder with a 9-channel UNet;
+    `kind="refiner"` a refiner folder as stabilityai/stable-diffusion-xl-refiner-1.0 lays it out
+    (StableDiffusionXLImg2ImgPipeline, no first text encoder or tokenizer,
+    requires_aesthetics_score true, force_zeros_for_empty_prompt false).
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     path = Path(path)
     # Written in place: save_pretrained adds tokenizer.json next to vocab.json / merges.txt, so the
     # folder also holds the files SDXL's own tokenizer folders carry.
-    tokenizer = CLIPTokenizer.from_pretrained(build_tokenizer(path / "tokenizer", words))
     tokenizer_2 = CLIPTokenizer.from_pretrained(build_tokenizer(path / "tokenizer_2", words, pad_token="!"))
-    configs = tiny_component_configs(vocab_size=len(tokenizer), image_size=image_size, **config_overrides)
+    tokenizer = None
+    if kind != "refiner":  # the refiner has no first text encoder, hence no first tokenizer
+        tokenizer = CLIPTokenizer.from_pretrained(build_tokenizer(path / "tokenizer", words))
+    configs = tiny_component_configs(vocab_size=len(tokenizer_2), image_size=image_size, kind=kind,
+                                     **config_overrides)
 
     # One generator state per component, so adding a component never changes another's weights.
     torch.manual_seed(seed)
@@ -266,7 +286,7 @@ def save_tiny_pipeline(
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))
 
-    pipeline = StableDiffusionXLPipeline(
+    components = dict(
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         text_encoder_2=text_encoder_2.eval(),
@@ -276,6 +296,17 @@ def save_tiny_pipeline(
         scheduler=EulerDiscreteScheduler(**{**sdxl.SCHEDULER_CONFIG, **(scheduler or {})}),
         add_watermarker=False,
     )
+    if kind == "refiner":
+        # The first text encoder built above is dropped; each component has its own seed, so the
+        # others equal a base model's of the same seed and sizes.
+        components.update(text_encoder=None, tokenizer=None)
+        pipeline = StableDiffusionXLImg2ImgPipeline(
+            **components, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+        )
+    elif kind == "inpainting":
+        pipeline = StableDiffusionXLInpaintPipeline(**components)
+    else:
+        pipeline = StableDiffusionXLPipeline(**components)
     pipeline.save_pretrained(path, safe_serialization=True)
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text())

@@ -48,6 +48,7 @@ class Linear(nnx.Module):
     """y = x @ kernel + bias. ``kernel`` is (in, out); torch stores ``weight`` as (out, in)."""
 
     TORCH_NAMES = {"kernel": "weight", "bias": "bias"}
+    lora = None  # a flax_train.lora.LoraAdapter when a LoRA targets this layer
 
     def __init__(
         self,
@@ -78,6 +79,8 @@ class Linear(nnx.Module):
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x, self.dtype)
         return y
 
     @staticmethod
@@ -93,6 +96,7 @@ class Conv(nnx.Module):
     """2-D convolution on NHWC. ``kernel`` is HWIO; torch stores ``weight`` as OIHW."""
 
     TORCH_NAMES = {"kernel": "weight", "bias": "bias"}
+    lora = None  # a flax_train.lora.LoraAdapter when a LoRA targets this layer
 
     def __init__(
         self,
@@ -136,6 +140,8 @@ class Conv(nnx.Module):
         )
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x, self.dtype)
         return y
 
     @staticmethod
@@ -328,7 +334,15 @@ def call_block(block: nnx.Module, *args, remat: str = "none"):
         raise BadInput(f"remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}")
     if remat == "none":
         return block(*args)
-    return nnx.remat(lambda b, *a: b(*a), policy=REMAT_POLICIES[remat])(block, *args)
+    # jax.checkpoint of a pure function of the block's weights, not nnx.remat: the blocks change no
+    # state when called, and nnx.remat refuses to run inside a loop body (lax.scan / fori_loop,
+    # as the sampler calls the UNet) with a TraceContextError.
+    graphdef, state = nnx.split(block)
+
+    def run(state, *inputs):
+        return nnx.merge(graphdef, state)(*inputs)
+
+    return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, *args)
 
 
 def timestep_embedding(

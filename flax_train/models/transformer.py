@@ -90,6 +90,8 @@ class GEGLUProjection(layers.Linear):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum("...d,dgm->...gm", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x, self.dtype)
         value, gate = y[..., 0, :], y[..., 1, :]
         # diffusers' GEGLU uses the exact (erf) GELU, not the tanh approximation.
         return value * jax.nn.gelu(gate, approximate=False)
