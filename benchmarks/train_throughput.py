@@ -197,7 +197,8 @@ def main() -> None:
         ratio = round(max(r["images_per_s"] for r in results[:-1]) / results[-1]["images_per_s"], 3)
         print(f"ours (best layout) / diffusers: {ratio:.2f}x images/s")
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"train_throughput_{args.unet}_{device.platform}{'_quick' if args.quick else ''}.json"
+    remat = "" if args.remat == "none" else f"_remat-{args.remat}"
+    name = f"train_throughput_{args.unet}_{device.platform}{remat}{'_quick' if args.quick else ''}.json"
     (args.out / name).write_text(
         json.dumps(
             {

@@ -121,10 +121,7 @@ def diffusion_loss(
     """The step's loss of the UNet ``graphdef`` with ``params`` (and, for LoRA, ``frozen``) on ``batch``."""
     if frozen is None:
         return _unet_loss(nnx.merge(graphdef, params), batch, key, schedule, timestep_weights, empty, cfg)
-    # LoRA: the factors beside the frozen weights, as fresh Variables made at this trace level:
-    # nnx refuses Variables of an outer trace (the step's, where they arrive) inside a
-    # rematerialised block.
-    frozen = jax.tree.map(jax.lax.stop_gradient, frozen)
+    # LoRA: the factors beside the frozen weights (no gradient: only ``params`` is differentiated).
     unet = nnx.merge(graphdef, lora.combine(params, frozen))
     # The dropout masks' key is folded in rather than split off with the keys in _unet_loss, so
     # that everything else draws what a full fine-tune draws.

@@ -13,6 +13,14 @@ def folder(tmp_path_factory):
     return save_tiny_pipeline(tmp_path_factory.mktemp("xla_cli") / "sdxl", seed=0)
 
 
+def exit_code_and_stderr(args, capsys) -> tuple[int, str]:
+    try:
+        code = main(args)
+    except SystemExit as exit_:  # argparse reports usage errors by exiting
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 def cpu_args(folder, out, *extra):
     return ["--model", str(folder), "--device", "cpu", "--dtype", "fp32", "--steps", "2", "--out", str(out), *extra]
 
@@ -84,11 +92,7 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(folder, tmp_path, cap
         shutil.copytree(folder, broken)
         shutil.rmtree(broken / "text_encoder_2")
         args = cpu_args(broken, out, "--prompt", "x")
-    try:
-        code = main(args)
-    except SystemExit as exit_:  # argparse reports usage errors by exiting
-        code = exit_.code
-    err = capsys.readouterr().err
+    code, err = exit_code_and_stderr(args, capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err
     assert not out.exists()
@@ -141,11 +145,7 @@ def test_bad_image_exits_2_with_one_line_before_loading(folder, tmp_path, capsys
     args = cpu_args(folder, out, "--prompt", "x", *extra.get(case, ["--strength", "1"]),
                     *([] if case == "strength_without_image" else image))
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_loading)
-    try:
-        code = main(args)
-    except SystemExit as exit_:  # argparse reports usage errors by exiting
-        code = exit_.code
-    err = capsys.readouterr().err
+    code, err = exit_code_and_stderr(args, capsys)
     assert code == 2
     assert expected in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
@@ -216,11 +216,7 @@ def test_bad_mask_or_refiner_exits_2_with_one_line_before_loading(folder, tmp_pa
         "frac_of_one": ["--refiner", str(folder), "--high-noise-frac", "1"],
     }.get(case, [*with_image, "--mask", str(mask)])
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_loading)
-    try:
-        code = main(cpu_args(folder, out, "--prompt", "x", *extra))
-    except SystemExit as exit_:  # argparse reports usage errors by exiting
-        code = exit_.code
-    err = capsys.readouterr().err
+    code, err = exit_code_and_stderr(cpu_args(folder, out, "--prompt", "x", *extra), capsys)
     assert code == 2
     assert expected.format(mask=mask, image=image) in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1

@@ -139,12 +139,8 @@ class MicroConditioning:
 def first_step(steps: int, strength: float) -> int:
     """The first of `steps` steps that image-to-image runs for `strength`, as diffusers' img2img
     `get_timesteps` (without denoising_start): the last int(steps * strength) steps run."""
-    try:
-        strength = float(strength)
-    except (TypeError, ValueError):
-        raise InputError(f"strength must be a number in (0, 1], got {strength!r}") from None
-    if not 0.0 <= strength <= 1.0:
-        raise InputError(f"strength must be in (0, 1], got {strength}")
+    # 0 passes here, to be refused below with the number of steps it would need.
+    strength = _number(strength, "strength", "in (0, 1]", lambda v: 0.0 <= v <= 1.0)
     # The samplers here are all of order 1 (one UNet call per step): no `* scheduler.order`.
     init_steps = min(int(steps * strength), steps)
     start = max(steps - init_steps, 0)
@@ -153,24 +149,24 @@ def first_step(steps: int, strength: float) -> int:
     return start
 
 
-def _check_fraction(value: Any) -> float:
+def _number(value: Any, name: str, allowed: str, ok: Callable[[float], bool]) -> float:
+    """``value`` as a float, refused in one line naming ``name`` and the ``allowed`` range unless ``ok``."""
     try:
-        value = float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"the high-noise fraction (denoising_end) must be a number in (0, 1), got {value!r}") from None
-    if not 0.0 < value < 1.0:  # diffusers ignores other values; refusing says so
-        raise InputError(f"the high-noise fraction (denoising_end) must be in (0, 1), got {value}")
-    return value
+        number = None
+    if number is None or not ok(number):
+        raise InputError(f"{name} must be {allowed}, got {repr(value) if number is None else number}")
+    return number
+
+
+def _check_fraction(value: Any) -> float:
+    # diffusers ignores values outside (0, 1); refusing says so.
+    return _number(value, "the high-noise fraction (denoising_end)", "in (0, 1)", lambda v: 0.0 < v < 1.0)
 
 
 def _blur_radius(value: Any) -> float:
-    try:
-        radius = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"mask_blur must be a positive number, got {value!r}") from None
-    if not radius > 0:
-        raise InputError(f"mask_blur must be a positive number, got {radius}")
-    return radius
+    return _number(value, "mask_blur", "a positive number", lambda v: v > 0)
 
 
 def _pair(value: Any, name: str) -> Size:
