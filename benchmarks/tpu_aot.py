@@ -13,19 +13,24 @@ Each scenario reports what the compiler says about one step:
 * ``optimal_seconds``, the TPU compiler's cost-model estimate of one step, and from it images/s
   and MFU. These are compiler cost-model estimates, not measurements.
 
-The TPU compiler's host memory and time grow with the UNet's depth: on a 2-core, 23 GiB host the
-copy with 1 transformer layer at the deepest level took 35 min and 15.6 GiB, with 2 layers 39 min
-and 18.4 GiB, so full SDXL (10) does not fit such a host. There, ``--depths 1,2`` compiles two shallower copies of SDXL instead
-(the deepest level's 10 transformer layers cut to 1 and 2; every other layer as in SDXL) and
-extrapolates each figure linearly to 10 layers. Parameters, FLOPs and the cost model's time are
-sums over layers, so they are linear in that depth; a third depth (``--depths 1,2,3``) reports
-how far the others' line misses it.
+The TPU compiler's host memory and time grow with the number of layers it compiles: on a 2-core,
+23 GiB host the copy of SDXL with 1 transformer layer at the deepest level took 35 min and 15.6 GiB,
+with 2 layers 39 min and 18.4 GiB. ``--scan-layers`` (``model.scan_layers``) compiles each stack of
+identical transformer layers once, and the full-depth step then compiled there in 30 min and 19.0
+GiB. ``--depths 1,2`` instead compiles two shallower copies of SDXL (the deepest level's 10
+transformer layers cut to 1 and 2; every other layer as in SDXL) and extrapolates each figure
+linearly to 10 layers: right for parameters, FLOPs and the cost model's time, which are sums over
+layers, but not for peak memory (it said 11.0 GiB where the full-depth compile says 16.6); a third
+depth (``--depths 1,2,3``) reports how far the others' line misses it. ``--lora-rank R`` compiles a
+LoRA run's step instead of a full fine-tune, e.g. for one chip (``v5e-1``, a Colab runtime).
 
     .venv/bin/pip install -c constraints.txt 'libtpu==0.0.42.*'     # the project's tpu extra
     .venv/bin/python -m benchmarks.tpu_aot --list
-    .venv/bin/python -m benchmarks.tpu_aot                          # full SDXL; needs well over 23 GiB of RAM
+    .venv/bin/python -m benchmarks.tpu_aot --scan-layers            # full SDXL, layers scanned; ~19 GiB of RAM
+    .venv/bin/python -m benchmarks.tpu_aot --scenario v5e-1_fsdp_full_1024px_b1 --scan-layers --lora-rank 16
     .venv/bin/python -m benchmarks.tpu_aot --depths 1,2             # extrapolated; ~19 GiB of RAM, ~75 min on 2 cores
     .venv/bin/python -m benchmarks.tpu_aot --scenario v5e-8_fsdp_full_512px_b1 --unet tiny --no-write
+    .venv/bin/python -m benchmarks.tpu_aot --attention splash      # the Pallas flash kernel: memory only (see notes)
 
 Each compile runs in its own subprocess (libtpu allows one user at a time, and a compiler crash
 or its host memory then does not carry over). Results go to ``benchmarks/results/tpu_aot_<date>.json``
@@ -56,6 +61,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Without these libtpu probes GCE metadata for a TPU that is not there and logs warnings.
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+# libtpu takes a host-wide lock meant for a real TPU; compiling for a described slice touches no
+# chip, so two compiles (two benchmark runs) may share the host.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -80,6 +88,9 @@ SLICES: dict[str, Slice] = {
     # v5p-8 is 4 chips (8 TensorCores, fused in pairs as megacores): JAX sees 4 devices.
     "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0, 2765.0),
     "v6e-8": Slice("v6e:2x4", (2, 4, 1), "tpu_v6e", 32.0, 1640.0),
+    # One chip: what a Colab TPU runtime has.
+    "v5e-1": Slice("v5e:1x1", (1, 1, 1), "tpu_v5e", 16.0, 819.0),
+    "v6e-1": Slice("v6e:1x1", (1, 1, 1), "tpu_v6e", 32.0, 1640.0),
 }
 
 # Mesh layouts (flax_train.config.MeshConfig fields).
@@ -89,6 +100,8 @@ MESHES: dict[str, dict[str, int]] = {
     "hybrid": {"data": 2, "fsdp": -1, "tensor": 1},  # two replicas, each sharded over half the chips
 }
 REMATS = ("none", "full", "dots", "dots_no_batch")
+# --attention: model.attention, as the results files name it.
+ATTENTION_NAMES = {"xla": "XLA", "splash": "splash (Pallas TPU flash)"}
 
 # Forward TFLOP per image of the SDXL UNet (torch FlopCounterMode on the diffusers UNet).
 FORWARD_TFLOP_PER_IMAGE = {1024: 6.761, 512: 1.589}
@@ -148,17 +161,22 @@ def unet_architecture(unet: str, resolution: int, depth: int | None) -> dict[str
     return architecture
 
 
-def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None = None) -> dict[str, Any]:
+def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None = None,
+                     scan_layers: bool = False, lora_rank: int | None = None,
+                     attention: str = "xla") -> dict[str, Any]:
     """Compiles the training step of ``scenario`` for its TPU slice; returns the compiler's raw figures.
 
-    ``depth`` replaces the number of transformer layers of the UNet's deepest level (SDXL: 10).
+    ``depth`` replaces the number of transformer layers of the UNet's deepest level (SDXL: 10);
+    ``scan_layers`` runs each stack of transformer layers as one scan (``model.scan_layers``);
+    ``lora_rank`` compiles a LoRA run's step (``train.method: lora``) of that rank instead;
+    ``attention`` is ``model.attention`` (xla, or splash: the Pallas TPU flash-attention kernel).
     """
     import jax
     import numpy as np
     from flax import nnx
     from jax.experimental import topologies
 
-    from flax_train import checkpoint, config as config_lib, diffusion, models, sdxl, sharding, train
+    from flax_train import checkpoint, config as config_lib, diffusion, lora, models, sdxl, sharding, train
 
     spec = SLICES[scenario.slice]
     devices = topologies.get_topology_desc(
@@ -176,9 +194,11 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
         [
             *(f"mesh.{axis}={size}" for axis, size in MESHES[scenario.mesh].items()),
             f"model.remat={scenario.remat}",
-            "model.attention=xla",
+            f"model.attention={attention}",
             f"data.resolution={scenario.resolution}",
             f"train.global_batch_size={global_batch}",
+            f"model.scan_layers={str(scan_layers).lower()}",
+            *(["train.method=lora", f"lora.rank={lora_rank}"] if lora_rank else []),
         ],
     )
     config_lib.validate(cfg, chips)
@@ -188,8 +208,13 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
     tx, lr = train.build_optimizer(cfg)
 
     def abstract_state_of(architecture: dict[str, Any]) -> tuple[Any, Any, Any, int]:
-        graphdef, params = nnx.split(models.abstract(architecture, **train.unet_options(cfg)), nnx.Param)
-        state = jax.eval_shape(train.initial_state_fn(cfg, tx), params)
+        frozen = None
+        if lora_rank:  # trainable factors; the UNet's own weights frozen in the compute dtype
+            graphdef, params, _ = lora.split(nnx.eval_shape(lambda: train.lora_unet(cfg, architecture)))
+            frozen = nnx.split(models.abstract(architecture, **train.frozen_unet_options(cfg)), nnx.Param)[1]
+        else:
+            graphdef, params = nnx.split(models.abstract(architecture, **train.unet_options(cfg)), nnx.Param)
+        state = train.with_frozen(jax.eval_shape(train.initial_state_fn(cfg, tx), params), frozen)
         shardings = sharding.tree_shardings(state, mesh, rules)
         # Bytes per chip of the state, from the shardings.
         shard_bytes = lambda x, s: int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize  # noqa: E731
@@ -213,6 +238,9 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
         **dataclasses.asdict(scenario),
         "unet": unet,
         "depth": architecture["transformer_layers_per_block"][-1],
+        "scan_layers": scan_layers,
+        "attention": attention,
+        "train_method": f"lora r{lora_rank}" if lora_rank else "full",
         "unet_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params)),
         "topology": spec.topology,
         "device_kind": devices[0].device_kind,
@@ -234,7 +262,7 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
 
     start = time.perf_counter()
     try:
-        compiled, compile_s = train.compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
+        step = train.compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
     except Exception as e:  # the TPU compiler reports out-of-memory as an error
         message = str(e)
         result.update(
@@ -244,7 +272,26 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
             **_oom_figures(message),
         )
         return result
-    result.update(status="compiled", compile_s=compile_s, **_memory(compiled), **_cost(compiled))
+    result.update(status="compiled", compile_s=step.seconds, **_memory(step.executable), **_cost(step.executable))
+    if step.hardware_flops:
+        # XLA counts a loop body once; compile_step scales its count to every iteration (the layer
+        # scans of scan_layers, gradient accumulation), as the trainer's hfu does.
+        result["flops_per_chip"] = step.hardware_flops
+    return without_kernel_costs(result) if attention == "splash" else result
+
+
+def without_kernel_costs(result: dict[str, Any]) -> dict[str, Any]:
+    """A splash row's cost figures, kept under ``*_outside_kernels`` names instead of the step's.
+
+    The splash kernels are Mosaic custom calls, opaque to XLA's cost analysis: its FLOPs, bytes
+    and time leave attention out (the attention products are 0.78 of the UNet forward's 6.76
+    TFLOP per image at 1024px, 12%; 3% at 512px). The memory figures do include the kernels'
+    inputs, outputs and residuals.
+    """
+    result = dict(result)
+    for field in ("flops_per_chip", "bytes_accessed_per_chip", "optimal_seconds", "optimal_seconds_unpriced"):
+        if field in result:
+            result[f"{field}_outside_kernels"] = result.pop(field)
     return result
 
 
@@ -295,8 +342,9 @@ def _cost(compiled: Any) -> dict[str, float]:
     return out
 
 
-def run_worker(name: str, unet: str, depth: int | None, out: Path) -> None:
-    result = compile_scenario(Scenario.parse(name), unet, depth)
+def run_worker(name: str, unet: str, depth: int | None, out: Path, scan_layers: bool, lora_rank: int | None,
+               attention: str) -> None:
+    result = compile_scenario(Scenario.parse(name), unet, depth, scan_layers, lora_rank, attention)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["host_peak_rss_gib"] = usage.ru_maxrss / 1024**2
     # On a shared host the wall time depends on the load; the CPU time does not.
@@ -335,9 +383,12 @@ def derive(row: dict[str, Any]) -> dict[str, Any]:
         row["flops_per_step"] = row["flops_per_chip"] * row["chips"]
     forward = FORWARD_TFLOP_PER_IMAGE.get(row["resolution"])
     if row["unet"] == "sdxl" and row.get("depth") == SDXL_DEPTH and forward:
-        # Model FLOPs (for MFU) count forward + backward once; full remat runs the forward twice.
-        row["analytic_model_flops_per_step"] = 3 * forward * 1e12 * row["global_batch"]
-        executed = (4 if row["remat"] == "full" else 3) * forward * 1e12 * row["global_batch"]
+        # Model FLOPs (for MFU) count forward + backward once; full remat runs the forward twice. A
+        # LoRA step's backward computes the activations' gradients but not the frozen weights'
+        # (the factors' are negligible): 2 x forward, not 3.
+        passes = 2 if row.get("train_method", "full") != "full" else 3
+        row["analytic_model_flops_per_step"] = passes * forward * 1e12 * row["global_batch"]
+        executed = (passes + (row["remat"] == "full")) * forward * 1e12 * row["global_batch"]
         row["analytic_executed_flops_per_step"] = executed
         if "flops_per_step" in row:
             row["compiler_vs_analytic_flops"] = row["flops_per_step"] / executed
@@ -400,15 +451,22 @@ def extrapolate(rows: list[dict[str, Any]], depth: int = SDXL_DEPTH) -> dict[str
 # The driver
 
 
-def run_in_subprocess(name: str, unet: str, depth: int | None, timeout_s: float) -> dict[str, Any]:
+def run_in_subprocess(name: str, unet: str, depth: int | None, timeout_s: float, scan_layers: bool,
+                      lora_rank: int | None, attention: str = "xla") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        command = [sys.executable, "-m", "benchmarks.tpu_aot", "--worker", name, "--unet", unet, "--worker-out", str(out)]
+        command = [sys.executable, "-m", "benchmarks.tpu_aot", "--worker", name, "--unet", unet,
+                   "--worker-out", str(out), "--attention", attention]
         if depth is not None:
             command += ["--worker-depth", str(depth)]
+        if scan_layers:
+            command.append("--scan-layers")
+        if lora_rank:
+            command += ["--lora-rank", str(lora_rank)]
         start = time.perf_counter()
         scenario = dataclasses.asdict(Scenario.parse(name))
-        failure = {"scenario": name, **scenario, "unet": unet, "depth": depth}
+        failure = {"scenario": name, **scenario, "unet": unet, "depth": depth, "scan_layers": scan_layers,
+                   "attention": attention}
         try:
             proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -446,7 +504,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         flops, analytic = r.get("flops_per_step"), r.get("analytic_executed_flops_per_step")
         mfu = r.get("mfu")
         cells = [
-            r["scenario"] + (f" (depth {r['depth']})" if r["unet"] == "sdxl" and r.get("depth") not in (None, SDXL_DEPTH) else ""),
+            r["scenario"] + (f" (depth {r['depth']})" if r["unet"] == "sdxl" and r.get("depth") not in (None, SDXL_DEPTH) else "")
+            + (", scanned layers" if r.get("scan_layers") else "")
+            + (f", {r['attention']} attention" if r.get("attention", "xla") != "xla" else "")
+            + (f", {r['train_method']}" if r.get("train_method", "full") != "full" else ""),
             how,
             _fmt(r.get("chips"), "d"),
             _fmt(r.get("global_batch"), "d"),
@@ -501,13 +562,20 @@ MARKDOWN_NOTES = """\
 - **args / temp / total GiB**: per chip, from the compiler's `memory_analysis()`; total =
   arguments + outputs + temporaries + code - aliased (the donated state). `oom` is the TPU compiler
   refusing the program for HBM, with its message's used / capacity figures.
-- **compiler TFLOP/step**: `cost_analysis()["flops"]` x chips. **analytic**: 6.761 TFLOP forward per
+- **compiler TFLOP/step**: `cost_analysis()["flops"]` x chips; XLA counts a loop body once, so with
+  scanned layers the count is scaled by the step's FLOPs with loops at full length over loops once
+  (counted from the traced program, as the trainer's `hfu` is). **analytic**: 6.761 TFLOP forward per
   image at 1024px, 1.589 at 512px (torch FlopCounterMode on the diffusers UNet), x3 for forward +
-  backward, x4 with full rematerialisation (the forward runs again in the backward pass).
+  backward, x4 with full rematerialisation (the forward runs again in the backward pass); a LoRA
+  step x2 (x3): its backward skips the frozen weights' gradients.
 - **roofline s**: max(compiler FLOPs / peak FLOP/s, compiler bytes accessed / HBM bandwidth),
   bandwidths 819 (v5e), 2765 (v5p), 1640 (v6e) GB/s. An idealised figure from the compiler's own
   counts, not a bound: it leaves out the collectives' traffic over the interconnect and assumes
   compute and memory traffic overlap perfectly.
+- **splash attention** rows (`--attention splash`): the Pallas kernels are custom calls that
+  XLA's cost analysis does not see into, so the compiler's FLOPs, bytes and step time would
+  leave attention out; they are kept in the JSON as `*_outside_kernels` and the table shows
+  `-`. Compare memory with the XLA rows; the step time needs a TPU measurement.
 - **est. step s**: the compiler's `optimal_seconds`, a {note}; `-` where the cost model could not
   price the program (it then answers a negative time, kept in the JSON as `optimal_seconds_unpriced`). **est. img/s** = global batch /
   est. step s. **est. MFU** = analytic model FLOPs (3 x forward; recomputation not counted) /
@@ -530,10 +598,11 @@ MARKDOWN_NOTES = """\
 """
 
 
-def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: dict[str, Any], command: str) -> list[Path]:
+def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: dict[str, Any], command: str,
+                  suffix: str = "") -> list[Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     today = datetime.date.today().isoformat()
-    json_path = RESULTS / f"tpu_aot_{today}.json"
+    json_path = RESULTS / f"tpu_aot_{today}{suffix}.json"
     payload = {
         "benchmark": "tpu_aot",
         "date": today,
@@ -550,7 +619,13 @@ def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], inf
         f"Compiled {today} on a **CPU-only host** ({info['cpu_count']} cores, {info['memory_gib']} GiB, shared "
         f"with other work; {info['platform']}); no TPU was used. jax {info['jax']}, libtpu {info['libtpu']}, "
         f"flax {info['flax']}. The trainer's own step (`flax_train.train.train_step`) with "
-        "`configs/sdxl_base.yaml`: AdamW, EMA, bf16 compute, fp32 weights and optimizer state, XLA attention.",
+        "`configs/sdxl_base.yaml`: AdamW, EMA, bf16 compute, fp32 weights and optimizer state, "
+        + " and ".join(sorted({ATTENTION_NAMES[r.get("attention", "xla")] for r in rows})) + " attention."
+        + (" Rows marked `scanned layers` run each stack of transformer layers as one scan (`model.scan_layers`)."
+           if any(r.get("scan_layers") for r in rows) else "")
+        + (" Rows marked `lora rN` train a rank-N LoRA (`train.method: lora`): the UNet's own weights are frozen"
+           " in bf16 and only the factors have fp32 copies, AdamW moments and EMA."
+           if any(r.get("train_method", "full") != "full" for r in rows) else ""),
         "",
         f"Step times, images/s and MFU are the TPU **{NOTE}**.",
         "",
@@ -572,7 +647,7 @@ def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], inf
         md += [f"- `{r['scenario']}` (depth {r.get('depth')}): {r['status']} - {str(r.get('error', ''))[:300]}" for r in failed]
         md.append("")
     md += [f"Raw figures: `{json_path.relative_to(REPO)}`.", "", MARKDOWN_NOTES.format(note=NOTE)]
-    md_path = RESULTS / "tpu_aot.md"
+    md_path = RESULTS / f"tpu_aot{suffix}.md"
     md_path.write_text("\n".join(md))
     return [json_path, md_path]
 
@@ -593,6 +668,12 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated transformer depths of the deepest level to compile and extrapolate to SDXL's 10 "
         "(e.g. 1,2); default: compile SDXL itself",
     )
+    parser.add_argument("--scan-layers", action="store_true",
+                        help="model.scan_layers: each stack of transformer layers compiled once, as a scan")
+    parser.add_argument("--lora-rank", type=int, default=None,
+                        help="compile a LoRA run's step of this rank (train.method=lora) instead of a full fine-tune")
+    parser.add_argument("--attention", choices=tuple(ATTENTION_NAMES), default="xla",
+                        help="model.attention: xla, or splash (the Pallas TPU flash-attention kernel)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per compile")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -601,7 +682,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.worker:
-        run_worker(args.worker, args.unet, args.worker_depth, args.worker_out)
+        run_worker(args.worker, args.unet, args.worker_depth, args.worker_out, args.scan_layers, args.lora_rank,
+                   args.attention)
         return
     if args.list:
         print("SLICE_MESH_REMAT_RESpx_bBATCH with")
@@ -627,7 +709,8 @@ def main(argv: list[str] | None = None) -> None:
         compiled = []
         for depth in depths:
             print(f"compiling {name}" + (f" at depth {depth}" if depth else "") + " ...", flush=True)
-            r = run_in_subprocess(name, args.unet, depth, args.timeout)
+            r = run_in_subprocess(name, args.unet, depth, args.timeout, args.scan_layers, args.lora_rank,
+                                  args.attention)
             shown = derive(r)
             print(
                 f"  {r['status']} in {r.get('compile_s', 0):.0f} s"
@@ -651,7 +734,9 @@ def main(argv: list[str] | None = None) -> None:
         print("\nshallower compiles:\n" + table(analogs))
     print(f"\nstep times, images/s and MFU: {NOTE}")
     if not args.no_write and args.unet == "sdxl":
-        for path in write_results(rows, analogs, info, command):
+        suffix = (("_scan" if args.scan_layers else "") + (f"_lora{args.lora_rank}" if args.lora_rank else "")
+                  + (f"_{args.attention}" if args.attention != "xla" else ""))
+        for path in write_results(rows, analogs, info, command, suffix):
             print(f"wrote {path.relative_to(REPO)}")
 
 

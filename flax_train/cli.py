@@ -24,7 +24,7 @@ import jax
 from etils import epath
 from PIL.PngImagePlugin import PngInfo
 
-from flax_train import config as config_lib, errors, lora, models, sharding, storage, train
+from flax_train import config as config_lib, errors, lora, lora_files, models, sharding, storage, train
 from flax_train.errors import BadInput, report
 from flax_train.data import prepare
 from flax_train.sampling import Generator, png_bytes, read_prompt_file
@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _config(args)
     config_lib.validate(cfg, jax.device_count())
-    base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
+    base = models.pretrained_pipeline(cfg.model)
     start = time.perf_counter()
     cache = prepare.open_cache(cfg, base)
     seconds = time.perf_counter() - start
@@ -72,8 +72,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not prompts:
         raise BadInput("give --prompt TEXT (repeatable) or --prompts FILE")
     out = storage.writable_folder(args.out)  # before loading anything
+    loras = [lora_files.parse_spec(spec) for spec in args.lora]
+    for location, _ in loras:
+        lora_files.weight_file(location)  # a missing file fails before any model is loaded
     generator = Generator(
-        args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution
+        args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution, loras=loras
     )
     images = generator(prompts, negative_prompt=args.negative_prompt, seed=args.seed, guidance_scale=args.guidance)
     # Every process generated the same images (the models are not sharded here); one writes them.
@@ -96,6 +99,7 @@ def write_samples(out: epath.Path, prompts: list[str], images: list, args: argpa
             "guidance_scale": str(args.guidance),
             "scheduler": args.scheduler,
             "model": str(args.model),
+            "loras": " ".join(args.lora),
         }.items():
             info.add_text(key, value)
         storage.atomic_write_bytes(out / f"{i:04d}.png", png_bytes(image, info))
@@ -137,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="euler", choices=["euler", "ddim"])
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA file or folder (diffusers or kohya format) merged at SCALE (default 1); repeatable")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
 

@@ -46,6 +46,7 @@ from flax_train.schedulers import Sampler
 UnetName = Literal["sdxl"]  # named UNet architectures, built by flax_train.models
 ComputeDtype = Literal["bfloat16", "float32"]
 ParamDtype = Literal["float32", "bfloat16"]
+FileDtype = Literal["float16", "bfloat16", "float32"]
 Crop = Literal["random", "center"]
 LatentMode = Literal["sample", "mean"]
 NanPolicy = Literal["stop", "skip"]
@@ -87,6 +88,7 @@ DIFFUSERS_FLAGS = {
     "output_dir": "run_dir",
     "report_to": "logging.tensorboard",
     "rank": "lora.rank",  # train_text_to_image_lora_sdxl.py
+    "train_text_encoder": "lora.train_text_encoder",  # the same script's
 }
 
 # SDXL's noise schedule has 1000 training timesteps; timestep-bias ranges index into it.
@@ -128,8 +130,12 @@ def _freeze(value: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    # --pretrained_model_name_or_path: the diffusers SDXL folder or Hub id the run starts from.
+    # --pretrained_model_name_or_path: the diffusers SDXL folder or Hub id the run starts from, or a
+    # single-file checkpoint (a path or URL ending in .safetensors, e.g. sd_xl_base_1.0.safetensors).
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    # A single-file model.pretrained: the diffusers pipeline (folder, Hub id or URL) whose configs,
+    # tokenizers and scheduler go with its weights (null: the shipped SDXL base or refiner ones).
+    config_from: str | None = None
     # --pretrained_vae_model_name_or_path: a VAE folder or Hub id used instead of pretrained/vae.
     vae: str | None = None
     # --revision: the Hub branch, tag or commit of pretrained (model.vae is read at its default branch).
@@ -146,6 +152,9 @@ class ModelConfig:
     param_dtype: ParamDtype = "float32"  # master weights and optimizer state
     attention: Attention = "auto"
     remat: Remat = "none"  # --gradient_checkpointing: full
+    # Run each stack of identical transformer layers as one lax.scan: compiled once, not per layer
+    # (the same weights, names and outputs; see layers.call_stack).
+    scan_layers: bool = False
     prediction_type: PredictionType | None = None  # null: the scheduler config's own
 
     def __post_init__(self):
@@ -197,6 +206,12 @@ class LoraConfig:
     # Module names as peft's target_modules: a module matches when its diffusers path is the name
     # or ends with "." + the name. Attention projections by default; see lora.SUPPORTED_TARGETS.
     target_modules: tuple[str, ...] = lora.DEFAULT_TARGETS
+    # A LoRA file or folder (diffusers or kohya format, local or URL) to continue training from:
+    # its factors are the starting point and its rank, alpha and targets replace the three above.
+    init_from: str | None = None
+    # Also adapt both text encoders' attention projections (lora.TEXT_ENCODER_TARGETS, same rank,
+    # alpha and dropout): the cache then keeps token ids and the step runs the encoders.
+    train_text_encoder: bool = False  # --train_text_encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +283,12 @@ class ExportConfig:
     at_end: bool = True
     use_ema: bool | None = None  # null: the EMA weights when train.ema.enabled
     dir: str | None = None  # null: <run_dir>/export
-    single_file: bool = False  # also write one .safetensors checkpoint
+    # A LoRA run: also write its factors in kohya's format (KOHYA_LORA_NAME), for A1111 and ComfyUI.
+    kohya_lora: bool = False
+    # Also write <dir>.safetensors: the whole pipeline as one checkpoint in the original SDXL layout
+    # (A1111, ComfyUI, diffusers' from_single_file); a full fine-tune only.
+    single_file: bool = False
+    single_file_dtype: FileDtype | None = None  # null: each tensor in the exported folder's dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -537,6 +557,14 @@ def validate(config: Config, num_devices: int | None = None) -> None:
 
     m = config.model
     check(bool(m.pretrained), "model.pretrained: empty; give a diffusers SDXL folder or Hub id")
+    check(
+        m.config_from is None or m.pretrained.endswith(".safetensors"),
+        f"model.config_from is for a single-file model.pretrained (a .safetensors file), not {m.pretrained!r}",
+    )
+    check(
+        m.attention != "splash" or config.logging.chip in (None, "cpu") or str(config.logging.chip).startswith("tpu"),
+        f"model.attention: splash is the TPU kernel but logging.chip is {config.logging.chip}; use cudnn, xla or auto",
+    )
     names = typing.get_args(UnetName)
     check(
         m.unet_config is None or isinstance(m.unet_config, Mapping) or m.unet_config in names,
@@ -607,6 +635,10 @@ def validate(config: Config, num_devices: int | None = None) -> None:
                             f"{', '.join(lora.SUPPORTED_TARGETS)}{hint}")
     check(len(set(lo.target_modules)) == len(lo.target_modules),
           f"lora.target_modules names a module twice: {list(lo.target_modules)}")
+    check(t.method == "lora" or lo.init_from is None,
+          f"lora.init_from is set but train.method is {t.method}; continuing a LoRA needs train.method: lora")
+    check(t.method == "lora" or not lo.train_text_encoder,
+          f"lora.train_text_encoder is set but train.method is {t.method}; it adapts the text encoders of a LoRA run")
     check(t.method != "lora" or m.unet_config is None,
           "train.method is lora but model.unet_config is set; a LoRA trains beside the pretrained folder's UNet "
           "(model.unet_config: null)")
@@ -659,9 +691,9 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         "export.use_ema is true but train.ema.enabled is false; enable EMA or set export.use_ema: null",
     )
     check(
-        not config.export.single_file,
-        "export.single_file: the single-file checkpoint format is not written yet; export the diffusers folder "
-        "(export.single_file: false)",
+        not (config.export.single_file and config.train.method == "lora"),
+        "export.single_file: a LoRA run exports its factors only; set export.single_file: false "
+        "(or export.kohya_lora: true for a file A1111 and ComfyUI load)",
     )
 
     log = config.logging

@@ -5,23 +5,32 @@ The trained UNet is written as PyTorch-layout safetensors under ``unet/``; every
 run started from, so ``StableDiffusionXLPipeline.from_pretrained(out)`` loads the result, and so do
 ``xla_infer`` and the other tools that read the diffusers format.
 
-A LoRA run (``train.method: lora``) exports only its factors, as diffusers' LoRA training scripts
-do: ``<export dir>/pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(<export dir>)``
-applies to a pipeline of ``model.pretrained``.
+A LoRA run (``train.method: lora``) exports only its factors (with ``lora.train_text_encoder`` the
+text encoders' too), as diffusers' LoRA training scripts do:
+``<export dir>/pytorch_lora_weights.safetensors``, which ``pipe.load_lora_weights(<export dir>)``
+applies to a pipeline of ``model.pretrained``; with ``export.kohya_lora`` also
+``lora_kohya.safetensors``, the same factors under kohya's names, which A1111 and ComfyUI load.
+
+With ``export.single_file`` a full fine-tune is also written as ``<export dir>.safetensors``, one
+checkpoint in Stability's original layout (``flax_train.single_file``), as A1111, ComfyUI and
+diffusers' ``from_single_file`` read SDXL.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Any, Mapping
 
 import jax
 from etils import epath
 from flax import nnx
 
-from flax_train import config as config_lib, lora, models, sharding, storage
+from flax_train import config as config_lib, lora, models, sharding, single_file as single_file_lib, storage
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +61,12 @@ def export_pipeline(
     *,
     vae: str | Path | None = None,
     variant: str | None = None,
+    single_file: bool = False,
+    single_file_dtype: str | None = None,
 ) -> epath.Path:
     """Writes ``out`` (a folder or a URL) as a diffusers folder: ``unet`` from the given module, the
-    rest from ``base``.
+    rest from ``base``; with ``single_file`` also the same pipeline as one original-layout
+    checkpoint, `single_file_path` (every tensor in ``single_file_dtype``, or else as in the folder).
 
     ``base`` is the pretrained pipeline folder (or Hub id) the run used; ``vae`` an optional VAE
     folder that replaced the pipeline's own (for example an fp16-safe SDXL VAE); ``variant`` the
@@ -72,14 +84,42 @@ def export_pipeline(
         _copy_component(source, tmp / name, variant)
     models.save(unet, tmp / "unet")
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if single_file:
+        _write_single_file(tmp, single_file_path(out), single_file_dtype)
     return storage.publish_folder(tmp, out, marker="model_index.json")
 
 
-def export_lora(factors: nnx.State, lora_cfg: config_lib.LoraConfig, out: storage.PathLike) -> epath.Path:
+def single_file_path(out: storage.PathLike) -> epath.Path:
+    """Where ``export.single_file`` puts the checkpoint: beside the folder ``out``, named after it."""
+    return storage.path(str(out).rstrip("/") + ".safetensors")
+
+
+def _write_single_file(folder: Path, target: epath.Path, dtype: str | None) -> None:
+    if not storage.is_remote(target):
+        single_file_lib.write_single_file(folder, Path(os.path.expanduser(str(target))), dtype=dtype)
+        return
+    # Written locally, then uploaded as one object: it appears only once complete.
+    local = Path(tempfile.mkdtemp(prefix="sdxl-tpu-single-file-")) / target.name
+    try:
+        single_file_lib.write_single_file(folder, local, dtype=dtype)
+        storage.copy_file(local, target)
+    finally:
+        shutil.rmtree(local.parent)
+
+
+# The kohya-format copy of a LoRA export (export.kohya_lora), beside diffusers' file.
+KOHYA_LORA_NAME = "lora_kohya.safetensors"
+
+
+def export_lora(factors: nnx.State, lora_cfg: config_lib.LoraConfig, out: storage.PathLike,
+                kohya_unet_config: Mapping[str, Any] | None = None) -> epath.Path:
     """Writes ``out`` as a folder holding ``pytorch_lora_weights.safetensors`` from host
-    ``factors``; built aside and published whole, like a pipeline folder."""
+    ``factors``, and with ``kohya_unet_config`` (the UNet's config) the same factors in kohya's
+    format; built aside and published whole, like a pipeline folder."""
     tmp = storage.staging_dir(out)
     lora.save_weights(factors, lora_cfg, tmp / lora.WEIGHT_NAME)
+    if kohya_unet_config is not None:
+        lora.save_kohya(factors, lora_cfg, tmp / KOHYA_LORA_NAME, kohya_unet_config)
     return storage.publish_folder(tmp, out, marker=lora.WEIGHT_NAME)
 
 
@@ -98,13 +138,18 @@ def export_run(cfg: config_lib.Config, graphdef: nnx.GraphDef, params: nnx.State
     host_params = sharding.to_host(params)
     if cfg.train.method == "lora":
         if jax.process_index() == 0:
-            export_lora(host_params, cfg.lora, out)
+            unet_config = None
+            if cfg.export.kohya_lora:
+                base = models.pretrained_pipeline(cfg.model)
+                unet_config = models.read_config(base / "unet")
+            export_lora(host_params, cfg.lora, out, unet_config)
             log.info("exported the LoRA weights to %s", out / lora.WEIGHT_NAME)
         sharding.sync("export")
         return out
     if jax.process_index() == 0:
-        base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
-        export_pipeline(nnx.merge(graphdef, host_params), base, out, vae=cfg.model.vae, variant=cfg.model.variant)
+        base = models.pretrained_pipeline(cfg.model)
+        export_pipeline(nnx.merge(graphdef, host_params), base, out, vae=cfg.model.vae, variant=cfg.model.variant,
+                        single_file=cfg.export.single_file, single_file_dtype=cfg.export.single_file_dtype)
         log.info("exported the diffusers pipeline to %s", out)
     sharding.sync("export")
     return out

@@ -35,7 +35,7 @@ from flax import nnx
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from flax_train import models, schedulers, sdxl, sharding, storage
+from flax_train import lora, lora_files, models, schedulers, sdxl, sharding, storage
 from flax_train.errors import BadInput, InputNotFound
 from flax_train.models import clip
 from flax_train.schedulers import SamplerTables
@@ -162,7 +162,10 @@ class Generator:
         resolution: int | None = None,
         dtype: Any = jnp.float32,
         load_unet: bool = True,
+        loras: Sequence[tuple[str, float]] = (),
     ):
+        """``loras``: (LoRA file or folder, scale) pairs merged into the weights once, here (see
+        ``flax_train.lora_files`` for the formats)."""
         root = models.resolve_pipeline(folder)
         self.tokenizers = sdxl.load_tokenizers(root)
         self.force_zeros_for_empty_prompt = sdxl.force_zeros_for_empty_prompt(root)
@@ -170,6 +173,14 @@ class Generator:
         # The SDXL VAE overflows in fp16; decoding in fp32 is always safe and costs little.
         self.vae = models.load(models.resolve_folder(vae) if vae else models.resolve_folder(root, "vae"))
         self.unet = models.load(root, subfolder="unet", dtype=dtype) if load_unet else None
+        if loras:
+            if self.unet is None:
+                raise ValueError("a LoRA is merged into the UNet: load_unet must be true")
+            targets = {"unet": self.unet, "text_encoder": encoders[0], "text_encoder_2": encoders[1]}
+            paths = {name: lora.module_paths(model) for name, model in targets.items()}
+            for location, scale in loras:
+                for component, factors in lora_files.read(location, modules=paths, unet_config=self.unet.config).items():
+                    lora.merge(targets[component], factors, scale, str(location))
         self.tables = schedulers.make_scheduler(scheduler, sdxl.scheduler_config(root), num_steps)
         self.vae_scale = sdxl.vae_scale_factor(self.vae.config)
         if resolution is None:
@@ -187,17 +198,25 @@ class Generator:
         te1, te2 = nnx.merge(graphdef, state)
         return clip.encode_prompts(te1, te2, ids1, ids2)
 
-    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str | None]) -> dict[str, jax.Array]:
+    def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str | None],
+               text: tuple[nnx.GraphDef, nnx.State] | None = None) -> dict[str, jax.Array]:
         """Prompt and negative-prompt embeddings, computed once and reused by every call.
 
         A negative prompt of None is the model's unconditional input: zeros where the folder says
         ``force_zeros_for_empty_prompt`` (SDXL), else the encoded empty prompt; as in diffusers.
+        ``text``: (graph, state) of an ``nnx.List`` of two text encoders to use instead of the
+        folder's (a run's adapted encoders, on its mesh).
         """
         if len(prompts) != len(negative_prompts):
             raise ValueError("one negative prompt per prompt")
-        embeds, pooled = self._encode(*self._text, *sdxl.tokenize(self.tokenizers, prompts))
+        tokenize = lambda texts: sdxl.tokenize(self.tokenizers, texts)
+        if text is not None:  # the ids go where the encoders are, which may span processes
+            replicated = sharding.replicated(jax.tree.leaves(text[1])[0].sharding.mesh)
+            tokenize = lambda texts: jax.device_put(sdxl.tokenize(self.tokenizers, texts), replicated)
+        text = self._text if text is None else text
+        embeds, pooled = self._encode(*text, *tokenize(prompts))
         negatives = [n or "" for n in negative_prompts]
-        neg_embeds, neg_pooled = self._encode(*self._text, *sdxl.tokenize(self.tokenizers, negatives))
+        neg_embeds, neg_pooled = self._encode(*text, *tokenize(negatives))
         if self.force_zeros_for_empty_prompt:
             zero = jnp.asarray([n is None for n in negative_prompts])
             neg_embeds = jnp.where(zero[:, None, None], 0, neg_embeds).astype(neg_embeds.dtype)
@@ -320,17 +339,26 @@ class Validator:
         self.embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts))
         self.latents = None
 
-    def run(self, step: int, graphdef: nnx.GraphDef, params: nnx.State) -> epath.Path:
-        """Every process calls this (the sampler is sharded like the UNet); process 0 writes."""
+    def run(self, step: int, graphdef: nnx.GraphDef, params: nnx.State,
+            text_encoders: tuple[nnx.GraphDef, nnx.State] | None = None) -> epath.Path:
+        """Every process calls this (the sampler is sharded like the UNet); process 0 writes.
+        ``text_encoders``: a run's adapted encoders (see ``Generator.encode``), which encode the
+        prompts anew at every call, since they change as the run trains."""
         v = self.cfg.validation
         if self.latents is None:  # first call: everything the sampler reads goes where the UNet is
             replicated = sharding.replicated(jax.tree.leaves(params)[0].sharding.mesh)
             self.generator.replicate_on(replicated.mesh)
             self.embeds = jax.device_put(sharding.to_host(self.embeds), replicated)
             self.latents = jax.device_put(sharding.to_host(self.generator.initial_latents(len(v.prompts), v.seed)), replicated)
-        images = self.generator.generate_from_embeds(
-            graphdef, params, self.embeds, guidance_scale=v.guidance_scale, latents=self.latents
-        )
+        embeds = self.embeds
+        if text_encoders is not None:
+            embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts), text_encoders)
+        # The UNet's mesh as the ambient one while the sampler is traced: kernels that must run
+        # per device (splash attention's shard_map) read it from there, as in the train step.
+        with jax.set_mesh(jax.tree.leaves(params)[0].sharding.mesh):
+            images = self.generator.generate_from_embeds(
+                graphdef, params, embeds, guidance_scale=v.guidance_scale, latents=self.latents
+            )
         grid = image_grid(images)
         path = self.out / f"step_{step:07d}.png"
         if jax.process_index() == 0:

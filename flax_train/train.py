@@ -32,6 +32,7 @@ from flax_train import (
     export,
     flops as flops_lib,
     lora,
+    lora_files,
     metrics,
     models,
     optim,
@@ -41,6 +42,7 @@ from flax_train import (
     storage,
 )
 from flax_train.data import prepare
+from flax_train.models import clip
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,12 @@ class TrainState:
 @flax.struct.dataclass
 class LoraTrainState(TrainState):
     """A LoRA run's state: ``params`` are the LoRA factors, and ``frozen`` the UNet's own weights
-    in the compute dtype, never updated. They travel with the state through the compiled step (an
-    input, not a constant compiled into it) but are no part of a checkpoint, which holds the plain
-    TrainState (``trainable``): they come from model.pretrained again. A subclass rather than a
-    field of TrainState, so that a full fine-tune's checkpoints keep their tree (and older ones
-    still restore)."""
+    (with ``lora.train_text_encoder`` also both text encoders') in the compute dtype, never
+    updated. They travel with the state through the compiled step (an input, not a constant
+    compiled into it) but are no part of a checkpoint, which holds the plain TrainState
+    (``trainable``): they come from model.pretrained again. A subclass rather than a field of
+    TrainState, so that a full fine-tune's checkpoints keep their tree (and older ones still
+    restore)."""
 
     frozen: nnx.State
 
@@ -118,15 +121,23 @@ def diffusion_loss(
     cfg: StepConfig,
     frozen: nnx.State | None = None,
 ) -> jax.Array:
-    """The step's loss of the UNet ``graphdef`` with ``params`` (and, for LoRA, ``frozen``) on ``batch``."""
+    """The step's loss of the UNet ``graphdef`` with ``params`` (and, for LoRA, ``frozen``) on ``batch``.
+    With ``lora.train_text_encoder`` the graph also holds both text encoders, and the batch the
+    captions' token ids in place of their embeddings."""
     if frozen is None:
         return _unet_loss(nnx.merge(graphdef, params), batch, key, schedule, timestep_weights, empty, cfg)
     # LoRA: the factors beside the frozen weights (no gradient: only ``params`` is differentiated).
-    unet = nnx.merge(graphdef, lora.combine(params, frozen))
+    parts = lora.components(nnx.merge(graphdef, lora.combine(params, frozen)))
     # The dropout masks' key is folded in rather than split off with the keys in _unet_loss, so
     # that everything else draws what a full fine-tune draws.
     with lora.dropout(jax.random.fold_in(key, LORA_DROPOUT_STREAM)):
-        return _unet_loss(unet, batch, key, schedule, timestep_weights, empty, cfg)
+        if "text_encoder" in parts:
+            # Encoded here, through the adapted encoders; caption dropout then replaces the result
+            # as it replaces cached embeddings.
+            embeds = clip.encode_prompts(parts["text_encoder"], parts["text_encoder_2"], batch["input_ids"],
+                                         batch["input_ids_2"])
+            batch = dict(batch, **dict(zip(("prompt_embeds", "pooled_prompt_embeds"), embeds)))
+        return _unet_loss(parts["unet"], batch, key, schedule, timestep_weights, empty, cfg)
 
 
 def _unet_loss(
@@ -246,6 +257,7 @@ def unet_options(cfg: config_lib.Config) -> dict[str, Any]:
         param_dtype=jnp.dtype(cfg.model.param_dtype),
         attention=cfg.model.attention,
         remat=cfg.model.remat,
+        scan_layers=cfg.model.scan_layers,
     )
 
 
@@ -295,30 +307,84 @@ def frozen_unet_options(cfg: config_lib.Config) -> dict[str, Any]:
     return dict(unet_options(cfg), param_dtype=jnp.dtype(cfg.model.dtype))
 
 
-def lora_unet(cfg: config_lib.Config, architecture: dict[str, Any]) -> nnx.Module:
-    """An abstract UNet of ``architecture`` (shapes only) with concrete LoRA factors drawn from
-    ``train.seed``: called under ``jax.jit`` it creates the factors alone, under ``nnx.eval_shape``
-    it is the whole model's shape."""
+def frozen_text_options(cfg: config_lib.Config) -> dict[str, Any]:
+    """The text encoders of ``lora.train_text_encoder``: frozen like the UNet (``frozen_unet_options``)."""
+    dtype = jnp.dtype(cfg.model.dtype)
+    return dict(dtype=dtype, param_dtype=dtype, attention=cfg.model.attention, remat=cfg.model.remat)
+
+
+def text_encoder_configs(cfg: config_lib.Config, base: Path) -> dict[str, dict[str, Any]]:
+    """With ``lora.train_text_encoder``: name -> config of both text encoders; else none."""
+    if not cfg.lora.train_text_encoder:
+        return {}
+    return {name: models.read_config(base / name) for name in lora.TEXT_ENCODERS}
+
+
+def lora_unet(cfg: config_lib.Config, architecture: dict[str, Any],
+              text_configs: dict[str, dict[str, Any]] | None = None) -> nnx.Module:
+    """An abstract UNet of ``architecture`` (shapes only), with ``text_configs`` (see
+    ``text_encoder_configs``) in an ``nnx.Dict`` with the text encoders, with concrete LoRA factors
+    drawn from ``train.seed``: called under ``jax.jit`` it creates the factors alone, under
+    ``nnx.eval_shape`` it is the whole model's shape."""
     unet = models.abstract(architecture, **frozen_unet_options(cfg))
-    return lora.inject(unet, cfg.lora, seed=cfg.train.seed, param_dtype=jnp.dtype(cfg.model.param_dtype))
+    encoders = {name: models.abstract(config, **frozen_text_options(cfg))
+                for name, config in (text_configs or {}).items()}
+    return lora.inject_all(unet, encoders, cfg.lora, seed=cfg.train.seed, param_dtype=jnp.dtype(cfg.model.param_dtype))
+
+
+def lora_init(cfg: config_lib.Config) -> tuple[config_lib.Config, lora_files.LoraWeights | None]:
+    """With ``lora.init_from``: the config with that file's rank, alpha and targets, and the file's
+    factors to start from (component -> module -> factors: the UNet's, and with
+    ``lora.train_text_encoder`` the text encoders' it holds); else ``cfg`` unchanged and None."""
+    source = cfg.lora.init_from
+    if cfg.train.method != "lora" or not source:
+        return cfg, None
+    base = models.pretrained_pipeline(cfg.model)
+    architecture = unet_architecture(cfg, base)
+    paths = {name: lora.module_paths(models.abstract(models.read_config(base / name)))
+             for name in lora.TEXT_ENCODERS if (base / name).is_dir()}
+    paths["unet"] = lora.module_paths(models.abstract(architecture))
+    read = lora_files.read(source, modules=paths, unet_config=architecture)
+    text = {name: read[name] for name in lora.TEXT_ENCODERS if name in read}
+    if text and not cfg.lora.train_text_encoder:
+        log.warning("lora.init_from %s: its text-encoder factors are left out (lora.train_text_encoder is off)", source)
+        text = {}
+    elif cfg.lora.train_text_encoder and set(text) != set(lora.TEXT_ENCODERS):
+        log.info("lora.init_from %s: no factors for %s, whose adapters start afresh", source,
+                 " and ".join(sorted(set(lora.TEXT_ENCODERS) - set(text))))
+    start = {"unet": read.get("unet", {}), **text}
+    resolved = lora.config_from_file(cfg.lora, start["unet"], source, text)
+    if resolved != cfg.lora:
+        log.info("lora.init_from %s: rank %d, alpha %s, target modules %s (the file's, not the lora section's)",
+                 source, resolved.rank, resolved.alpha, list(resolved.target_modules))
+    return dataclasses.replace(cfg, lora=resolved), start
 
 
 def build_lora_unet(
-    cfg: config_lib.Config, mesh: jax.sharding.Mesh, base: Path, rules: dict[str, Any]
+    cfg: config_lib.Config, mesh: jax.sharding.Mesh, base: Path, rules: dict[str, Any],
+    start: lora_files.LoraWeights | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """The graph of the pretrained UNet with LoRA adapters, its LoRA factors and its frozen weights,
-    each created directly in its sharding (the frozen ones by the FSDP rules of a full fine-tune)."""
+    """The graph of the pretrained UNet with LoRA adapters (with ``lora.train_text_encoder``: of
+    the UNet and both text encoders, see ``lora.inject_all``), its LoRA factors (``start``'s values
+    when given, see ``lora_init``) and its frozen weights, each created directly in its sharding
+    (the frozen ones by the FSDP rules of a full fine-tune)."""
     place = functools.partial(sharding.variable_sharding, mesh=mesh, rules=rules)
     unet = models.load(base, subfolder="unet", sharding_fn=place, **frozen_unet_options(cfg))
-    _, frozen = nnx.split(unet, nnx.Param)
+    text_configs = text_encoder_configs(cfg, base)
+    encoders = {name: models.load(base, subfolder=name, sharding_fn=place, **frozen_text_options(cfg))
+                for name in text_configs}
+    _, frozen = nnx.split(nnx.Dict(unet=unet, **encoders) if encoders else unet, nnx.Param)
     architecture = unet_architecture(cfg, base)
-    graphdef, abstract_factors, _ = lora.split(nnx.eval_shape(lambda: lora_unet(cfg, architecture)))
+    graphdef, abstract_factors, _ = lora.split(nnx.eval_shape(lambda: lora_unet(cfg, architecture, text_configs)))
 
     @functools.partial(jax.jit, out_shardings=sharding.tree_shardings(abstract_factors, mesh, rules))
     def init():
-        return lora.split(lora_unet(cfg, architecture))[1]
+        return lora.split(lora_unet(cfg, architecture, text_configs))[1]
 
-    return graphdef, init(), frozen
+    factors = init()
+    if start is not None:
+        factors = lora.factors_from_file(factors, start, cfg.lora.init_from)
+    return graphdef, factors, frozen
 
 
 def build_optimizer(cfg: config_lib.Config) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -398,7 +464,10 @@ def compile_step(
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch_shapes.items()
     }
     start = time.perf_counter()
-    traced = jitted.trace(abstract_state, abstract_batch)
+    # The mesh as the ambient one while tracing: kernels that must run per device (splash
+    # attention's shard_map, models.layers._per_device) read it from there.
+    with jax.set_mesh(mesh):
+        traced = jitted.trace(abstract_state, abstract_batch)
     compiled = traced.lower().compile()
     seconds = time.perf_counter() - start
     # XLA counts a loop body once; gradient accumulation is a scan over the micro-batches.
@@ -408,9 +477,13 @@ def compile_step(
 
 
 def model_flops_per_image(cfg: config_lib.Config, base: Path, batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> float:
-    """3 x the UNet's forward FLOPs for one image: the numerator of MFU (see ``flax_train.flops``)."""
+    """3 x the UNet's forward FLOPs for one image: the numerator of MFU (see ``flax_train.flops``).
+    (With ``lora.train_text_encoder`` the batch holds token ids, not the embeddings the UNet's
+    count needs, and the text encoders' share, a few percent of SDXL's, is not counted.)"""
     options = {**unet_options(cfg), "attention": "xla", "remat": "none"}
-    return 3 * flops_lib.unet_forward_flops(models.abstract(unet_architecture(cfg, base), **options), batch_shapes)
+    architecture = unet_architecture(cfg, base)
+    shapes = {**batch_spec(architecture, 1, 1)[0], **batch_shapes}
+    return 3 * flops_lib.unet_forward_flops(models.abstract(architecture, **options), shapes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,6 +584,7 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
 
 def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.PreemptionGuard) -> TrainResult:
     config_lib.validate(cfg, jax.device_count())
+    cfg, lora_start = lora_init(cfg)
     run_dir = storage.writable_folder(cfg.run_dir)
     if jax.process_index() == 0:
         config_lib.save(cfg, run_dir / "config.yaml")
@@ -521,7 +595,7 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
 
     # 2. Pipeline folder, latent cache and loader.
-    base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
+    base = models.pretrained_pipeline(cfg.model)
     cache = prepare.open_cache(cfg, base)
     scheduler_config = sdxl.scheduler_config(base)
     schedule = diffusion.NoiseSchedule.from_scheduler_config(scheduler_config)
@@ -532,13 +606,16 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     # 3. UNet and optimizer, created sharded.
     frozen = None
     if cfg.train.method == "lora":
-        graphdef, params, frozen = build_lora_unet(cfg, mesh, base, rules)
+        graphdef, params, frozen = build_lora_unet(cfg, mesh, base, rules, lora_start)
     else:
         graphdef, params = build_unet(cfg, mesh, base, rules)
     tx, lr = build_optimizer(cfg)
     state, state_shardings = build_state(cfg, params, tx, mesh, rules, frozen)
     del params, frozen
-    log.info("UNet: %s parameters", f"{models.count_params(nnx.merge(graphdef, unet_state(state, state.params))):,}")
+    trained = lora.components(nnx.merge(graphdef, unet_state(state, state.params)))
+    log.info("UNet: %s parameters", f"{models.count_params(trained.pop('unet')):,}")
+    for name, encoder in trained.items():  # lora.train_text_encoder
+        log.info("%s: %s parameters", name, f"{models.count_params(encoder):,}")
     if frozen_of(state) is not None:
         log.info("LoRA: %s trainable parameters (the rest frozen in %s)", f"{lora.trainable_count(state.params):,}",
                  cfg.model.dtype)
@@ -636,7 +713,8 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
                 ckpt.save(step, trainable(state), loader.get_state(), force=step == end_step)
                 writer.flush()
             if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
-                validator.run(step, graphdef, unet_state(state, state.ema if state.ema is not None else state.params))
+                averaged = state.ema if state.ema is not None else state.params
+                validator.run(step, *validation_models(graphdef, unet_state(state, averaged)))
             if guard.stop(step):
                 if pending is not None:
                     report(*pending)
@@ -661,10 +739,21 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
 
 
 def unet_state(state: TrainState, params: nnx.State) -> nnx.State:
-    """The whole UNet's state for ``nnx.merge(graphdef, ...)``: ``params`` (the state's params or
-    EMA), with the frozen weights beside them for LoRA."""
+    """The whole UNet's state (with ``lora.train_text_encoder``: also the text encoders') for
+    ``nnx.merge(graphdef, ...)``: ``params`` (the state's params or EMA), with the frozen weights
+    beside them for LoRA."""
     frozen = frozen_of(state)
     return params if frozen is None else lora.combine(params, frozen)
+
+
+def validation_models(graphdef: nnx.GraphDef, whole: nnx.State) -> tuple[nnx.GraphDef, nnx.State, tuple | None]:
+    """What ``sampling.Validator.run`` takes from the trained model (``graphdef`` with the state
+    ``unet_state`` gives): the UNet's graph and state, and for ``lora.train_text_encoder`` the
+    adapted text encoders' (graph, state), which encode the prompts (else None: the base encoders)."""
+    if "text_encoder" not in whole:  # the UNet's own state: its top-level names are its layers'
+        return graphdef, whole, None
+    parts = lora.components(nnx.merge(graphdef, whole))
+    return *nnx.split(parts["unet"]), nnx.split(nnx.List([parts["text_encoder"], parts["text_encoder_2"]]))
 
 
 def checkpoint_dir(cfg: config_lib.Config) -> epath.Path:
@@ -675,14 +764,17 @@ def restore_checkpoint(cfg: config_lib.Config, *, step: int | None = None) -> tu
     """The UNet graph and the TrainState saved at ``step`` (default: the newest) in ``cfg``'s run,
     restored onto the config's mesh. A run without a checkpoint is refused before anything is built.
     For LoRA the state holds the factors only (a plain TrainState)."""
+    cfg, _ = lora_init(cfg)  # the rank and targets of a continued LoRA, which its checkpoints have
     ckpt = checkpoint.Checkpointer(checkpoint_dir(cfg), use_async=False, read_only=True)
     try:
         mesh = sharding.make_mesh(cfg.mesh)
         rules = sharding.merged_rules(cfg.mesh.rules)
-        base = models.resolve_pipeline(cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant)
+        base = models.pretrained_pipeline(cfg.model)
         architecture = unet_architecture(cfg, base)
         if cfg.train.method == "lora":  # the checkpoint holds the factors only; the graph has the frozen rest
-            graphdef, abstract_params, _ = lora.split(nnx.eval_shape(lambda: lora_unet(cfg, architecture)))
+            text_configs = text_encoder_configs(cfg, base)
+            abstract_model = nnx.eval_shape(lambda: lora_unet(cfg, architecture, text_configs))
+            graphdef, abstract_params, _ = lora.split(abstract_model)
         else:
             graphdef, abstract_params = nnx.split(models.abstract(architecture, **unet_options(cfg)), nnx.Param)
         tx, _ = build_optimizer(cfg)

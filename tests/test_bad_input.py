@@ -56,6 +56,14 @@ def test_sample_with_a_non_utf8_prompt_file_exits_2(tmp_path):
     assert_one_line_error(result, "prompts.txt:2", "not UTF-8")
 
 
+@pytest.mark.parametrize("spec, message", [("style.safetensors:strong", "the scale after ':' must be a number"),
+                                           ("absent.safetensors:0.5", "no such LoRA file")])
+def test_sample_with_a_bad_lora_exits_2_before_loading_the_model(tmp_path, spec, message):
+    result = flax_train("sample", "--model", str(tmp_path / "model"), "--prompt", "a red circle",
+                        "--lora", str(tmp_path / spec), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, message)
+
+
 class _Marker:
     """Unpickling this creates a file: the proof that a pickle was run."""
 

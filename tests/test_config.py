@@ -608,7 +608,8 @@ def test_every_key_and_flag_is_documented():
         assert f"--{flag}" in doc, flag
 
 
-def test_single_file_export_is_refused_until_it_exists():
-    demo = cfg.load([DEMO_CONFIG], ["export.single_file=true"])
-    with pytest.raises(cfg.ConfigError, match="export.single_file"):
-        cfg.validate(demo, 8)
+def test_single_file_export_is_refused_for_lora_only():
+    cfg.validate(cfg.load([DEMO_CONFIG], ["export.single_file=true", "export.single_file_dtype=float16"]), 8)
+    lora_run = cfg.load([DEMO_CONFIG], ["export.single_file=true", "train.method=lora"])
+    with pytest.raises(cfg.ConfigError, match="export.single_file: a LoRA run"):
+        cfg.validate(lora_run, 8)

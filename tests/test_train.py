@@ -204,6 +204,8 @@ def assert_gradients_close(actual: Any, expected: Any) -> None:
     [
         pytest.param(("mesh.data=-1", "mesh.fsdp=1"), id="dp"),
         pytest.param(("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"), id="hybrid-dp-fsdp-tp"),
+        # The splash kernel (Pallas interpret mode on CPU) in a shard_map on every mesh axis.
+        pytest.param(("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.attention=splash"), id="hybrid-splash"),
     ],
 )
 def test_meshes_compute_the_same_step(workspace, sgd_fsdp, mesh):

@@ -361,3 +361,64 @@ def test_bf16_compute_stays_close_to_fp32(tiny):
     rel = float(np.linalg.norm(out16.astype(np.float32) - expected) / np.linalg.norm(expected))
     print(f"unet bf16 relative error: {rel:.2e}")
     assert rel < 5e-2
+
+
+def scan_lengths(unet, inputs) -> list[int]:
+    """The lengths of the scans in the UNet's forward pass, nested ones included."""
+
+    def lengths(jaxpr) -> list[int]:
+        found = []
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "scan":
+                found.append(eqn.params["length"])
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                found += lengths(sub)
+        return found
+
+    return sorted(lengths(jax.make_jaxpr(lambda: _forward(*nnx.split(unet), inputs))().jaxpr))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_transformer_layers_give_the_unrolled_outputs_and_gradients(remat):
+    # Three layers per transformer: with scan_layers each stack is one lax.scan over stacked weights.
+    config = flax_config(dict(TINY_CONFIG, transformer_layers_per_block=3))
+    unet = models.create(config, seed=2)
+    state = nnx.state(unet, nnx.Param)
+    inputs = make_inputs(config, 16, 8, 8)
+    out_ref, grads_ref = _loss_and_grads(with_state(config, state, remat=remat), inputs)
+    scanned = with_state(config, state, remat=remat, scan_layers=True)
+    out, grads = _loss_and_grads(scanned, inputs)
+
+    # The weights keep their per-layer names (what loading and saving use) ...
+    assert [k for k, _ in params_of(scanned)] == [k for k, _ in params_of(unet)]
+    # ... and the forward pass holds one scan of length 3 per transformer (down, mid, two up).
+    assert scan_lengths(scanned, inputs) == [3, 3, 3, 3]
+
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6 * np.abs(out_ref).max())
+    assert len(grads) == len(grads_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        # The same arithmetic in a loop: XLA fuses it differently, so sums may round in another order.
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6 * np.abs(g_ref).max())
+
+
+def test_scanned_layers_with_lora_scan_without_dropout_and_match_the_unrolled():
+    from flax_train import lora
+    from flax_train.config import LoraConfig
+
+    config = flax_config(dict(TINY_CONFIG, transformer_layers_per_block=3))
+    state = nnx.state(models.create(config, seed=2), nnx.Param)
+    inputs = make_inputs(config, 16, 8, 8)
+
+    def with_lora(dropout, **options):
+        unet = lora.inject(with_state(config, state, **options), LoraConfig(rank=2, dropout=dropout), seed=0)
+        # B away from zero, so that the adapters change the output
+        for _, layer in lora.targets(unet, lora.DEFAULT_TARGETS):
+            layer.lora.b.set_value(layer.lora.b.get_value() + 0.1)
+        return unet
+
+    expected = flax_forward(with_lora(0.0), inputs)
+    scanned = with_lora(0.0, scan_layers=True)
+    assert scan_lengths(scanned, inputs) == [3, 3, 3, 3]
+    np.testing.assert_allclose(flax_forward(scanned, inputs), expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+    # With dropout every layer draws its own masks (a per-layer salt): those stacks run unrolled.
+    assert scan_lengths(with_lora(0.1, scan_layers=True), inputs) == []

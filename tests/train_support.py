@@ -31,16 +31,17 @@ class Workspace:
     cache: Path  # the latent cache every run shares
 
 
-def make_workspace(root: Path) -> Workspace:
-    """A tiny SDXL-shaped pipeline (one resnet and one transformer layer per level, 16x16 images ->
-    8x8 latents) and a synthetic dataset of one global batch; the cache is made by the first run."""
+def make_workspace(root: Path, text_layers: int = 1) -> Workspace:
+    """A tiny SDXL-shaped pipeline (one resnet and one transformer layer per level, ``text_layers``
+    per text encoder, 16x16 images -> 8x8 latents) and a synthetic dataset of one global batch; the
+    cache is made by the first run."""
     base = tiny.save_tiny_pipeline(
         root / "base",
         seed=0,
         image_size=RESOLUTION,
         layers_per_block=1,
         transformer_layers_per_block=(1, 1),
-        text_layers=1,
+        text_layers=text_layers,
     )
     synthetic.write_synthetic_dataset(root / "synthetic", BATCH, image_size=RESOLUTION, seed=0)
     return Workspace(root, base, root / "cache")

@@ -5,6 +5,7 @@
     xla-infer --model DIR --prompt "a watercolour" --image photo.png --strength 0.6 --out images/
     xla-infer --model DIR --prompt "a red hat" --image photo.png --mask mask.png --out images/
     xla-infer --model BASE --refiner REFINER --prompt "a lighthouse" --high-noise-frac 0.8 --out images/
+    xla-infer --model DIR --lora style.safetensors:0.7 --lora gs://bucket/subject --prompt "a cat" --out images/
 
 Writes one PNG per image (generation parameters in PNG text chunks), manifest.json, and prints the
 compile (warm-up) time, the steady per-image latency and images/s. Bad input exits with code 2 and a
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from flax_train import storage
+from flax_train import lora_files, storage
 from flax_train.errors import BadInput, report
 from xla_infer.schedulers import SCHEDULER_NAMES
 
@@ -60,7 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="SDXL text-to-image, image-to-image, inpainting and base + refiner with graphs compiled once "
                     "(PyTorch/XLA or plain torch).",
     )
-    parser.add_argument("--model", required=True, help="SDXL diffusers folder, Hub id or gs:// folder")
+    parser.add_argument("--model", required=True,
+                        help="SDXL diffusers folder, Hub id or gs:// folder, or a single-file .safetensors checkpoint")
+    parser.add_argument("--config", default=None,
+                        help="with a single-file --model: the diffusers folder or Hub id whose configs, tokenizers "
+                             "and scheduler go with it (default: the shipped SDXL base or refiner configs)")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
     parser.add_argument("--variant", default=None, help='weights of that precision, e.g. "fp16" (*.fp16.safetensors)')
     source = parser.add_mutually_exclusive_group(required=True)
@@ -85,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--high-noise-frac", type=_fraction, default=None,
                         help="with --refiner: the share of the noise the base removes before the refiner "
                              "takes over, in (0, 1) (default 0.8)")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="merge this LoRA (.safetensors file or folder holding pytorch_lora_weights.safetensors, "
+                             "local or gs://) into the base model at SCALE (default 1); repeatable")
     parser.add_argument("--num-images", type=_positive_int, default=1, help="images per --prompt (seeds S, S+1, ...)")
     parser.add_argument("--steps", type=_positive_int, default=30)
     parser.add_argument("--guidance", type=float, default=None,
@@ -187,6 +195,9 @@ def run(args: argparse.Namespace) -> dict:
                                 f"is {init_image.width}x{init_image.height}")
         default = DEFAULT_STRENGTH if mask is None else DEFAULT_INPAINT_STRENGTH
         first_step(args.steps, default if args.strength is None else args.strength)  # refuses 0 steps run
+    loras = [lora_files.parse_spec(text) for text in args.lora]
+    for path, _ in loras:
+        lora_files.weight_file(path)  # a missing file is refused before loading (its keys are checked after)
     out = storage.writable_folder(args.out)  # before loading and compiling for minutes
 
     load_start = time.perf_counter()
@@ -195,7 +206,7 @@ def run(args: argparse.Namespace) -> dict:
             args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, height=height,
             width=width, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
             cache_dir=args.cache_dir, on_recompile="warn",  # report a recompilation, keep the images
-            revision=args.revision, variant=args.variant, refiner=args.refiner,
+            revision=args.revision, variant=args.variant, refiner=args.refiner, loras=loras, config=args.config,
         )
     except SizeError as err:
         if init_image is None:

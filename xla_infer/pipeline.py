@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from flax_train import model_source, sdxl, storage  # these import neither JAX nor the trainer
+from flax_train import lora_files, model_source, sdxl, storage  # these import neither JAX nor the trainer
 from flax_train.errors import BadInput, RunFailure, UserError
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_streams, make_sampler
 
@@ -169,6 +169,14 @@ def _blur_radius(value: Any) -> float:
     return _number(value, "mask_blur", "a positive number", lambda v: v > 0)
 
 
+def _lora_pair(item: Any) -> tuple[Any, Any]:
+    try:
+        location, scale = item
+    except (TypeError, ValueError):
+        raise InputError(f"a LoRA is a path or a (path, scale) pair, got {item!r}") from None
+    return location, scale
+
+
 def _pair(value: Any, name: str) -> Size:
     try:
         a, b = value
@@ -211,6 +219,7 @@ class Pipeline:
         cache_dir: str | Path | None = None,
         on_recompile: str = "raise",
         model_name: str = "",
+        loras: Sequence[tuple[str | Path, float]] | None = None,
     ):
         if device not in DEVICES:
             raise InputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
@@ -305,6 +314,12 @@ class Pipeline:
         self.warmup_seconds: float | None = None
         self.compile_seconds: float | None = None
         self.last_call: dict[str, float] = {}
+        self.loras: list[tuple[str, float]] = []  # the LoRAs merged into the weights, with their scales
+        # "component.module" -> (its layer, its loaded weight tensor), for every layer a LoRA changed
+        self._lora_base: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
+        self.lora_compile_count = 0  # the merges' own small graphs, not counted in compile_count
+        if loras:
+            self.set_loras(loras)
 
     # ------------------------------------------------------------------ loading
 
@@ -328,8 +343,14 @@ class Pipeline:
         variant: str | None = None,
         revision: str | None = None,
         refiner: str | Path | None = None,
+        loras: Sequence[tuple[str | Path, float]] | None = None,
+        config: str | Path | None = None,
     ) -> "Pipeline":
         """Load an SDXL diffusers folder, Hub id or gs:// folder and prepare it on `device`.
+
+        `model` may also be a single-file checkpoint (a path or URL ending in .safetensors, such as
+        sd_xl_base_1.0.safetensors), converted once into a cached diffusers folder with the configs
+        of the pipeline `config` (folder or Hub id), or else the shipped SDXL base or refiner ones.
 
         A Hub id or URL is fetched as the trainer fetches it (flax_train.model_source): the files
         the pipeline loads, at `revision` (Hub branch, tag or commit), with the `variant` ("fp16")
@@ -341,6 +362,9 @@ class Pipeline:
         loaded with the same settings and kept on the device next to the base: text-to-image calls
         then run the base for the high-noise steps and the refiner for the rest. A folder whose
         model_index.json declares no first text encoder (the refiner's layout) loads without one.
+
+        `loras`: (LoRA file or folder, scale) pairs merged into the base model's weights (see
+        `set_loras`); the refiner is left as it is.
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -354,7 +378,7 @@ class Pipeline:
             except UnsupportedScheduler as err:
                 raise InputError(str(err)) from None
         try:
-            folder = model_source.local_folder(model, revision=revision, variant=variant)
+            folder = model_source.local_folder(model, revision=revision, variant=variant, config=config)
         except (UserError, RunFailure):  # already say which model and what went wrong
             raise
         except (OSError, ValueError) as err:
@@ -364,7 +388,7 @@ class Pipeline:
         _check_local_folder(folder, absent)
         source = str(folder)
         # A Hub id or URL names the model better than the cache folder it was fetched to.
-        fetched = storage.is_remote(model) or model_source.is_hub_id(model)
+        fetched = storage.is_remote(model) or model_source.is_hub_id(model) or str(model).endswith(".safetensors")
 
         def load(what: str, fn, **kwargs):
             try:
@@ -406,7 +430,7 @@ class Pipeline:
             device=device, dtype=torch_dtype, vae_dtype=vae_torch_dtype, batch_size=batch_size,
             height=height, width=width, steps=steps, scheduler=scheduler, torch_compile=torch_compile,
             data_parallel=data_parallel, cache_dir=cache_dir, on_recompile=on_recompile,
-            model_name=str(model) if fetched else source,
+            model_name=str(model) if fetched else source, loras=loras,
         )
 
     def _setup_xla(self, cache_dir: str | Path | None, data_parallel: bool | None) -> tuple[torch.device, int]:
@@ -444,6 +468,103 @@ class Pipeline:
             xr.use_spmd()
             self.mesh = xs.Mesh(np.arange(n_devices), (n_devices,), ("data",))
         return torch_xla.device(), n_devices
+
+    # ------------------------------------------------------------------ LoRA
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float] | str | Path]) -> None:
+        """Merge these LoRAs into the base model's weights, in place of those merged before.
+
+        `loras`: (file or folder, scale) pairs, or bare paths (scale 1); a folder holds
+        pytorch_lora_weights.safetensors; local or gs://. Formats: those `flax_train.lora_files`
+        reads (diffusers / peft keys, alpha from the metadata or `.alpha` tensors; kohya keys). Each
+        targeted Linear / Conv2d weight becomes ``base + sum_i scale_i * alpha_i / rank_i * up_i @
+        down_i``, computed on the device outside the generation graphs, which then read the new
+        weights as the same device inputs: nothing recompiles. The base weight of every module a
+        LoRA touched is kept on the device, so `set_loras([])` gives back the loaded weights
+        exactly. The refiner is not changed. Every file is read and checked against the model
+        before any weight changes; a key the model has no Linear / Conv2d of that shape for is an
+        InputError naming it.
+        """
+        if isinstance(loras, (str, Path)):
+            raise InputError("loras must be a list of (path, scale) pairs, not one path")
+        pairs = []
+        for item in loras:
+            location, scale = (item, 1.0) if isinstance(item, (str, Path)) else _lora_pair(item)
+            pairs.append((str(location), _number(scale, f"the scale of LoRA {location}", "a finite number",
+                                                 math.isfinite)))
+        updates: dict[str, tuple[torch.nn.Module, list[tuple[lora_files.Factors, float]]]] = {}
+        # kohya names flatten module paths with "_", so such files are read against the model's own.
+        modules = {component: [prefix + name for name, layer in model.named_modules()
+                               if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))]
+                   for component, (model, prefix) in self._lora_models().items()}
+        for location, scale in pairs:
+            try:
+                weights = lora_files.read(location, modules=modules, unet_config=dict(self.unet.config))
+            except UserError as err:  # a missing or unreadable file: already one line naming it
+                raise InputError(str(err)) from None
+            for component, by_path in weights.items():
+                for module_path, factors in by_path.items():
+                    key, layer = self._lora_layer(location, component, module_path, factors)
+                    updates.setdefault(key, (layer, []))[1].append((factors, scale))
+        self._merge_loras(updates)
+        self.loras = pairs
+
+    def _lora_layer(self, location: str, component: str, module_path: str,
+                    factors: lora_files.Factors) -> tuple[str, torch.nn.Module]:
+        """("component.module", the Linear / Conv2d) that a LoRA's module key names, checked to fit its factors."""
+        model, prefix = self._lora_models().get(component, (None, ""))
+        key = f"{component}.{module_path}"
+        if model is None:
+            raise InputError(f"LoRA {location} adapts the {component} ({key}), which this model does not have")
+        module_path = module_path.removeprefix(prefix)
+        try:
+            layer = model.get_submodule(module_path)
+        except AttributeError:
+            layer = None
+        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            raise InputError(f"LoRA {location}: {key} is not a Linear or Conv2d layer of this model")
+        shape = tuple(layer.weight.shape)
+        update = (factors.up.shape[0], *factors.down.shape[1:])
+        if update != shape or factors.up.shape[2:] not in ((), (1, 1)):
+            raise InputError(f"LoRA {location}: {key} has factors {list(factors.down.shape)} and "
+                             f"{list(factors.up.shape)}, which do not fit this model's weight {list(shape)}")
+        return f"{component}.{module_path}", layer
+
+    def _lora_models(self) -> dict[str, tuple[torch.nn.Module, str]]:
+        """component -> (model, the prefix LoRA files put before its module paths)."""
+        models = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        # transformers 5 flattened CLIPTextModel; LoRA files keep its older "text_model." paths
+        # (diffusers' loader strips the prefix the same way).
+        return {component: (model, "" if component == "unet" or hasattr(model, "text_model") else "text_model.")
+                for component, model in models.items() if model is not None}
+
+    @torch.no_grad()
+    def _merge_loras(self, updates: dict[str, tuple[torch.nn.Module, list[tuple[lora_files.Factors, float]]]]):
+        # All LoRAs of a module are one matmul: their factors concatenated along the rank, each
+        # down factor pre-scaled on the host (scale * alpha / rank, float32), so that the device
+        # computes base + up @ down. Per module one small graph, synced at once: its inputs are
+        # device data and its shape is (weight shape, summed rank), so a scale or another LoRA of
+        # the same ranks reuses it, and no pending merge leaks into the next generation graph.
+        sync = None
+        if self.device_kind == "xla":
+            import torch_xla
+
+            sync = torch_xla.sync
+        before = self._raw_compile_count()
+        for key in [key for key in self._lora_base if key not in updates]:
+            layer, base = self._lora_base.pop(key)
+            layer.weight.data = base  # the loaded tensor itself: bit-equal
+        for key, (layer, parts) in updates.items():
+            base = self._lora_base.setdefault(key, (layer, layer.weight.data))[1]
+            up = torch.cat([torch.tensor(f.up.reshape(f.up.shape[0], f.rank), dtype=torch.float32) for f, _ in parts],
+                           dim=1)
+            down = torch.cat([torch.tensor(f.down.reshape(f.rank, -1), dtype=torch.float32) * (scale * f.alpha / f.rank)
+                              for f, scale in parts])
+            delta = (up.to(self.device) @ down.to(self.device)).reshape(base.shape)
+            layer.weight.data = (base.float() + delta).to(base.dtype)
+            if sync is not None:
+                sync()
+        self.lora_compile_count += self._raw_compile_count() - before
 
     # ------------------------------------------------------------------ graphs
 
@@ -586,7 +707,7 @@ class Pipeline:
     @property
     def compile_count(self) -> int:
         """Compilations in this process since the pipeline was built (XLA graphs, or torch.compile graphs)."""
-        return self._raw_compile_count() - self._compiles_at_start
+        return self._raw_compile_count() - self._compiles_at_start - self.lora_compile_count
 
     def _compile_seconds_total(self) -> float:
         if self._xla_metrics is None:
@@ -1140,6 +1261,8 @@ class Pipeline:
             "target_size": list(micro.target_size),
             "tokens_dropped": max(dropped) if dropped else 0,
         }
+        if self.loras:
+            params["loras"] = [{"path": path, "scale": scale} for path, scale in self.loras]
         return params
 
     def describe(self) -> dict[str, Any]:
@@ -1159,8 +1282,10 @@ class Pipeline:
             "scheduler": self.scheduler_name,
             "inpainting_unet": self.inpainting_unet,
             "refiner": None if self.refiner is None else self.refiner.model_name,
+            "loras": [{"path": path, "scale": scale} for path, scale in self.loras],
             "torch_compile": self.torch_compile,
             "compile_count": self.compile_count,
+            "lora_compile_count": self.lora_compile_count,
             "warmup_seconds": self.warmup_seconds,
             "compile_seconds": self.compile_seconds,
             "persistent_cache": self.cache_status,

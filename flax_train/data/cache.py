@@ -10,9 +10,10 @@ Layout of a cache directory (a local path or anything `etils.epath` opens, such 
 
 Shard k holds the usable samples among source items [k * shard_size, (k + 1) * shard_size): arrays
 `latents` [n, 4, h, w], `prompt_embeds` [n, 77, 2048], `pooled_prompt_embeds` [n, 1280],
-`add_time_ids` [n, 6] (int32), `index` [n] (the source item), and in the safetensors metadata the
-captions, keys and skipped entries. A shard is written in one piece (temporary file + rename), so
-a shard file that exists is complete.
+`add_time_ids` [n, 6] (int32), `index` [n] (the source item), with the `token_ids` setting also
+`input_ids` and `input_ids_2` [n, 77] (int32: both tokenizers' ids of the caption); and in the
+safetensors metadata the captions, keys and skipped entries. A shard is written in one piece
+(temporary file + rename), so a shard file that exists is complete.
 
 Reading is random access: a sample is a handful of small reads at offsets computed from the
 shard's header, with no file kept open, so threads can read concurrently. Remote shards are copied
@@ -54,6 +55,9 @@ EMPTY_PROMPT = "empty_prompt.safetensors"
 SKIPPED = "skipped.json"
 SHARDS = "shards"
 SAMPLE_ARRAYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "add_time_ids")
+TOKEN_ARRAYS = ("input_ids", "input_ids_2")
+# What a run that encodes the prompts itself (lora.train_text_encoder) reads: ids, not embeddings.
+TOKEN_SAMPLE_ARRAYS = ("latents", "add_time_ids") + TOKEN_ARRAYS
 STORAGE_DTYPES = ("float32", "bfloat16", "float16")
 LATENT_SOURCES = ("mean", "sample")
 # The files of a component folder that determine what it computes.
@@ -86,6 +90,7 @@ class CacheSettings:
     model: dict[str, str]  # component folder -> sha256 of its files (see model_fingerprint)
     latent_source: str = "mean"  # "mean": VAE posterior mean; "sample": a draw from the posterior
     dtype: str = "float32"  # storage dtype of latents and embeddings
+    token_ids: bool = False  # also keep the captions' token ids (TOKEN_ARRAYS)
 
     def __post_init__(self):
         if self.latent_source not in LATENT_SOURCES:
@@ -94,15 +99,16 @@ class CacheSettings:
             raise BadInput(f"cache dtype must be one of {STORAGE_DTYPES}, got {self.dtype!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return _jsonable(
-            {
-                "source": self.source.to_json(),
-                "preprocess": dataclasses.asdict(self.preprocess),
-                "model": dict(self.model),
-                "latent_source": self.latent_source,
-                "dtype": self.dtype,
-            }
-        )
+        settings = {
+            "source": self.source.to_json(),
+            "preprocess": dataclasses.asdict(self.preprocess),
+            "model": dict(self.model),
+            "latent_source": self.latent_source,
+            "dtype": self.dtype,
+        }
+        if self.token_ids:  # only when set: caches made before the setting existed still match
+            settings["token_ids"] = True
+        return _jsonable(settings)
 
 
 def _jsonable(value: Any) -> Any:
@@ -297,7 +303,11 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
 def verify_cache(cache_dir: str | os.PathLike, expected: CacheSettings) -> dict[str, Any]:
     """The manifest of the finished cache at `cache_dir`; raises CacheMismatchError if its settings differ."""
     manifest = read_manifest(cache_dir)
-    differences = settings_differences(manifest["settings"], expected.to_json())
+    cached = dict(manifest["settings"])
+    if not expected.token_ids:
+        # A cache with token ids also holds everything a run without them reads.
+        cached.pop("token_ids", None)
+    differences = settings_differences(cached, expected.to_json())
     if differences:
         raise CacheMismatchError(
             f"the latent cache at {cache_dir} was prepared with different settings:\n  "
@@ -320,6 +330,7 @@ class LatentCache:
     def __init__(self, cache_dir: str | os.PathLike, expected: CacheSettings | None = None):
         self.cache_dir = epath.Path(cache_dir)
         self.manifest = verify_cache(cache_dir, expected) if expected is not None else read_manifest(cache_dir)
+        self._arrays = TOKEN_SAMPLE_ARRAYS if expected is not None and expected.token_ids else SAMPLE_ARRAYS
         self._files = [shard["file"] for shard in self.manifest["shards"]]
         counts = [shard["num_samples"] for shard in self.manifest["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).tolist()
@@ -373,7 +384,7 @@ class LatentCache:
         return read_rows(self._file(shard), self._header(shard), row, names)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return self._read(index, SAMPLE_ARRAYS)
+        return self._read(index, self._arrays)
 
     def caption(self, index: int) -> str:
         return self._metadata(index, "captions")
@@ -397,7 +408,8 @@ class LatentCache:
 # seed) and cuts it into global batches of global_batch_size samples; process p of P reads only
 # rows [p * n, (p + 1) * n) of each (n = global_batch_size / P) and yields them as dicts of numpy
 # arrays named as in the cache (`latents`, `prompt_embeds`, `pooled_prompt_embeds`,
-# `add_time_ids`). So the global batch at each step is the same whatever the number of processes:
+# `add_time_ids`; for expected settings with token_ids, `input_ids` and `input_ids_2` in place of
+# the embeddings). So the global batch at each step is the same whatever the number of processes:
 # 2 hosts x 4 chips train exactly what 1 host x 8 chips does. Threads read ahead a few batches.
 #
 # The iterator is a `grain.DatasetIterator`: `state = it.get_state()` (a small JSON-able dict) and

@@ -75,6 +75,7 @@ def cache_settings(
     vae_path: str | os.PathLike | None = None,
     latent_source: str = "mean",
     dtype: str = "float32",
+    token_ids: bool = False,
 ) -> CacheSettings:
     """The settings a cache for this data and model must have; training checks a cache against them."""
     return CacheSettings(
@@ -83,6 +84,7 @@ def cache_settings(
         model=model_fingerprint(model_path, vae_path),
         latent_source=latent_source,
         dtype=dtype,
+        token_ids=token_ids,
     )
 
 
@@ -117,6 +119,7 @@ class Encoder:
         batch_size: int,
         latent_source: str = "mean",
         seed: int = 0,
+        token_ids: bool = False,
     ):
         devices = list(jax.devices() if devices is None else devices)
         if batch_size % len(devices):
@@ -138,11 +141,14 @@ class Encoder:
         def encode(states, pixels, ids1, ids2, indices):
             vae, te1, te2 = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
             prompt_embeds, pooled = encode_prompts(te1, te2, ids1, ids2)
-            return {
+            out = {
                 "latents": encode_image(vae, pixels, indices, latent_source, seed),
                 "prompt_embeds": prompt_embeds,
                 "pooled_prompt_embeds": pooled,
             }
+            if token_ids:  # through the devices with the rest, so every row comes back in one place
+                out.update(zip(cache_lib.TOKEN_ARRAYS, (ids1, ids2)))
+            return out
 
         self._encode = jax.jit(encode, in_shardings=(replicated,) + (self._batch,) * 4, out_shardings=self._batch)
 
@@ -265,7 +271,9 @@ class _ShardAssembler:
             rows = [row[name] for _, row in entries]
             return np.stack(rows).astype(dtype) if rows else np.zeros((0, *shape), dtype)
 
-        arrays = {name: stack(name, self.storage, row_shapes[name]) for name in row_shapes}
+        # Token ids stay integers; everything else is stored in the cache's dtype.
+        arrays = {name: stack(name, np.dtype(np.int32) if name in cache_lib.TOKEN_ARRAYS else self.storage,
+                              row_shapes[name]) for name in row_shapes}
         arrays["add_time_ids"] = np.stack([s.time_ids for s in samples]) if samples else np.zeros((0, 6), np.int32)
         arrays["index"] = np.array([s.index for s in samples], dtype=np.int64)
         metadata = {
@@ -312,6 +320,7 @@ def prepare_cache(
     vae_path: str | os.PathLike | None = None,
     latent_source: str = "mean",
     dtype: str = "float32",
+    token_ids: bool = False,
     batch_size: int | None = None,
     shard_size: int = 256,
     devices: Sequence[jax.Device] | None = None,
@@ -323,12 +332,14 @@ def prepare_cache(
 
     `batch_size` is global (default: one sample per device) and a multiple of the device count.
     `source` overrides `open_source(source_spec)` (which then only describes it in the manifest).
+    `token_ids`: also keep both tokenizers' ids of every caption (see CacheSettings).
     """
     cache_dir = epath.Path(cache_dir)
     devices = list(jax.devices() if devices is None else devices)
     batch_size = batch_size or len(devices)
     settings = cache_settings(
-        source_spec, preprocess, model_path, vae_path=vae_path, latent_source=latent_source, dtype=dtype
+        source_spec, preprocess, model_path, vae_path=vae_path, latent_source=latent_source, dtype=dtype,
+        token_ids=token_ids,
     )
     # Our own bound on pixels replaces PIL's global one, which would otherwise refuse first.
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, preprocess.max_pixels)
@@ -356,7 +367,7 @@ def prepare_cache(
 
     encoder = Encoder(
         model_path, vae_path=vae_path, devices=devices, batch_size=batch_size,
-        latent_source=latent_source, seed=preprocess.seed,
+        latent_source=latent_source, seed=preprocess.seed, token_ids=token_ids,
     )
     local_batch = encoder.local_batch_size
     steps = math.ceil(len(items) / local_batch)
@@ -481,7 +492,9 @@ def cache_dir(cfg: config_lib.Config) -> str:
 def open_cache(cfg: config_lib.Config, base: str | os.PathLike, *, prepare_if_missing: bool = True) -> LatentCache:
     """The run's latent cache, prepared first if it does not exist; refused if it does not match."""
     source, preprocess = specs_from_config(cfg)
-    options = dict(vae_path=cfg.model.vae, latent_source=cfg.data.latent_mode)
+    # A LoRA of the text encoders encodes the captions in the step, from their token ids.
+    token_ids = cfg.train.method == "lora" and cfg.lora.train_text_encoder
+    options = dict(vae_path=cfg.model.vae, latent_source=cfg.data.latent_mode, token_ids=token_ids)
     settings = cache_settings(source, preprocess, base, **options)
     try:
         return LatentCache(cache_dir(cfg), expected=settings)

@@ -104,13 +104,22 @@ def resolve_folder(
     return local
 
 
-def resolve_pipeline(path: str | Path, *, revision: str | None = None, variant: str | None = None) -> Path:
+def resolve_pipeline(
+    path: str | Path, *, revision: str | None = None, variant: str | None = None, config: str | None = None
+) -> Path:
     """A whole diffusers pipeline folder (``model_index.json`` and one folder per component), local
-    or fetched from a Hub id or URL (see ``flax_train.model_source``)."""
-    root = model_source.local_folder(path, revision=revision, variant=variant)
+    or fetched from a Hub id or URL, or converted from a single ``.safetensors`` file with the
+    configs of the pipeline ``config`` (see ``flax_train.model_source``)."""
+    root = model_source.local_folder(path, revision=revision, variant=variant, config=config)
     if not (root / "model_index.json").is_file():
         raise InputNotFound(f"{root} is not a diffusers pipeline folder (no model_index.json)")
     return root
+
+
+def pretrained_pipeline(model: Any) -> Path:
+    """The pipeline folder of a run's ``model`` config section (``model.pretrained`` and the keys
+    that say how to fetch or convert it)."""
+    return resolve_pipeline(model.pretrained, revision=model.revision, variant=model.variant, config=model.config_from)
 
 
 def create(

@@ -17,14 +17,16 @@ generic:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable, Literal, Mapping, get_args
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax_train.errors import BadInput
+from flax_train.sharding import BATCH_AXES
 
 Dtype = jnp.dtype | type
 
@@ -258,10 +260,9 @@ class Component(nnx.Module):
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
-        attention: str = "xla",
-        remat: str = "none",
+        **options: Any,
     ):
-        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention, remat=remat)
+        return cls(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **options)
 
 
 # Layers that own parameters; weights.py walks a model and converts exactly these.
@@ -271,14 +272,21 @@ PARAM_LAYERS: tuple[type[nnx.Module], ...] = (Linear, Conv, GroupNorm, LayerNorm
 # --------------------------------------------------------------------------------------------
 # Attention
 
-Attention = Literal["xla", "cudnn", "auto"]
+Attention = Literal["xla", "cudnn", "splash", "auto"]
 ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = get_args(Attention)
 
 
 def resolve_attention(implementation: str) -> str:
-    """'auto' picks cuDNN's fused kernel on GPU and XLA's elsewhere; the results agree."""
+    """'auto' picks cuDNN's fused kernel on GPU and XLA's elsewhere; the results agree.
+
+    'auto' never picks splash: it is opt-in until it is measured faster than XLA on a TPU.
+    Splash is refused on a GPU, where only its slow interpret mode could run.
+    """
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise BadInput(f"attention implementation {implementation!r}; choose one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation == "splash" and jax.default_backend() == "gpu":
+        raise BadInput("attention 'splash' is the TPU kernel (interpret mode elsewhere is for CPU tests); "
+                       "on a GPU use cudnn, xla or auto")
     if implementation == "auto":
         return "cudnn" if jax.default_backend() == "gpu" else "xla"
     return implementation
@@ -294,13 +302,15 @@ def dot_product_attention(
 ) -> jax.Array:
     """Multi-head attention on (batch, length, heads, head_dim) inputs.
 
-    The one place attention is computed, so a faster kernel (cuDNN on GPU, later a Pallas
-    kernel on TPU) is a one-line choice with identical semantics. cuDNN needs bf16/fp16
-    inputs; for float32 the XLA path is used.
+    The one place attention is computed, so a faster kernel (cuDNN on GPU, splash on TPU) is a
+    one-line choice with identical semantics. cuDNN needs bf16/fp16 inputs; for float32 the XLA
+    path is used. See ``splash_attention`` for the TPU kernel.
     """
     impl = resolve_attention(implementation)
     if impl == "cudnn" and query.dtype == jnp.float32:
         impl = "xla"
+    if impl == "splash":
+        return splash_attention(query, key, value, is_causal=is_causal)
     if impl == "xla":
         # Softmax in float32 whatever the compute dtype: bf16 logits lose too much for long sequences.
         scale = 1.0 / math.sqrt(query.shape[-1])
@@ -312,6 +322,116 @@ def dot_product_attention(
         weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal, implementation=impl)
+
+
+# The splash kernel tiles both sequences in blocks whose size is a multiple of the TPU's 128 lanes.
+SPLASH_LANES = 128
+SPLASH_BLOCKS = (512, 256, 128)  # tried largest first; 512 is MaxDiffusion's choice for SDXL
+
+
+def _splash_block(length: int) -> int:
+    return next(b for b in SPLASH_BLOCKS if length % b == 0)
+
+
+def splash_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False) -> jax.Array:
+    """``dot_product_attention`` with the TPU flash-attention kernel that ships with JAX (splash).
+
+    Pallas' splash kernel (``jax.experimental.pallas.ops.tpu.splash_attention``) never holds the
+    (q_len, k_len) logits in memory and runs its own backward kernels. What it needs, done here:
+
+    * (heads, length, head_dim) per example: the inputs are transposed and the kernel vmapped
+      over the batch;
+    * no scaling of its own: the query is scaled by 1/sqrt(head_dim) first;
+    * lengths a multiple of its blocks: both sequences are zero-padded to a multiple of 128
+      (SDXL's 77 text tokens become 128) and a static mask gives the padded keys no weight; the
+      padded queries' rows are cut off the output;
+    * one device's data: XLA cannot split a Mosaic kernel over devices itself, so under a mesh
+      (``jax.set_mesh``; the train step and validation sampling set theirs) the kernel runs per
+      device in a ``shard_map``: batch over the batch axes, heads over ``tensor``. A program on
+      several TPU devices without one fails to compile with JAX's "Mosaic kernels cannot be
+      automatically partitioned".
+
+    On a TPU it is the compiled Mosaic kernel; on any other platform the same kernel runs in
+    Pallas interpret mode, which is exact but far slower than ``xla`` (it is there for tests). The
+    choice is made when the program is lowered (``lax.platform_dependent``), so compiling for a
+    TPU from a CPU host (benchmarks/tpu_aot.py) gets the real kernel.
+    """
+    batch, q_len, heads, head_dim = query.shape
+    k_len = key.shape[1]
+    if key.shape != value.shape or key.shape[0] != batch or key.shape[2:] != (heads, head_dim):
+        raise BadInput(f"splash attention: query {query.shape}, key {key.shape} and value {value.shape} "
+                       "must share batch, heads and head_dim")
+    if is_causal and q_len != k_len:
+        raise BadInput(f"splash attention: causal attention needs as many queries as keys, got {q_len} and {k_len}")
+    pad = lambda n: -(-n // SPLASH_LANES) * SPLASH_LANES  # noqa: E731
+    q_pad, k_pad = pad(q_len), pad(k_len)
+
+    def per_device(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        q = (q.astype(jnp.float32) / math.sqrt(head_dim)).astype(q.dtype)
+        # (B, L, H, D) -> (B, H, L, D), sequences padded to whole blocks.
+        q, k, v = (
+            jnp.pad(t.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, n - t.shape[1]), (0, 0)))
+            for t, n in ((q, q_pad), (k, k_pad), (v, k_pad))
+        )
+        return platform_dependent_splash(q, k, v, q_len=q_len, k_len=k_len, is_causal=is_causal)
+
+    out = _per_device(per_device, query, key, value)
+    return out[:, :, :q_len].transpose(0, 2, 1, 3)
+
+
+def platform_dependent_splash(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, q_len: int, k_len: int, is_causal: bool
+) -> jax.Array:
+    """The splash kernel on padded (batch, heads, length, head_dim) inputs; Mosaic on TPU, interpret elsewhere."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash  # imported when used: Pallas is big
+
+    heads, q_pad, k_pad = q.shape[1], q.shape[2], k.shape[2]
+    if is_causal:  # a real query i sees keys j <= i < k_len: the causal mask also hides the padding
+        mask = splash.CausalMask((q_pad, k_pad))
+    elif k_pad == k_len:
+        mask = splash.FullMask((q_pad, k_pad))
+    else:
+        mask = splash.NumpyMask(np.broadcast_to(np.arange(k_pad) < k_len, (q_pad, k_pad)))
+    block_q, block_kv = _splash_block(q_pad), _splash_block(k_pad)
+    blocks = splash.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv,
+    )  # fmt: skip
+
+    def run(q, k, v, *, interpret: bool):
+        kernel = splash.make_splash_mha(
+            splash.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+            interpret=interpret,
+        )
+        return jax.vmap(kernel)(q, k, v)
+
+    del q_len  # the padded queries attend like real ones; the caller drops their rows
+    return jax.lax.platform_dependent(
+        q, k, v, tpu=functools.partial(run, interpret=False), default=functools.partial(run, interpret=True)
+    )
+
+
+def _per_device(fn: Callable, query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+    """``fn(query, key, value)`` per device under the ambient mesh: batch over its batch axes, heads over tensor.
+
+    An axis whose size does not divide its dimension is left out (that dimension is then whole on
+    every device, as ``sharding.spec_for`` replicates it): still correct, only less parallel.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(query, key, value)
+    batch_axes, size = [], 1
+    for axis in BATCH_AXES:  # in the order the trainer splits the batch, so no shard moves
+        if axis in mesh.axis_names and query.shape[0] % (size * mesh.shape[axis]) == 0:
+            batch_axes.append(axis)
+            size *= mesh.shape[axis]
+    head_axis = "tensor" if "tensor" in mesh.axis_names and query.shape[2] % mesh.shape["tensor"] == 0 else None
+    spec = jax.sharding.PartitionSpec(tuple(batch_axes) or None, None, head_axis, None)
+    out_spec = jax.sharding.PartitionSpec(tuple(batch_axes) or None, head_axis, None, None)  # (B, H, L, D)
+    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=out_spec, check_vma=False)(
+        query, key, value
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,6 +463,37 @@ def call_block(block: nnx.Module, *args, remat: str = "none"):
         return nnx.merge(graphdef, state)(*inputs)
 
     return jax.checkpoint(run, policy=REMAT_POLICIES[remat])(state, *args)
+
+
+def call_stack(blocks: Sequence[nnx.Module], x: jax.Array, *args, remat: str = "none", scan: bool = False) -> jax.Array:
+    """``x = block(x, *args)`` for each block in turn, each rematerialised as ``call_block`` does.
+
+    With ``scan``, blocks of one structure (the same graph, the same shapes) run as one
+    ``lax.scan`` over their weights stacked along a new leading axis: XLA then compiles the block
+    once instead of once per block, which is most of SDXL's compile time (60 of its 70 transformer
+    layers sit in stacks of 10). The weights stay stored per block, under their own names; the
+    stacked copy exists only inside the compiled program (for SDXL's stacks of 10, a transient
+    copy of those weights). Blocks that differ (e.g. LoRA adapters with per-layer dropout salts)
+    run one after another as without ``scan``.
+    """
+    if not scan or len(blocks) < 2:
+        for block in blocks:
+            x = call_block(block, x, *args, remat=remat)
+        return x
+    graphdefs, states = zip(*(nnx.split(block) for block in blocks))
+    same_shapes = len({jax.tree.structure(s) for s in states}) == 1 and all(
+        [v.shape for v in jax.tree.leaves(s)] == [v.shape for v in jax.tree.leaves(states[0])] for s in states)
+    if any(g != graphdefs[0] for g in graphdefs) or not same_shapes:
+        return call_stack(blocks, x, *args, remat=remat, scan=False)
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+    graphdef = graphdefs[0]
+
+    def body(h, state):
+        return nnx.merge(graphdef, state)(h, *args), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+    return jax.lax.scan(body, x, stacked)[0]
 
 
 def timestep_embedding(

@@ -177,11 +177,13 @@ class Transformer2DModel(nnx.Module):
         use_linear_projection: bool,
         attention: str = "xla",
         remat: str = "none",
+        scan_layers: bool = False,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.remat = remat
+        self.scan_layers = scan_layers  # run the blocks as one lax.scan (layers.call_stack)
         self.use_linear_projection = use_linear_projection
         inner = heads * head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -217,8 +219,7 @@ class Transformer2DModel(nnx.Module):
         else:
             h = self.proj_in(h)
             h = h.reshape(batch, height * width, h.shape[-1])
-        for block in self.transformer_blocks:
-            h = layers.call_block(block, h, context, remat=self.remat)
+        h = layers.call_stack(list(self.transformer_blocks), h, context, remat=self.remat, scan=self.scan_layers)
         if self.use_linear_projection:
             h = self.proj_out(h).reshape(batch, height, width, channels)
         else:

@@ -193,6 +193,7 @@ class _Blocks(nnx.Module):
                     use_linear_projection=cross["use_linear_projection"],
                     attention=common["attention"],
                     remat=common["remat"],
+                    scan_layers=common["scan_layers"],
                     rngs=rngs,
                     **kw,
                 )
@@ -343,6 +344,7 @@ class UNet2DConditionModel(layers.Component):
         rngs: nnx.Rngs,
         attention: str = "xla",
         remat: str = "none",
+        scan_layers: bool = False,
     ):
         cfg = resolve_config(config)
         layers.resolve_attention(attention)
@@ -396,6 +398,7 @@ class UNet2DConditionModel(layers.Component):
             output_scale_factor=1.0,
             attention=attention,
             remat=remat,
+            scan_layers=scan_layers,
             **kw,
         )
 
