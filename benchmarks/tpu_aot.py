@@ -603,10 +603,17 @@ def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], inf
     RESULTS.mkdir(parents=True, exist_ok=True)
     today = datetime.date.today().isoformat()
     json_path = RESULTS / f"tpu_aot_{today}{suffix}.json"
+    # Runs of the same day and settings share one file: a scenario run again replaces its rows,
+    # others are kept, so each scenario can be compiled in a run of its own.
+    earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
+    names = {r["scenario"] for r in rows + analogs}
+    rows = [r for r in earlier.get("results", []) if r["scenario"] not in names] + rows
+    analogs = [r for r in earlier.get("shallow_compiles", []) if r["scenario"] not in names] + analogs
+    commands = [c for c in earlier.get("commands", []) if c != command] + [command]
     payload = {
         "benchmark": "tpu_aot",
         "date": today,
-        "command": command,
+        "commands": commands,
         "estimate_note": NOTE,
         "host": info,
         "results": rows,
@@ -630,7 +637,7 @@ def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], inf
         f"Step times, images/s and MFU are the TPU **{NOTE}**.",
         "",
         "```",
-        command,
+        *commands,
         "```",
         "",
         table(rows),
