@@ -72,9 +72,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not prompts:
         raise BadInput("give --prompt TEXT (repeatable) or --prompts FILE")
     out = storage.writable_folder(args.out)  # before loading anything
-    loras = [lora_files.parse_spec(spec) for spec in args.lora]
-    for location, _ in loras:
-        lora_files.weight_file(location)  # a missing file fails before any model is loaded
+    loras = lora_files.parse_specs(args.lora)
     generator = Generator(
         args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution, loras=loras
     )

@@ -346,10 +346,7 @@ def factors_from_file(lora_state: nnx.State, start: lora_files.LoraWeights, sour
             raise lora_files.LoraFileError(f"{source}: {component}.{module}: factor of shape {value.shape} where "
                                            f"this LoRA needs {shape}")
         value = np.ascontiguousarray(value.reshape(shape), dtype=variable.get_value().dtype)
-        sharding = getattr(variable.get_value(), "sharding", None)
-        array = (jnp.asarray(value) if sharding is None
-                 else jax.make_array_from_callback(shape, sharding, lambda index, v=value: v[index]))
-        values.append((path, variable.replace(array)))
+        values.append((path, variable.replace(weights.place(value, getattr(variable.get_value(), "sharding", None)))))
     return nnx.from_flat_state(values)
 
 
@@ -369,7 +366,7 @@ def merge(model: nnx.Module, factors: Mapping[str, lora_files.Factors], scale: f
                                            "layer of this model")
         kernel = layer.kernel.get_value()
         delta = update.delta(scale)
-        expected = layer.to_torch("kernel", np.empty(kernel.shape, np.bool_)).shape
+        expected = weights.torch_shape(layer, "kernel", kernel.shape)
         if delta.shape != expected:
             raise lora_files.LoraFileError(f"{source}: {module}: update of shape {delta.shape} where this model's weight "
                                            f"is {expected}")

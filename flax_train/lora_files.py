@@ -258,3 +258,12 @@ def parse_spec(text: str) -> tuple[str, float]:
                 raise LoraFileError(f"--lora {text!r}: no path before the scale")
             return path, scale
     return text, 1.0
+
+
+def parse_specs(texts: Iterable[str]) -> list[tuple[str, float]]:
+    """The command lines' ``--lora`` arguments, each file checked to exist: a missing one is
+    refused before any model is loaded (whether its keys fit is checked against the model)."""
+    specs = [parse_spec(text) for text in texts]
+    for location, _ in specs:
+        weight_file(location)
+    return specs

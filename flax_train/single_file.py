@@ -253,26 +253,26 @@ def open_clip_prefix(has_clip_l: bool) -> str:
     return f"conditioner.embedders.{1 if has_clip_l else 0}.model."
 
 
-def _unet_entries(config, keys) -> list[Entry]:
-    table = _unet_table(config)
-    entries = []
+def _renamed_entries(component: str, prefix: str, table: Mapping[str, str], keys) -> list[tuple[str, str]]:
+    """(key, original name under ``prefix``) of each of a component's keys, renamed by ``table``."""
+    renamed = []
     for key in keys:
         theirs = _rename(key, table)
         if theirs is None:
-            raise SingleFileError(f"unet: the weight {key!r} has no place in the original layout")
-        entries.append(Entry(UNET_PREFIX + theirs, "unet", (key,)))
-    return entries
+            raise SingleFileError(f"{component}: the weight {key!r} has no place in the original layout")
+        renamed.append((key, prefix + theirs))
+    return renamed
+
+
+def _unet_entries(config, keys) -> list[Entry]:
+    return [Entry(theirs, "unet", (key,)) for key, theirs in _renamed_entries("unet", UNET_PREFIX, _unet_table(config), keys)]
 
 
 def _vae_entries(config, keys) -> list[Entry]:
-    table = _vae_table(config)
     entries = []
-    for key in keys:
-        theirs = _rename(key, table)
-        if theirs is None:
-            raise SingleFileError(f"vae: the weight {key!r} has no place in the original layout")
+    for key, theirs in _renamed_entries("vae", VAE_PREFIX, _vae_table(config), keys):
         projection = ".mid.attn_1." in theirs and not theirs.endswith((".norm.weight", ".bias"))
-        entries.append(Entry(VAE_PREFIX + theirs, "vae", (key,), "conv1x1" if projection else "same"))
+        entries.append(Entry(theirs, "vae", (key,), "conv1x1" if projection else "same"))
     return entries
 
 

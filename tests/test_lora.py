@@ -25,6 +25,7 @@ from flax import nnx
 from flax_train import config as config_lib, diffusion, errors, export, lora, lora_files, models, sdxl, sharding, train
 from flax_train.data import prepare
 from flax_train.demo import CONFIG as DEMO_CONFIG
+from lora_support import make_lora
 from train_support import (
     REPO,
     RESOLUTION,
@@ -334,25 +335,10 @@ def test_a_bad_lora_target_exits_2_with_one_line_from_the_cli(workspace, tmp_pat
 def peft_lora_file(base: Path, out: Path) -> Path:
     """A LoRA of the UNet and both text encoders made with peft and saved by diffusers, as another
     trainer would: random (not zero) B, alpha != rank, a GEGLU projection and a convolution adapted."""
-    import peft
-    import torch
-    from diffusers import StableDiffusionXLPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    torch.manual_seed(0)
-    pipe = StableDiffusionXLPipeline.from_pretrained(base, local_files_only=True)
-    configs = {
-        "unet": peft.LoraConfig(r=3, lora_alpha=5, init_lora_weights=False,
-                                target_modules=["to_q", "to_v", "ff.net.0.proj", "conv1"]),
-        "text_encoder": peft.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "out_proj"]),
-        "text_encoder_2": peft.LoraConfig(r=4, lora_alpha=2, init_lora_weights=False, target_modules=["k_proj", "fc1"]),
-    }
-    for name, config in configs.items():
-        getattr(pipe, name).add_adapter(config)
-    StableDiffusionXLPipeline.save_lora_weights(
-        out, **{f"{name}_lora_layers": get_peft_model_state_dict(getattr(pipe, name)) for name in configs},
-        **{f"{name}_lora_adapter_metadata": config.to_dict() for name, config in configs.items()},
-    )
+    make_lora(base, out, seed=0, b_scale=1.0,
+              unet=dict(r=3, lora_alpha=5, target_modules=["to_q", "to_v", "ff.net.0.proj", "conv1"]),
+              text=dict(r=2, lora_alpha=4, target_modules=["q_proj", "out_proj"]),
+              text_2=dict(r=4, lora_alpha=2, target_modules=["k_proj", "fc1"]))
     return out / lora.WEIGHT_NAME
 
 

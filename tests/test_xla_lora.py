@@ -9,53 +9,23 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from flax_train import lora_files
 from flax_train.demo.tiny import save_tiny_pipeline
+from lora_support import make_lora
 from test_xla_cli import cpu_args, exit_code_and_stderr
 from test_xla_device import SMALL
-from test_xla_pipeline import diffusers_images
+from test_xla_pipeline import NEGATIVES, PROMPTS, SEEDS, diffusers_images
 from xla_infer import InputError, Pipeline
 from xla_infer.cli import main
 
 pytestmark = pytest.mark.xdist_group("xla_lora")
 
-PROMPTS = ["a red circle", "a blue square on a green background"]
-NEGATIVES = [None, "blurry"]
-SEEDS = [5, 9]
 STEPS = 2
 SIZE = 32
 # XLA's CPU kernels differ from ATen's in summation order; fp32 results agree to ~1e-6 (as in
 # test_xla_device.py and test_xla_modes.py).
 ATOL = 1e-5
-
-
-def make_lora(folder, out, *, seed, unet=None, text=None, metadata=True, b_scale=0.2):
-    """A LoRA file of random factors, written by diffusers' save_lora_weights from peft adapters.
-
-    `unet` / `text`: peft LoraConfig keyword arguments for the UNet / both text encoders. B is
-    scaled by `b_scale` so the LoRA changes the images clearly without saturating them."""
-    from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    torch.manual_seed(seed)
-    layers, metadata_kwargs = {}, {}
-    for name, options in (("unet", unet), ("text_encoder", text), ("text_encoder_2", text)):
-        if options is None:
-            continue
-        # init_lora_weights=False draws B at random too (peft's default starts it at zero).
-        config = LoraConfig(init_lora_weights=False, **options)
-        model = getattr(pipe, name)
-        model.add_adapter(config)
-        state = get_peft_model_state_dict(model)
-        layers[f"{name}_lora_layers"] = {k: v * b_scale if "lora_B" in k else v for k, v in state.items()}
-        if metadata:
-            metadata_kwargs[f"{name}_lora_adapter_metadata"] = config.to_dict()
-    StableDiffusionXLPipeline.save_lora_weights(out, **layers, **metadata_kwargs)
-    return out
 
 
 @pytest.fixture(scope="module")

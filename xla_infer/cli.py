@@ -195,9 +195,7 @@ def run(args: argparse.Namespace) -> dict:
                                 f"is {init_image.width}x{init_image.height}")
         default = DEFAULT_STRENGTH if mask is None else DEFAULT_INPAINT_STRENGTH
         first_step(args.steps, default if args.strength is None else args.strength)  # refuses 0 steps run
-    loras = [lora_files.parse_spec(text) for text in args.lora]
-    for path, _ in loras:
-        lora_files.weight_file(path)  # a missing file is refused before loading (its keys are checked after)
+    loras = lora_files.parse_specs(args.lora)
     out = storage.writable_folder(args.out)  # before loading and compiling for minutes
 
     load_start = time.perf_counter()

@@ -493,10 +493,9 @@ class Pipeline:
             pairs.append((str(location), _number(scale, f"the scale of LoRA {location}", "a finite number",
                                                  math.isfinite)))
         updates: dict[str, tuple[torch.nn.Module, list[tuple[lora_files.Factors, float]]]] = {}
+        targets = self._lora_targets()
         # kohya names flatten module paths with "_", so such files are read against the model's own.
-        modules = {component: [prefix + name for name, layer in model.named_modules()
-                               if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))]
-                   for component, (model, prefix) in self._lora_models().items()}
+        modules = {component: list(layers) for component, layers in targets.items()}
         for location, scale in pairs:
             try:
                 weights = lora_files.read(location, modules=modules, unet_config=dict(self.unet.config))
@@ -504,39 +503,25 @@ class Pipeline:
                 raise InputError(str(err)) from None
             for component, by_path in weights.items():
                 for module_path, factors in by_path.items():
-                    key, layer = self._lora_layer(location, component, module_path, factors)
+                    key, layer = _lora_layer(targets, location, component, module_path, factors)
                     updates.setdefault(key, (layer, []))[1].append((factors, scale))
         self._merge_loras(updates)
         self.loras = pairs
 
-    def _lora_layer(self, location: str, component: str, module_path: str,
-                    factors: lora_files.Factors) -> tuple[str, torch.nn.Module]:
-        """("component.module", the Linear / Conv2d) that a LoRA's module key names, checked to fit its factors."""
-        model, prefix = self._lora_models().get(component, (None, ""))
-        key = f"{component}.{module_path}"
-        if model is None:
-            raise InputError(f"LoRA {location} adapts the {component} ({key}), which this model does not have")
-        module_path = module_path.removeprefix(prefix)
-        try:
-            layer = model.get_submodule(module_path)
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
-            raise InputError(f"LoRA {location}: {key} is not a Linear or Conv2d layer of this model")
-        shape = tuple(layer.weight.shape)
-        update = (factors.up.shape[0], *factors.down.shape[1:])
-        if update != shape or factors.up.shape[2:] not in ((), (1, 1)):
-            raise InputError(f"LoRA {location}: {key} has factors {list(factors.down.shape)} and "
-                             f"{list(factors.up.shape)}, which do not fit this model's weight {list(shape)}")
-        return f"{component}.{module_path}", layer
-
-    def _lora_models(self) -> dict[str, tuple[torch.nn.Module, str]]:
-        """component -> (model, the prefix LoRA files put before its module paths)."""
+    def _lora_targets(self) -> dict[str, dict[str, tuple[str, torch.nn.Module]]]:
+        """component -> module path as LoRA files name it -> ("component.module" as the model
+        names it, the Linear / Conv2d layer), for every layer a LoRA may adapt."""
         models = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
-        # transformers 5 flattened CLIPTextModel; LoRA files keep its older "text_model." paths
-        # (diffusers' loader strips the prefix the same way).
-        return {component: (model, "" if component == "unet" or hasattr(model, "text_model") else "text_model.")
-                for component, model in models.items() if model is not None}
+        targets = {}
+        for component, model in models.items():
+            if model is None:
+                continue
+            # transformers 5 flattened CLIPTextModel; LoRA files keep its older "text_model." paths
+            # (diffusers' loader strips the prefix the same way).
+            prefix = "" if component == "unet" or hasattr(model, "text_model") else "text_model."
+            targets[component] = {prefix + name: (f"{component}.{name}", layer) for name, layer in model.named_modules()
+                                  if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))}
+        return targets
 
     @torch.no_grad()
     def _merge_loras(self, updates: dict[str, tuple[torch.nn.Module, list[tuple[lora_files.Factors, float]]]]):
@@ -1294,6 +1279,24 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _lora_layer(targets: dict[str, dict[str, tuple[str, torch.nn.Module]]], location: str, component: str,
+                module_path: str, factors: lora_files.Factors) -> tuple[str, torch.nn.Module]:
+    """("component.module", the Linear / Conv2d) that a LoRA's module key names (see
+    `Pipeline._lora_targets`), checked to fit its factors."""
+    key = f"{component}.{module_path}"
+    if component not in targets:
+        raise InputError(f"LoRA {location} adapts the {component} ({key}), which this model does not have")
+    if module_path not in targets[component]:
+        raise InputError(f"LoRA {location}: {key} is not a Linear or Conv2d layer of this model")
+    name, layer = targets[component][module_path]
+    shape = tuple(layer.weight.shape)
+    update = (factors.up.shape[0], *factors.down.shape[1:])
+    if update != shape or factors.up.shape[2:] not in ((), (1, 1)):
+        raise InputError(f"LoRA {location}: {key} has factors {list(factors.down.shape)} and "
+                         f"{list(factors.up.shape)}, which do not fit this model's weight {list(shape)}")
+    return name, layer
 
 
 def _prepare_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:

@@ -150,6 +150,19 @@ def checkpoint_key_map(model: nnx.Module, checkpoint_keys: set[str], *, source: 
     return mapping
 
 
+def torch_shape(layer: nnx.Module, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The torch layout's shape of ``layer``'s parameter ``name`` when ours has ``shape``."""
+    return tuple(layer.to_torch(name, np.empty(shape, dtype=np.bool_)).shape)
+
+
+def place(value: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """A host array on the devices: whole on the default device, or straight into ``sharding``
+    (each device receives only its shard, also when the sharding spans processes)."""
+    if sharding is None:
+        return jax.numpy.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def load_into(
     model: nnx.Module,
     reader: SafetensorsReader,
@@ -180,16 +193,12 @@ def load_into(
     for key, (layer, name) in layout.items():
         variable = getattr(layer, name)
         ours = variable.get_value()
-        expected = tuple(layer.to_torch(name, np.empty(ours.shape, dtype=np.bool_)).shape)
+        expected = torch_shape(layer, name, ours.shape)
         found = reader.shape(file_key[key])
         if found != expected:
             raise WeightsError(f"{source}: weight {file_key[key]!r} has shape {found}, expected {expected}")
         value = layer.from_torch(name, reader.get(file_key[key])).astype(ours.dtype)
-        if sharding_fn is None:
-            array = jax.numpy.asarray(value)
-        else:
-            array = jax.make_array_from_callback(value.shape, sharding_fn(variable), lambda idx: value[idx])
-        variable.set_value(array)
+        variable.set_value(place(value, None if sharding_fn is None else sharding_fn(variable)))
 
 
 def save_safetensors(model: nnx.Module, path: Path, metadata: Mapping[str, str] | None = None) -> None:
