@@ -1,47 +1,50 @@
-"""Ahead-of-time estimates of SDXL UNet training on Cloud TPU, compiled on a host without a TPU.
+"""Ahead-of-time estimates of SDXL on Cloud TPU, training and inference, compiled on a host without a TPU.
 
 libtpu describes a TPU slice (``jax.experimental.topologies``) without any TPU attached, and the
 TPU compiler then compiles the trainer's real step (``flax_train.train.train_step``: the SDXL UNet,
-AdamW, EMA, bf16 compute over fp32 weights, ``configs/sdxl_base.yaml``) for that slice's mesh.
-Nothing is allocated: state and batch are ``jax.ShapeDtypeStruct``s carrying their shardings.
-Each scenario reports what the compiler says about one step:
+AdamW, EMA, bf16 compute over fp32 weights, ``configs/sdxl_base.yaml``) for that slice's mesh, or
+with ``--inference STEPS`` the JAX sampler (``flax_train.sampling``: guided Euler steps and the VAE
+decode). Nothing is allocated: state and batch are ``jax.ShapeDtypeStruct``s carrying their
+shardings. Each scenario reports, per chip:
 
-* per-chip memory (arguments, outputs, temporaries) against the chip's HBM, or the compiler's
+* memory (arguments, outputs, temporaries) against the chip's HBM, or the compiler's
   out-of-memory error when it does not fit;
-* FLOPs per step (``cost_analysis()``, per chip, times the number of chips) against the analytic
-  figure for SDXL (3 x forward, 4 x with full rematerialisation);
-* ``optimal_seconds``, the TPU compiler's cost-model estimate of one step, and from it images/s
-  and MFU. These are compiler cost-model estimates, not measurements.
+* FLOPs, HBM traffic and the bytes received in collectives, counted from the optimized HLO with
+  every loop body as often as it runs (``flax_train.hlo_cost``; XLA's ``cost_analysis()`` counts
+  a loop body once), beside the analytic FLOPs of SDXL (3 x forward, 4 x with full remat);
+* a roofline: compute and collectives each at the chip's peak, the larger of the two (HBM traffic,
+  an upper estimate, shown beside it), and from it images/s and MFU; and the TPU compiler's own
+  ``optimal_seconds`` where its cost model prices the program. All of these are estimates, not
+  measurements.
 
 The TPU compiler's host memory and time grow with the number of layers it compiles: on a 2-core,
 23 GiB host the copy of SDXL with 1 transformer layer at the deepest level took 35 min and 15.6 GiB,
 with 2 layers 39 min and 18.4 GiB. ``--scan-layers`` (``model.scan_layers``) compiles each stack of
-identical transformer layers once, and the full-depth step then compiled there in 30 min and 19.0
-GiB. ``--depths 1,2`` instead compiles two shallower copies of SDXL (the deepest level's 10
-transformer layers cut to 1 and 2; every other layer as in SDXL) and extrapolates each figure
-linearly to 10 layers: right for parameters, FLOPs and the cost model's time, which are sums over
-layers, but not for peak memory (it said 11.0 GiB where the full-depth compile says 16.6); a third
-depth (``--depths 1,2,3``) reports how far the others' line misses it. ``--lora-rank R`` compiles a
-LoRA run's step instead of a full fine-tune, e.g. for one chip (``v5e-1``, a Colab runtime).
+identical transformer layers once: the full-depth step then compiles there in 14-30 min and ~19
+GiB. ``--depths 1,2`` instead compiles two shallower copies of SDXL and extrapolates each figure
+linearly to 10 layers: right for parameters and FLOPs, which are sums over layers, but not for
+peak memory (it said 11.0 GiB where the full-depth compile says 16.6). ``--lora-rank R`` compiles
+a LoRA run's step instead of a full fine-tune, e.g. for one chip (``v5e-1``, a Colab runtime).
 
     .venv/bin/pip install -c constraints.txt 'libtpu==0.0.42.*'     # the project's tpu extra
     .venv/bin/python -m benchmarks.tpu_aot --list
-    .venv/bin/python -m benchmarks.tpu_aot --scan-layers            # full SDXL, layers scanned; ~19 GiB of RAM
+    .venv/bin/python -m benchmarks.tpu_aot --scenario v5e-8_fsdp_full_1024px_b1 --scan-layers --attention splash
     .venv/bin/python -m benchmarks.tpu_aot --scenario v5e-1_fsdp_full_1024px_b1 --scan-layers --lora-rank 16
-    .venv/bin/python -m benchmarks.tpu_aot --depths 1,2             # extrapolated; ~19 GiB of RAM, ~75 min on 2 cores
-    .venv/bin/python -m benchmarks.tpu_aot --scenario v5e-8_fsdp_full_512px_b1 --unet tiny --no-write
-    .venv/bin/python -m benchmarks.tpu_aot --attention splash      # the Pallas flash kernel: memory only (see notes)
+    .venv/bin/python -m benchmarks.tpu_aot --scenario v5e-4_dp_none_1024px_b1 --scan-layers --inference 20
+    .venv/bin/python -m benchmarks.tpu_aot --reanalyse benchmarks/results/tpu_aot_DATE_scan_splash.json
+    .venv/bin/python -m benchmarks.tpu_aot --quick                  # seconds, no libtpu: checks the script
 
 Each compile runs in its own subprocess (libtpu allows one user at a time, and a compiler crash
-or its host memory then does not carry over). Results go to ``benchmarks/results/tpu_aot_<date>.json``
-and ``benchmarks/results/tpu_aot.md``.
+or its host memory then does not carry over). Results go to
+``benchmarks/results/tpu_aot_<date><settings>.json`` and ``benchmarks/results/tpu_aot<settings>.md``;
+each compiled program's HLO to ``benchmarks/hlo/`` (not versioned), which ``--reanalyse`` reads.
 """
-
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import gzip
 import json
 import os
 import platform
@@ -67,6 +70,9 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+# Each compiled program's optimized HLO (gzip), kept out of git: tpu_aot --reanalyse reads them
+# again when the HLO accounting changes, without compiling again.
+HLO_DIR = REPO / "benchmarks" / "hlo"
 SDXL_CONFIG = REPO / "configs" / "sdxl_base.yaml"
 
 NOTE = "compiler cost-model estimate, not a measurement"
@@ -81,16 +87,19 @@ class Slice:
     chip: str  # key of flax_train.config.CHIP_PEAK_TFLOPS
     hbm_gib: float  # HBM per chip
     hbm_gb_per_s: float  # HBM bandwidth per chip (Cloud TPU documentation)
+    ici_gb_per_s: float  # bidirectional inter-chip interconnect bandwidth per chip (same source)
 
 
 SLICES: dict[str, Slice] = {
-    "v5e-8": Slice("v5e:2x4", (2, 4, 1), "tpu_v5e", 16.0, 819.0),
+    "v5e-8": Slice("v5e:2x4", (2, 4, 1), "tpu_v5e", 16.0, 819.0, 400.0),
+    "v5e-4": Slice("v5e:2x2", (2, 2, 1), "tpu_v5e", 16.0, 819.0, 400.0),
     # v5p-8 is 4 chips (8 TensorCores, fused in pairs as megacores): JAX sees 4 devices.
-    "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0, 2765.0),
-    "v6e-8": Slice("v6e:2x4", (2, 4, 1), "tpu_v6e", 32.0, 1640.0),
+    "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0, 2765.0, 1200.0),
+    "v6e-8": Slice("v6e:2x4", (2, 4, 1), "tpu_v6e", 32.0, 1640.0, 800.0),
+    "v6e-4": Slice("v6e:2x2", (2, 2, 1), "tpu_v6e", 32.0, 1640.0, 800.0),
     # One chip: what a Colab TPU runtime has.
-    "v5e-1": Slice("v5e:1x1", (1, 1, 1), "tpu_v5e", 16.0, 819.0),
-    "v6e-1": Slice("v6e:1x1", (1, 1, 1), "tpu_v6e", 32.0, 1640.0),
+    "v5e-1": Slice("v5e:1x1", (1, 1, 1), "tpu_v5e", 16.0, 819.0, 400.0),
+    "v6e-1": Slice("v6e:1x1", (1, 1, 1), "tpu_v6e", 32.0, 1640.0, 800.0),
 }
 
 # Mesh layouts (flax_train.config.MeshConfig fields).
@@ -161,31 +170,56 @@ def unet_architecture(unet: str, resolution: int, depth: int | None) -> dict[str
     return architecture
 
 
-def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None = None,
-                     scan_layers: bool = False, lora_rank: int | None = None,
-                     attention: str = "xla") -> dict[str, Any]:
-    """Compiles the training step of ``scenario`` for its TPU slice; returns the compiler's raw figures.
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How a scenario is compiled, beyond its name."""
 
-    ``depth`` replaces the number of transformer layers of the UNet's deepest level (SDXL: 10);
-    ``scan_layers`` runs each stack of transformer layers as one scan (``model.scan_layers``);
-    ``lora_rank`` compiles a LoRA run's step (``train.method: lora``) of that rank instead;
-    ``attention`` is ``model.attention`` (xla, or splash: the Pallas TPU flash-attention kernel).
-    """
-    import jax
-    import numpy as np
-    from flax import nnx
+    scan_layers: bool = False  # model.scan_layers: each stack of transformer layers as one scan
+    lora_rank: int | None = None  # a LoRA run's step (train.method: lora) of this rank
+    attention: str = "xla"  # model.attention: xla, or splash (the Pallas TPU flash-attention kernel)
+    inference_steps: int | None = None  # the sampler (this many Euler steps, guidance, VAE decode)
+
+    def suffix(self) -> str:
+        """What a results file's name adds for these settings, e.g. ``_scan_splash``."""
+        return (("_scan" if self.scan_layers else "") + (f"_lora{self.lora_rank}" if self.lora_rank else "")
+                + (f"_{self.attention}" if self.attention != "xla" else "")
+                + (f"_infer{self.inference_steps}" if self.inference_steps else ""))
+
+    def flags(self) -> list[str]:
+        return (["--attention", self.attention] + (["--scan-layers"] if self.scan_layers else [])
+                + (["--lora-rank", str(self.lora_rank)] if self.lora_rank else [])
+                + (["--inference", str(self.inference_steps)] if self.inference_steps else []))
+
+
+def slice_devices(spec: Slice) -> list[Any]:
+    """The devices of a described TPU slice (no TPU needed)."""
     from jax.experimental import topologies
 
-    from flax_train import checkpoint, config as config_lib, diffusion, lora, models, sdxl, sharding, train
-
-    spec = SLICES[scenario.slice]
-    devices = topologies.get_topology_desc(
+    return topologies.get_topology_desc(
         platform="tpu",
         topology_name=spec.topology,
         chip_config_name="default",
         chips_per_host_bounds=spec.host_bounds,
         num_slices=1,
     ).devices
+
+
+def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None = None,
+                     settings: Settings = Settings(), devices: list[Any] | None = None) -> dict[str, Any]:
+    """Compiles the training step of ``scenario`` for its TPU slice; returns the compiler's raw figures.
+
+    ``depth`` replaces the number of transformer layers of the UNet's deepest level (SDXL: 10).
+    ``devices``: instead of the scenario's TPU slice (``--quick`` compiles for CPU devices).
+    """
+    scan_layers, lora_rank, attention = settings.scan_layers, settings.lora_rank, settings.attention
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from flax_train import checkpoint, config as config_lib, diffusion, lora, models, sdxl, sharding, train
+
+    spec = SLICES[scenario.slice]
+    stand_in, devices = devices is not None, slice_devices(spec) if devices is None else devices
     chips = len(devices)
     mesh_shape = sharding.resolve_mesh_shape(config_lib.MeshConfig(**MESHES[scenario.mesh]), chips)
     global_batch = scenario.per_chip_batch * mesh_shape["data"] * mesh_shape["fsdp"]
@@ -272,24 +306,104 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
             **_oom_figures(message),
         )
         return result
-    result.update(status="compiled", compile_s=step.seconds, **_memory(step.executable), **_cost(step.executable))
-    if step.hardware_flops:
-        # XLA counts a loop body once; compile_step scales its count to every iteration (the layer
-        # scans of scan_layers, gradient accumulation), as the trainer's hfu does.
-        result["flops_per_chip"] = step.hardware_flops
-    return without_kernel_costs(result) if attention == "splash" else result
+    result.update(status="compiled", compile_s=step.seconds)
+    name = None if stand_in else f"{scenario.name}_d{result['depth']}{settings.suffix()}"
+    return compiled_figures(result, step.executable, name)
+
+
+def compiled_figures(result: dict[str, Any], executable: Any, name: str | None) -> dict[str, Any]:
+    """The compiler's memory plan and cost analysis, the HLO's own counts; the HLO kept under
+    ``name`` in ``HLO_DIR`` (None: a stand-in compile, not kept)."""
+    from flax_train import hlo_cost
+
+    result.update(**_memory(executable), **_cost(executable))
+    hlo_text = executable.as_text()
+    result.update(hlo_cost.summary(hlo_cost.analyse(hlo_text, result["chips"])))
+    if name is not None:
+        HLO_DIR.mkdir(parents=True, exist_ok=True)
+        hlo_path = HLO_DIR / f"{name}.hlo.gz"
+        hlo_path.write_bytes(gzip.compress(hlo_text.encode()))
+        result["hlo_path"] = str(hlo_path.relative_to(REPO))
+    return without_kernel_costs(result) if result["attention"] == "splash" else result
+
+
+def compile_inference(scenario: Scenario, settings: Settings, unet: str = "sdxl",
+                      devices: list[Any] | None = None) -> dict[str, Any]:
+    """Compiles the JAX sampler (``flax_train.sampling``: SDXL's UNet over ``settings.inference_steps``
+    Euler steps with classifier-free guidance, then the VAE decode) for ``scenario.per_chip_batch``
+    images on each chip of the slice, data parallel: bf16 UNet weights and the fp32 VAE (as
+    ``flax-train sample`` decodes) replicated. The text encoders, a few milliseconds, are left out.
+    ``devices``: instead of the scenario's TPU slice (a test compiles for CPU devices).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flax_train import config as config_lib, models, sampling, schedulers, sdxl, sharding, single_file
+    from flax_train.demo import tiny
+
+    if scenario.mesh != "dp" or scenario.remat != "none":
+        raise ValueError("an inference scenario is data parallel without remat: SLICE_dp_none_RESpx_bBATCH")
+    spec = SLICES[scenario.slice]
+    stand_in, devices = devices is not None, slice_devices(spec) if devices is None else devices
+    mesh = sharding.make_mesh(config_lib.MeshConfig(**MESHES["dp"]), devices=devices)
+    batch = scenario.per_chip_batch * len(devices)
+    steps = settings.inference_steps
+    architecture = unet_architecture(unet, scenario.resolution, None)
+    if unet == "sdxl":
+        vae_config = models.read_config(single_file.SHIPPED["base"] / "vae")
+    else:
+        vae_config = {"_class_name": "AutoencoderKL",
+                      **tiny.tiny_component_configs(vocab_size=1, image_size=scenario.resolution, **tiny.DEMO_SIZES)["vae"]}
+    (unet_graph, unet_params) = nnx.split(models.abstract(architecture, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                                          attention=settings.attention, scan_layers=settings.scan_layers))
+    vae_graph, vae_state = nnx.split(models.abstract(vae_config))
+    tables = schedulers.make_scheduler("euler", sdxl.SCHEDULER_CONFIG, steps)
+    side = scenario.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    pooled = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
+
+    def generate(unet_params, vae_state, embeds, pooled, latents):
+        time_ids = sampling.make_time_ids((scenario.resolution,) * 2, (0, 0), (scenario.resolution,) * 2, batch)
+        # The unconditional input of SDXL without a negative prompt: zeros.
+        out = sampling.sample_latents(nnx.merge(unet_graph, unet_params), tables, latents, embeds, pooled, time_ids,
+                                      jnp.zeros_like(embeds), jnp.zeros_like(pooled), time_ids, 5.0)
+        return sampling.decode_latents(nnx.merge(vae_graph, vae_state), out)
+
+    replicated, split = sharding.replicated(mesh), lambda ndim: sharding.batch_sharding(mesh, ndim)
+    shapes = {
+        "embeds": ((batch, sdxl.TOKEN_LENGTH, architecture["cross_attention_dim"]), jnp.bfloat16),
+        "pooled": ((batch, pooled), jnp.bfloat16),
+        "latents": ((batch, vae_config["latent_channels"], side, side), jnp.float32),
+    }
+    args = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
+            for tree in (unet_params, vae_state)]
+    args += [jax.ShapeDtypeStruct(shape, dtype, sharding=split(len(shape))) for shape, dtype in shapes.values()]
+    result: dict[str, Any] = {
+        "scenario": scenario.name, **dataclasses.asdict(scenario), "task": "inference", "unet": unet,
+        "depth": SDXL_DEPTH, "scan_layers": settings.scan_layers, "attention": settings.attention,
+        "inference_steps": steps, "guidance": True, "topology": spec.topology, "device_kind": devices[0].device_kind,
+        "chips": len(devices), "mesh_shape": {"data": len(devices), "fsdp": 1, "tensor": 1}, "global_batch": batch,
+        "dtype": "bfloat16 UNet, float32 VAE",
+    }  # fmt: skip
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        traced = jax.jit(generate, out_shardings=split(4)).trace(*args)
+    executable = traced.lower().compile()
+    result.update(status="compiled", compile_s=time.perf_counter() - start)
+    return compiled_figures(result, executable, None if stand_in else f"{scenario.name}{settings.suffix()}")
 
 
 def without_kernel_costs(result: dict[str, Any]) -> dict[str, Any]:
-    """A splash row's cost figures, kept under ``*_outside_kernels`` names instead of the step's.
+    """A splash row's XLA cost-analysis figures, kept under ``*_outside_kernels`` names.
 
     The splash kernels are Mosaic custom calls, opaque to XLA's cost analysis: its FLOPs, bytes
     and time leave attention out (the attention products are 0.78 of the UNet forward's 6.76
-    TFLOP per image at 1024px, 12%; 3% at 512px). The memory figures do include the kernels'
-    inputs, outputs and residuals.
+    TFLOP per image at 1024px, 12%; 3% at 512px). The HLO count (``hlo_flops_per_device``) leaves
+    the kernels' products out too, so the roofline takes its compute from the analytic FLOPs, which
+    include attention. The memory plan includes the kernels' inputs, outputs and residuals.
     """
     result = dict(result)
-    for field in ("flops_per_chip", "bytes_accessed_per_chip", "optimal_seconds", "optimal_seconds_unpriced"):
+    for field in ("xla_flops_per_chip", "xla_bytes_accessed_per_chip", "optimal_seconds", "optimal_seconds_unpriced"):
         if field in result:
             result[f"{field}_outside_kernels"] = result.pop(field)
     return result
@@ -332,8 +446,9 @@ def _cost(compiled: Any) -> dict[str, float]:
         analysis = analysis[0] if analysis else None
     if not analysis:
         return {}
-    # Cost analysis of an SPMD executable describes one chip's program.
-    keys = {"flops": "flops_per_chip", "bytes accessed": "bytes_accessed_per_chip", "optimal_seconds": "optimal_seconds"}
+    # Cost analysis of an SPMD executable describes one chip's program, each loop body once.
+    keys = {"flops": "xla_flops_per_chip", "bytes accessed": "xla_bytes_accessed_per_chip",
+            "optimal_seconds": "optimal_seconds"}
     out = {ours: float(analysis[theirs]) for theirs, ours in keys.items() if theirs in analysis}
     # The cost model answers a negative time when it cannot price part of the program (seen on the
     # tiny UNet's whole step, while each of its ops alone prices fine): that is no estimate at all.
@@ -342,9 +457,11 @@ def _cost(compiled: Any) -> dict[str, float]:
     return out
 
 
-def run_worker(name: str, unet: str, depth: int | None, out: Path, scan_layers: bool, lora_rank: int | None,
-               attention: str) -> None:
-    result = compile_scenario(Scenario.parse(name), unet, depth, scan_layers, lora_rank, attention)
+def run_worker(name: str, unet: str, depth: int | None, out: Path, settings: Settings) -> None:
+    if settings.inference_steps:
+        result = compile_inference(Scenario.parse(name), settings, unet)
+    else:
+        result = compile_scenario(Scenario.parse(name), unet, depth, settings)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["host_peak_rss_gib"] = usage.ru_maxrss / 1024**2
     # On a shared host the wall time depends on the load; the CPU time does not.
@@ -364,25 +481,40 @@ LINEAR_FIELDS = (
     "alias_gib",
     "temp_gib",
     "code_gib",
-    "flops_per_chip",
-    "bytes_accessed_per_chip",
+    "hlo_flops_per_device",
+    "hlo_hbm_bytes_per_device",
+    "collective_bytes_per_device",
+    "xla_flops_per_chip",
+    "xla_bytes_accessed_per_chip",
     "optimal_seconds",
 )
 
 
+# What derive() adds (and earlier versions of it added): dropped before deriving again.
+DERIVED_FIELDS = {
+    "hbm_gib", "total_gib", "fits_hbm", "analytic_model_flops_per_step", "analytic_executed_flops_per_step",
+    "hlo_vs_analytic_flops", "peak_tflops_per_chip", "compute_seconds", "hbm_seconds", "ici_seconds",
+    "roofline_limited_by", "roofline_seconds", "roofline_images_per_s", "roofline_mfu", "estimate_note",
+    "images_per_s", "images_per_s_per_chip", "mfu",
+    "flops_per_step", "compiler_vs_analytic_flops", "hardware_flops_utilisation",
+}  # fmt: skip
+
+
 def derive(row: dict[str, Any]) -> dict[str, Any]:
-    """Adds totals, the HBM check, the analytic FLOPs and the cost-model throughput and MFU."""
+    """Adds totals, the HBM check, the analytic FLOPs, the roofline and the cost model's throughput."""
     from flax_train.metrics import CHIP_PEAK_TFLOPS
 
     spec = SLICES[row["slice"]]
-    row = {**row, "hbm_gib": spec.hbm_gib}
+    row = {**{k: v for k, v in row.items() if k not in DERIVED_FIELDS}, "hbm_gib": spec.hbm_gib}
     if "temp_gib" in row:
         row["total_gib"] = row["argument_gib"] + row["output_gib"] + row["temp_gib"] + row["code_gib"] - row["alias_gib"]
         row["fits_hbm"] = row["total_gib"] <= spec.hbm_gib
-    if "flops_per_chip" in row:
-        row["flops_per_step"] = row["flops_per_chip"] * row["chips"]
     forward = FORWARD_TFLOP_PER_IMAGE.get(row["resolution"])
-    if row["unet"] == "sdxl" and row.get("depth") == SDXL_DEPTH and forward:
+    if row.get("task") == "inference" and forward:
+        # Every step runs the UNet on the image and its unconditional twin (guidance).
+        model = row["inference_steps"] * 2 * forward * 1e12 * row["global_batch"]
+        row["analytic_model_flops_per_step"] = row["analytic_executed_flops_per_step"] = model
+    elif row["unet"] == "sdxl" and row.get("depth") == SDXL_DEPTH and forward:
         # Model FLOPs (for MFU) count forward + backward once; full remat runs the forward twice. A
         # LoRA step's backward computes the activations' gradients but not the frozen weights'
         # (the factors' are negligible): 2 x forward, not 3.
@@ -390,15 +522,27 @@ def derive(row: dict[str, Any]) -> dict[str, Any]:
         row["analytic_model_flops_per_step"] = passes * forward * 1e12 * row["global_batch"]
         executed = (passes + (row["remat"] == "full")) * forward * 1e12 * row["global_batch"]
         row["analytic_executed_flops_per_step"] = executed
-        if "flops_per_step" in row:
-            row["compiler_vs_analytic_flops"] = row["flops_per_step"] / executed
+    if "hlo_flops_per_device" in row and "analytic_executed_flops_per_step" in row:
+        row["hlo_vs_analytic_flops"] = row["hlo_flops_per_device"] * row["chips"] / row["analytic_executed_flops_per_step"]
     peak = CHIP_PEAK_TFLOPS[spec.chip]
     row["peak_tflops_per_chip"] = peak
-    if "flops_per_chip" in row and "bytes_accessed_per_chip" in row:
-        # No step can beat both the chip's peak FLOP/s and its HBM bandwidth.
-        row["roofline_seconds"] = max(
-            row["flops_per_chip"] / (peak * 1e12), row["bytes_accessed_per_chip"] / (spec.hbm_gb_per_s * 1e9)
-        )
+    if "collective_bytes_per_device" in row and "analytic_executed_flops_per_step" in row:
+        # Each resource's time alone at its peak: the matrix units on the HLO's FLOPs (on the
+        # analytic ones for splash rows: the HLO count cannot see inside a Pallas kernel), the
+        # interconnect on the collectives' bytes received per chip (its bidirectional bandwidth is
+        # half receiving). The roofline is the larger: both overlapping perfectly. The HBM time
+        # of the HLO's traffic is shown beside it, not in it: that count is an upper estimate.
+        flops = row["hlo_flops_per_device"]
+        if row.get("attention") == "splash":
+            flops = row["analytic_executed_flops_per_step"] / row["chips"]
+        row["compute_seconds"] = flops / (peak * 1e12)
+        row["hbm_seconds"] = row["hlo_hbm_bytes_per_device"] / (spec.hbm_gb_per_s * 1e9)
+        row["ici_seconds"] = row["collective_bytes_per_device"] / (spec.ici_gb_per_s / 2 * 1e9)
+        terms = {"compute": row["compute_seconds"], "ici": row["ici_seconds"]}
+        row["roofline_limited_by"] = max(terms, key=terms.get)
+        row["roofline_seconds"] = max(terms.values())
+        row["roofline_images_per_s"] = row["global_batch"] / row["roofline_seconds"]
+        row["roofline_mfu"] = row["analytic_model_flops_per_step"] / (row["roofline_seconds"] * peak * 1e12 * row["chips"])
     seconds = row.get("optimal_seconds")
     if seconds:
         row["estimate_note"] = NOTE
@@ -406,8 +550,6 @@ def derive(row: dict[str, Any]) -> dict[str, Any]:
         row["images_per_s_per_chip"] = row["images_per_s"] / row["chips"]
         if "analytic_model_flops_per_step" in row:
             row["mfu"] = row["analytic_model_flops_per_step"] / (seconds * peak * 1e12 * row["chips"])
-        if "flops_per_chip" in row:
-            row["hardware_flops_utilisation"] = row["flops_per_chip"] / (seconds * peak * 1e12)
     return row
 
 
@@ -451,22 +593,17 @@ def extrapolate(rows: list[dict[str, Any]], depth: int = SDXL_DEPTH) -> dict[str
 # The driver
 
 
-def run_in_subprocess(name: str, unet: str, depth: int | None, timeout_s: float, scan_layers: bool,
-                      lora_rank: int | None, attention: str = "xla") -> dict[str, Any]:
+def run_in_subprocess(name: str, unet: str, depth: int | None, timeout_s: float, settings: Settings) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "benchmarks.tpu_aot", "--worker", name, "--unet", unet,
-                   "--worker-out", str(out), "--attention", attention]
+                   "--worker-out", str(out), *settings.flags()]
         if depth is not None:
             command += ["--worker-depth", str(depth)]
-        if scan_layers:
-            command.append("--scan-layers")
-        if lora_rank:
-            command += ["--lora-rank", str(lora_rank)]
         start = time.perf_counter()
         scenario = dataclasses.asdict(Scenario.parse(name))
-        failure = {"scenario": name, **scenario, "unet": unet, "depth": depth, "scan_layers": scan_layers,
-                   "attention": attention}
+        failure = {"scenario": name, **scenario, "unet": unet, "depth": depth, "scan_layers": settings.scan_layers,
+                   "attention": settings.attention}
         try:
             proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -474,7 +611,8 @@ def run_in_subprocess(name: str, unet: str, depth: int | None, timeout_s: float,
         if out.exists():
             return json.loads(out.read_text())
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        return {**failure, "status": "crashed", "returncode": proc.returncode, "error": tail}
+        return {**failure, "status": "crashed", "returncode": proc.returncode, "error": tail,
+                "compile_s": time.perf_counter() - start}
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -484,8 +622,8 @@ def _fmt(value: Any, spec: str) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     columns = (
         "scenario", "how", "chips", "global batch", "status", "compile s", "args GiB", "temp GiB",
-        "total GiB / HBM", "compiler TFLOP/step", "analytic TFLOP/step", "roofline s", "est. step s", "est. img/s",
-        "est. MFU",
+        "total GiB / HBM", "HLO TFLOP/step", "analytic TFLOP/step", "compute s", "HBM s", "ICI s", "roofline s",
+        "roofline img/s", "roofline MFU", "cost-model step s",
     )  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
@@ -497,12 +635,17 @@ def table(rows: list[dict[str, Any]]) -> str:
         elif r["status"] == "over_hbm":
             total = f"{r['target_state_gib_per_chip']:.1f} / {r['hbm_gib']:.0f} (state alone)"
         how = "compiled" if r.get("method") is None else r["method"].replace("extrapolated from depths ", "extrap. ")
-        if r["status"] == "over_hbm":
+        if r["status"] in ("over_hbm", "crashed", "timeout"):
             how = "not compiled"
         elif r.get("failed_at_depth") is not None:
             how += f" ({r['status']} at depth {r['failed_at_depth']})"
-        flops, analytic = r.get("flops_per_step"), r.get("analytic_executed_flops_per_step")
-        mfu = r.get("mfu")
+        hlo = r.get("hlo_flops_per_device")
+        hlo_cell = _fmt(hlo * r["chips"] / 1e12 if hlo else None, ".1f")
+        if hlo and r.get("attention") == "splash":
+            hlo_cell += " (outside kernels)"
+        analytic = r.get("analytic_executed_flops_per_step")
+        mfu = r.get("roofline_mfu")
+        limited = r.get("roofline_limited_by")
         cells = [
             r["scenario"] + (f" (depth {r['depth']})" if r["unet"] == "sdxl" and r.get("depth") not in (None, SDXL_DEPTH) else "")
             + (", scanned layers" if r.get("scan_layers") else "")
@@ -516,12 +659,15 @@ def table(rows: list[dict[str, Any]]) -> str:
             _fmt(r.get("argument_gib"), ".2f"),
             _fmt(r.get("temp_gib"), ".2f"),
             total,
-            _fmt(flops / 1e12 if flops else None, ".1f"),
+            hlo_cell,
             _fmt(analytic / 1e12 if analytic else None, ".1f"),
-            _fmt(r.get("roofline_seconds"), ".3f"),
-            _fmt(r.get("optimal_seconds"), ".3f"),
-            _fmt(r.get("images_per_s"), ".2f"),
+            _fmt(r.get("compute_seconds"), ".3f"),
+            _fmt(r.get("hbm_seconds"), ".3f"),
+            _fmt(r.get("ici_seconds"), ".3f"),
+            _fmt(r.get("roofline_seconds"), ".3f") + (f" ({limited})" if limited else ""),
+            _fmt(r.get("roofline_images_per_s"), ".2f"),
             "-" if mfu is None else f"{100 * mfu:.0f}%",
+            _fmt(r.get("optimal_seconds"), ".3f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -562,34 +708,39 @@ MARKDOWN_NOTES = """\
 - **args / temp / total GiB**: per chip, from the compiler's `memory_analysis()`; total =
   arguments + outputs + temporaries + code - aliased (the donated state). `oom` is the TPU compiler
   refusing the program for HBM, with its message's used / capacity figures.
-- **compiler TFLOP/step**: `cost_analysis()["flops"]` x chips; XLA counts a loop body once, so with
-  scanned layers the count is scaled by the step's FLOPs with loops at full length over loops once
-  (counted from the traced program, as the trainer's `hfu` is). **analytic**: 6.761 TFLOP forward per
-  image at 1024px, 1.589 at 512px (torch FlopCounterMode on the diffusers UNet), x3 for forward +
-  backward, x4 with full rematerialisation (the forward runs again in the backward pass); a LoRA
-  step x2 (x3): its backward skips the frozen weights' gradients.
-- **roofline s**: max(compiler FLOPs / peak FLOP/s, compiler bytes accessed / HBM bandwidth),
-  bandwidths 819 (v5e), 2765 (v5p), 1640 (v6e) GB/s. An idealised figure from the compiler's own
-  counts, not a bound: it leaves out the collectives' traffic over the interconnect and assumes
-  compute and memory traffic overlap perfectly.
-- **splash attention** rows (`--attention splash`): the Pallas kernels are custom calls that
-  XLA's cost analysis does not see into, so the compiler's FLOPs, bytes and step time would
-  leave attention out; they are kept in the JSON as `*_outside_kernels` and the table shows
-  `-`. Compare memory with the XLA rows; the step time needs a TPU measurement.
-- **est. step s**: the compiler's `optimal_seconds`, a {note}; `-` where the cost model could not
-  price the program (it then answers a negative time, kept in the JSON as `optimal_seconds_unpriced`). **est. img/s** = global batch /
-  est. step s. **est. MFU** = analytic model FLOPs (3 x forward; recomputation not counted) /
-  (est. step s x peak bf16 FLOP/s x chips), peaks 197 (v5e), 459 (v5p), 918 (v6e) TFLOP/s.
-  A real step is slower than the cost model's figure (input feeding, host work, collectives that
-  do not overlap as planned): read these as optimistic until measured on a TPU.
+- **HLO TFLOP/step**: the matrix products and convolutions of the compiled program, counted from
+  its optimized HLO (`flax_train.hlo_cost`) with every loop body (scanned layers) counted as often
+  as it runs, x chips. XLA's own `cost_analysis()` counts a loop body once (kept in the JSON as
+  `xla_flops_per_chip`). Splash rows: outside the Pallas kernels, whose products it cannot see.
+  **analytic**: 6.761 TFLOP forward per image at 1024px, 1.589 at 512px (torch FlopCounterMode on
+  the diffusers UNet), x3 for forward + backward, x4 with full rematerialisation (the forward runs
+  again in the backward pass); a LoRA step x2 (x3): its backward skips the frozen weights' gradients.
+- **compute / ICI s**: each resource's time per step alone at its peak, per chip: the HLO's FLOPs
+  (splash rows: the analytic FLOPs, which include attention) over the peak bf16 FLOP/s (197 v5e, 459
+  v5p, 918 v6e TFLOP/s); the bytes each chip receives in the program's collectives (FSDP's
+  all-gathers and reduce-scatters, which the TPU compiler runs as collective matmuls of
+  collective-permutes) over half the bidirectional interconnect bandwidth (400, 1200, 800 GB/s per
+  chip; Cloud TPU documentation).
+- **HBM s**: the bytes every unfused instruction of the HLO reads and writes (a fusion its operands
+  and result; a scanned layer's slice, not the whole stack) over the HBM bandwidth (819, 2765, 1640
+  GB/s). An upper estimate: on a TPU it also counts the compiler's copies and slices between memory
+  spaces, so it is shown and kept out of the roofline.
+- **roofline s**: the larger of compute and ICI, and which one it is: the step if the two overlapped
+  perfectly and each ran at its peak. An idealised estimate, not a bound and not a measurement.
+  **roofline img/s** = global batch / roofline s; **roofline MFU** = analytic model FLOPs (3 x
+  forward; recomputation not counted) / (roofline s x peak x chips).
+- **cost-model step s**: the TPU compiler's `optimal_seconds`, a {note}; `-` where the cost model
+  could not price the program (it answers a negative time for scanned programs, kept in the JSON as
+  `optimal_seconds_unpriced`) or cannot see all of it (splash rows: `*_outside_kernels`).
 
 ## Published figures for comparison (not from this project)
 
-- Hugging Face blog "Accelerating SDXL inference with JAX on Cloud TPU v5e" (2023) - **inference,
-  not training**: 1024x1024, 20 Euler steps, v5e-4 batch 4 in 2.33 s, batch 8 in 4.99 s; v4-8
-  batch 4 in 2.16 s; about 3 minutes to compile. With classifier-free guidance that is 160 UNet
-  forwards in 2.33 s on 4 chips; a training step (forward, backward, optimizer, 3-4 forwards' work
-  per image) is not comparable one to one.
+- Hugging Face blog "Accelerating SDXL inference with JAX on Cloud TPU v5e" (2023), measured:
+  1024x1024, 20 Euler steps with guidance, v5e-4 batch 4 in 2.33 s (1.72 images/s), batch 8 in
+  4.99 s; v4-8 batch 4 in 2.16 s; about 3 minutes to compile. MLPerf Inference v4.1, SDXL (20
+  steps, guidance, 1024px, bf16): v5e-4 1.75 images/s offline, v6e-4 (preview) 5.44. Compare them
+  with the `--inference 20` rows' roofline img/s; a training step (forward, backward, optimizer,
+  3-4 forwards' work per image) is not comparable one to one.
 - MaxDiffusion trains SDXL on TPU without EMA and without rematerialisation; the scenarios here
   keep EMA (one more fp32 copy of the weights) and fp32 AdamW, as `configs/sdxl_base.yaml` does,
   so their memory is not comparable to MaxDiffusion's.
@@ -598,18 +749,18 @@ MARKDOWN_NOTES = """\
 """
 
 
-def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: dict[str, Any], command: str,
-                  suffix: str = "") -> list[Path]:
+def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: dict[str, Any],
+                  command: str | None, suffix: str = "", today: str | None = None) -> list[Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    today = datetime.date.today().isoformat()
+    today = today or datetime.date.today().isoformat()
     json_path = RESULTS / f"tpu_aot_{today}{suffix}.json"
     # Runs of the same day and settings share one file: a scenario run again replaces its rows,
     # others are kept, so each scenario can be compiled in a run of its own.
     earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
     names = {r["scenario"] for r in rows + analogs}
-    rows = [r for r in earlier.get("results", []) if r["scenario"] not in names] + rows
-    analogs = [r for r in earlier.get("shallow_compiles", []) if r["scenario"] not in names] + analogs
-    commands = [c for c in earlier.get("commands", []) if c != command] + [command]
+    rows = [derive(r) for r in earlier.get("results", []) if r["scenario"] not in names] + rows
+    analogs = [derive(r) for r in earlier.get("shallow_compiles", []) if r["scenario"] not in names] + analogs
+    commands = [c for c in earlier.get("commands", []) if c != command] + ([command] if command else [])
     payload = {
         "benchmark": "tpu_aot",
         "date": today,
@@ -620,21 +771,42 @@ def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], inf
         "shallow_compiles": analogs,
     }
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    # The markdown shows the runs of these settings from every day, a scenario's latest row winning.
+    by_name: dict[str, dict[str, Any]] = {}
+    shallow: dict[str, dict[str, Any]] = {}
+    commands, dates, paths = [], [], []
+    for date, path in results_files(suffix):
+        day = json.loads(path.read_text())
+        by_name.update((r["scenario"], derive(r)) for r in day["results"])
+        shallow.update((r["scenario"], derive(r)) for r in day.get("shallow_compiles", []))
+        commands += [c for c in day.get("commands", []) if c not in commands]
+        dates.append(date)
+        paths.append(f"`{path.relative_to(REPO)}`")
+    rows, analogs = list(by_name.values()), list(shallow.values())
+    inference = any(r.get("task") == "inference" for r in rows)
+    attention = " and ".join(sorted({ATTENTION_NAMES[r.get("attention", "xla")] for r in rows})) + " attention."
+    if inference:
+        what = ("The JAX sampler (`flax_train.sampling`, as `flax-train sample` runs it): Euler steps with "
+                "classifier-free guidance (the UNet on each image and its unconditional twin, side by side on "
+                "one chip), then the VAE decode; bf16 UNet, fp32 VAE, weights replicated on every chip, text "
+                "encoders left out; " + attention)
+    else:
+        what = ("The trainer's own step (`flax_train.train.train_step`) with `configs/sdxl_base.yaml`: AdamW, EMA, "
+                "bf16 compute, fp32 weights and optimizer state, " + attention)
     md = [
-        "# SDXL training on Cloud TPU: ahead-of-time compiler estimates",
+        f"# SDXL {'inference' if inference else 'training'} on Cloud TPU: ahead-of-time compiler estimates",
         "",
-        f"Compiled {today} on a **CPU-only host** ({info['cpu_count']} cores, {info['memory_gib']} GiB, shared "
+        f"Compiled {', '.join(dates)} on a **CPU-only host** ({info['cpu_count']} cores, {info['memory_gib']} GiB, shared "
         f"with other work; {info['platform']}); no TPU was used. jax {info['jax']}, libtpu {info['libtpu']}, "
-        f"flax {info['flax']}. The trainer's own step (`flax_train.train.train_step`) with "
-        "`configs/sdxl_base.yaml`: AdamW, EMA, bf16 compute, fp32 weights and optimizer state, "
-        + " and ".join(sorted({ATTENTION_NAMES[r.get("attention", "xla")] for r in rows})) + " attention."
+        f"flax {info['flax']}. " + what
         + (" Rows marked `scanned layers` run each stack of transformer layers as one scan (`model.scan_layers`)."
            if any(r.get("scan_layers") for r in rows) else "")
         + (" Rows marked `lora rN` train a rank-N LoRA (`train.method: lora`): the UNet's own weights are frozen"
            " in bf16 and only the factors have fp32 copies, AdamW moments and EMA."
            if any(r.get("train_method", "full") != "full" for r in rows) else ""),
         "",
-        f"Step times, images/s and MFU are the TPU **{NOTE}**.",
+        "Memory is the TPU compiler's plan; the roofline, images/s and MFU are **idealised estimates** from "
+        f"the compiled program's counts, and the cost-model step time a **{NOTE}**. None is a measurement.",
         "",
         "```",
         *commands,
@@ -651,12 +823,61 @@ def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], inf
     failed = [r for r in rows + analogs if r["status"] not in ("compiled", "extrapolated", "oom", "over_hbm")]
     if failed:
         md += ["## Compiles that failed", ""]
-        md += [f"- `{r['scenario']}` (depth {r.get('depth')}): {r['status']} - {str(r.get('error', ''))[:300]}" for r in failed]
+        md += [f"- `{r['scenario']}`: {r['status']} - {failure_reason(r)[:300]}" for r in failed]
         md.append("")
-    md += [f"Raw figures: `{json_path.relative_to(REPO)}`.", "", MARKDOWN_NOTES.format(note=NOTE)]
+    md += [f"Raw figures: {', '.join(paths)}.", "", MARKDOWN_NOTES.format(note=NOTE)]
     md_path = RESULTS / f"tpu_aot{suffix}.md"
     md_path.write_text("\n".join(md))
     return [json_path, md_path]
+
+
+def quick() -> None:
+    """The tiny UNet's scanned training step on an 8-device FSDP mesh and its 2-step sampler on 4,
+    compiled for CPU devices in place of the TPU slices: the whole path but the TPU compiler."""
+    import jax
+
+    devices = jax.devices()
+    if len(devices) < 8:
+        sys.exit("--quick needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 (the Makefile sets it)")
+    rows = [
+        compile_scenario(Scenario.parse("v5e-8_fsdp_full_64px_b1"), "tiny", None, Settings(scan_layers=True),
+                         devices=devices[:8]),
+        compile_inference(Scenario.parse("v5e-4_dp_none_64px_b1"), Settings(inference_steps=2), "tiny",
+                          devices=devices[:4]),
+    ]
+    print(table([derive(r) for r in rows]))
+    print("\n--quick: the tiny UNet compiled for this host's CPU devices standing in for the slices; "
+          "the figures check the script and estimate nothing")
+
+
+def failure_reason(row: dict[str, Any]) -> str:
+    if row.get("returncode") == -9:  # SIGKILL: on a host without swap, the kernel's out-of-memory killer
+        after = f" after {row['compile_s']:.0f} s" if row.get("compile_s") else ""
+        return f"the compiler was killed (SIGKILL){after}: this host ran out of memory"
+    return str(row.get("error", ""))
+
+
+def results_files(suffix: str) -> list[tuple[str, Path]]:
+    """(date, path) of every results file of these settings, oldest first."""
+    pattern = re.compile(rf"tpu_aot_(\d{{4}}-\d{{2}}-\d{{2}}){re.escape(suffix)}\.json")
+    return sorted((m[1], p) for p in RESULTS.glob("tpu_aot_*.json") if (m := pattern.fullmatch(p.name)))
+
+
+def reanalyse(json_path: Path) -> list[Path]:
+    """Rows of a results file with their HLO figures counted again from the kept HLO."""
+    from flax_train import hlo_cost
+
+    payload = json.loads(json_path.read_text())
+    m = re.fullmatch(r"tpu_aot_(\d{4}-\d{2}-\d{2})(.*)\.json", json_path.name)
+    if not m:
+        raise SystemExit(f"{json_path}: not a tpu_aot results file (tpu_aot_DATE[SUFFIX].json)")
+    for row in payload["results"] + payload.get("shallow_compiles", []):
+        hlo_path = REPO / row.get("hlo_path", "-")
+        if hlo_path.is_file():
+            row.update(hlo_cost.summary(hlo_cost.analyse(gzip.decompress(hlo_path.read_bytes()).decode(), row["chips"])))
+    json_path.write_text(json.dumps({**payload, "results": [], "shallow_compiles": []}))  # rows come back below
+    return write_results([derive(r) for r in payload["results"]], [derive(r) for r in payload.get("shallow_compiles", [])],
+                         payload["host"], None, m[2], m[1])
 
 
 def sdxl_param_count() -> int:
@@ -681,16 +902,32 @@ def main(argv: list[str] | None = None) -> None:
                         help="compile a LoRA run's step of this rank (train.method=lora) instead of a full fine-tune")
     parser.add_argument("--attention", choices=tuple(ATTENTION_NAMES), default="xla",
                         help="model.attention: xla, or splash (the Pallas TPU flash-attention kernel)")
+    parser.add_argument("--inference", type=int, metavar="STEPS",
+                        help="compile the JAX sampler instead of a training step: STEPS Euler steps with guidance and "
+                        "the VAE decode, per_chip_batch images per chip (scenario SLICE_dp_none_RESpx_bBATCH)")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds: the tiny UNet's step and sampler compiled for this host's CPU devices standing in "
+                        "for the slices; checks the script end to end, estimates nothing, needs no libtpu")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per compile")
     parser.add_argument("--no-write", action="store_true", help="print only; write no results files")
+    parser.add_argument("--reanalyse", type=Path, metavar="RESULTS_JSON",
+                        help="count FLOPs, memory traffic and collectives again from the HLO kept for each row "
+                        "(benchmarks/hlo/) and rewrite that results file and its table; compiles nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-depth", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    settings = Settings(args.scan_layers, args.lora_rank, args.attention, args.inference)
 
     if args.worker:
-        run_worker(args.worker, args.unet, args.worker_depth, args.worker_out, args.scan_layers, args.lora_rank,
-                   args.attention)
+        run_worker(args.worker, args.unet, args.worker_depth, args.worker_out, settings)
+        return
+    if args.quick:
+        quick()
+        return
+    if args.reanalyse:
+        for path in reanalyse(args.reanalyse):
+            print(f"wrote {path.relative_to(REPO)}")
         return
     if args.list:
         print("SLICE_MESH_REMAT_RESpx_bBATCH with")
@@ -716,8 +953,7 @@ def main(argv: list[str] | None = None) -> None:
         compiled = []
         for depth in depths:
             print(f"compiling {name}" + (f" at depth {depth}" if depth else "") + " ...", flush=True)
-            r = run_in_subprocess(name, args.unet, depth, args.timeout, args.scan_layers, args.lora_rank,
-                                  args.attention)
+            r = run_in_subprocess(name, args.unet, depth, args.timeout, settings)
             shown = derive(r)
             print(
                 f"  {r['status']} in {r.get('compile_s', 0):.0f} s"
@@ -741,9 +977,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\nshallower compiles:\n" + table(analogs))
     print(f"\nstep times, images/s and MFU: {NOTE}")
     if not args.no_write and args.unet == "sdxl":
-        suffix = (("_scan" if args.scan_layers else "") + (f"_lora{args.lora_rank}" if args.lora_rank else "")
-                  + (f"_{args.attention}" if args.attention != "xla" else ""))
-        for path in write_results(rows, analogs, info, command, suffix):
+        for path in write_results(rows, analogs, info, command, settings.suffix()):
             print(f"wrote {path.relative_to(REPO)}")
 
 

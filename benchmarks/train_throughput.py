@@ -131,21 +131,32 @@ def run_diffusers(architecture: dict, args) -> dict:
 
 
 def unet_architecture(unet: str, resolution: int) -> dict:
+    """sdxl; medium: SDXL's layout (blocks, 1/2/10 transformer layers, 64-wide heads, both text
+    encoders' widths) at a fifth of its channels, 64/128/256, a CPU-sized step that is still
+    dominated by SDXL's kinds of work (26 GFLOP forward per image at 256px, 158M parameters; SDXL: 6.76 TFLOP
+    at 1024px); tiny: the demo's UNet."""
     from flax_train import sdxl
     from flax_train.demo import tiny
 
-    return dict(sdxl.UNET_CONFIG) if unet == "sdxl" else tiny.unet_config(resolution, **tiny.DEMO_SIZES)
+    if unet == "tiny":
+        return tiny.unet_config(resolution, **tiny.DEMO_SIZES)
+    architecture = {**sdxl.UNET_CONFIG, "sample_size": resolution // 8}
+    if unet == "medium":
+        architecture.update(block_out_channels=[64, 128, 256], attention_head_dim=[1, 2, 4])
+    return architecture
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--unet", default="tiny", choices=["tiny", "sdxl"])
+    parser.add_argument("--unet", default="tiny", choices=["tiny", "medium", "sdxl"],
+                        help="medium: SDXL's layout at a fifth of its width (see unet_architecture)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--vae-factor", type=int, default=None, help="pixels per latent (default: 8 for sdxl, the demo VAE's for tiny)")
     parser.add_argument("--batch", type=int, default=16, help="global batch")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--remat", default="none")
     parser.add_argument("--attention", default="auto")
+    parser.add_argument("--scan-layers", action="store_true", help="model.scan_layers for our step (compiles faster)")
     parser.add_argument("--layouts", default="data_parallel,fsdp,hybrid")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
@@ -163,13 +174,14 @@ def main() -> None:
     from flax_train.demo import CONFIG as DEMO_CONFIG, tiny
 
     if args.vae_factor is None:
-        args.vae_factor = 8 if args.unet == "sdxl" else sdxl.vae_scale_factor({"block_out_channels": tiny.DEMO_SIZES["vae_channels"]})
+        args.vae_factor = 8 if args.unet != "tiny" else sdxl.vae_scale_factor({"block_out_channels": tiny.DEMO_SIZES["vae_channels"]})
     cfg = config_lib.load(
         [DEMO_CONFIG],
         [
             f"model.dtype={args.dtype}",
             f"model.remat={args.remat}",
             f"model.attention={args.attention}",
+            f"model.scan_layers={str(args.scan_layers).lower()}",
             f"data.resolution={args.resolution}",
             f"train.global_batch_size={args.batch}",
         ],

@@ -7,11 +7,10 @@ Two figures feed the trainer's utilisation metrics (see ``metrics.throughput``):
   PaLM paper defines it (Chowdhery et al., 2022, appendix B), so MFU compares across remat
   settings and attention kernels. The forward is counted with XLA attention, whose products are
   visible in the jaxpr (a Pallas or cuDNN kernel is one opaque call).
-- **Hardware FLOPs** come from the compiled step's own cost analysis (XLA's count of what it
-  will execute, recomputation included). XLA counts the body of a loop once, and gradient
-  accumulation runs the step's forward and backward in a ``lax.scan`` over the micro-batches, so
-  that count is scaled here by the ratio of the jaxpr's FLOPs with loops run their full length
-  to the same count with every loop body once.
+- **Hardware FLOPs** are counted from the compiled step's optimized HLO
+  (``flax_train.hlo_cost``): what the chip executes, recomputation included, each loop body
+  (scanned layers, gradient accumulation's micro-batches) as often as it runs. XLA's own cost
+  analysis counts a loop body once.
 
 Only ``dot_general`` and ``conv_general_dilated`` are counted (2 FLOPs per multiply-add), as
 torch's FlopCounterMode counts matrix products and convolutions; elementwise work, norms and
@@ -32,10 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def jaxpr_flops(jaxpr: Any, *, full_loops: bool = True) -> float:
+def jaxpr_flops(jaxpr: Any) -> float:
     """FLOPs of the products and convolutions in ``jaxpr`` (a Jaxpr or ClosedJaxpr) and every
-    program nested in it. ``full_loops``: a ``scan`` counts its body ``length`` times (what runs);
-    False counts it once (what XLA's cost analysis reports)."""
+    program nested in it, a ``scan``'s body as often as it runs."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -44,12 +42,12 @@ def jaxpr_flops(jaxpr: Any, *, full_loops: bool = True) -> float:
             total += _dot_flops(eqn)
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
-        inner = [jaxpr_flops(sub, full_loops=full_loops) for sub in _nested(eqn.params)]
+        inner = [jaxpr_flops(sub) for sub in _nested(eqn.params)]
         if not inner:
             continue
         if name == "cond":  # one branch runs
             total += max(inner)
-        elif name == "scan" and full_loops:
+        elif name == "scan":
             total += eqn.params["length"] * sum(inner)
         else:
             total += sum(inner)

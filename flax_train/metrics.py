@@ -50,19 +50,6 @@ def detect_chip(device: Any | None = None) -> str | None:
     return None
 
 
-def compiled_flops(compiled: Any) -> float | None:
-    """FLOPs of one call of a compiled executable per device, from XLA's cost analysis."""
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
-        return None
-    return float(analysis["flops"])
-
-
 def memory_summary(compiled: Any) -> str:
     """Per-device memory the compiler plans for the step (arguments, outputs, temporaries)."""
     try:
@@ -91,8 +78,9 @@ def throughput(
 
     - ``mfu``: model FLOPs utilisation, 3 x the forward FLOPs per image (what the model needs,
       recomputation not counted) over the peak of all devices: the figure to compare trainers by;
-    - ``hfu``: hardware FLOPs utilisation, the FLOPs the compiled step executes (XLA's count,
-      rematerialisation included), per device over one device's peak.
+    - ``hfu``: hardware FLOPs utilisation, the FLOPs the compiled step executes (counted from its
+      HLO by ``flax_train.hlo_cost``: rematerialisation included, loops as often as they run), per
+      device over one device's peak.
     """
     out = {"step_time_s": step_seconds, "images_per_s": images_per_step / step_seconds}
     devices = jax.device_count()

@@ -84,21 +84,29 @@ def sample_latents(
     `latents` (B, 4, h, w) is unit-variance noise; it is scaled by the scheduler's
     `init_noise_sigma` here, as diffusers' pipelines do with the `latents` they are given.
     Text inputs are (B, L, D) / (B, P) / (B, 6); any of them may have a batch of 1 instead of B.
-    Each step makes one UNet call on the doubled batch [negative; positive] and combines the two
-    predictions as uncond + guidance_scale * (cond - uncond). Returns the final latents (not
-    divided by the VAE scaling factor).
+    Each step makes one UNet call on the doubled batch, each image's negative and positive inputs
+    side by side (rows 2i and 2i+1: split over devices, an image and its twin stay on the same
+    device, so guidance moves nothing between them), and combines the two predictions as
+    uncond + guidance_scale * (cond - uncond). Returns the final latents (not divided by the VAE
+    scaling factor).
     """
     batch = latents.shape[0]
-    context = jnp.concatenate([_to_batch(neg_prompt_embeds, batch), _to_batch(prompt_embeds, batch)])
-    text_embeds = jnp.concatenate([_to_batch(neg_pooled_embeds, batch), _to_batch(pooled_embeds, batch)])
-    all_time_ids = jnp.concatenate([_to_batch(neg_time_ids, batch), _to_batch(time_ids, batch)])
+
+    def pairs(negative: jax.Array, positive: jax.Array) -> jax.Array:
+        negative, positive = _to_batch(negative, batch), _to_batch(positive, batch)
+        return jnp.stack([negative, positive], axis=1).reshape(2 * batch, *positive.shape[1:])
+
+    context = pairs(neg_prompt_embeds, prompt_embeds)
+    text_embeds = pairs(neg_pooled_embeds, pooled_embeds)
+    all_time_ids = pairs(neg_time_ids, time_ids)
     timesteps = jnp.asarray(tables.timesteps, dtype=jnp.float32)
 
     def denoise_step(i: jax.Array, x: jax.Array) -> jax.Array:
-        model_input = schedulers.scale_model_input(tables, i, jnp.concatenate([x, x]))
+        model_input = schedulers.scale_model_input(tables, i, jnp.repeat(x, 2, axis=0))
         t = jnp.broadcast_to(timesteps[i], (2 * batch,))
         prediction = unet_fn(model_input, t, context, text_embeds=text_embeds, time_ids=all_time_ids)
-        uncond, cond = jnp.split(prediction.astype(jnp.float32), 2)
+        prediction = prediction.astype(jnp.float32).reshape(batch, 2, *x.shape[1:])
+        uncond, cond = prediction[:, 0], prediction[:, 1]
         guided = uncond + guidance_scale * (cond - uncond)
         return schedulers.step(tables, i, guided, x)
 

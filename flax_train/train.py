@@ -31,6 +31,7 @@ from flax_train import (
     diffusion,
     export,
     flops as flops_lib,
+    hlo_cost,
     lora,
     lora_files,
     metrics,
@@ -470,10 +471,10 @@ def compile_step(
         traced = jitted.trace(abstract_state, abstract_batch)
     compiled = traced.lower().compile()
     seconds = time.perf_counter() - start
-    # XLA counts a loop body once; gradient accumulation is a scan over the micro-batches.
-    counted, once = flops_lib.jaxpr_flops(traced.jaxpr), flops_lib.jaxpr_flops(traced.jaxpr, full_loops=False)
-    xla = metrics.compiled_flops(compiled)
-    return CompiledStep(compiled, seconds, xla * counted / once if xla and once else xla)
+    # Counted from the program itself: XLA's cost analysis counts a loop body (scanned layers,
+    # gradient accumulation's micro-batches) once.
+    hardware_flops = hlo_cost.analyse(compiled.as_text(), mesh.size).flops
+    return CompiledStep(compiled, seconds, hardware_flops or None)
 
 
 def model_flops_per_image(cfg: config_lib.Config, base: Path, batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> float:

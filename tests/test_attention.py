@@ -181,21 +181,28 @@ def test_bad_combinations_are_one_line_errors(monkeypatch):
     assert "on a GPU use cudnn, xla or auto" in one_line(info)
 
 
-def test_tpu_estimate_rows_of_splash_leave_the_cost_model_out():
+def test_tpu_estimate_rows_of_splash_leave_the_cost_model_out_and_price_attention_analytically():
     from benchmarks import tpu_aot
 
     row = dict(
         scenario="v5e-8_fsdp_full_1024px_b1", **dataclasses.asdict(tpu_aot.Scenario.parse("v5e-8_fsdp_full_1024px_b1")),
         unet="sdxl", depth=10, chips=8, global_batch=8, status="compiled", attention="splash",
         argument_gib=5.0, output_gib=5.0, alias_gib=5.0, temp_gib=3.0, code_gib=0.0,
-        flops_per_chip=1e14, bytes_accessed_per_chip=1e12, optimal_seconds=1.0,
+        xla_flops_per_chip=1e13, xla_bytes_accessed_per_chip=1e12, optimal_seconds=1.0,
+        hlo_flops_per_device=2.5e13, hlo_hbm_bytes_per_device=81.9e9, collective_bytes_per_device=100e9,
     )  # fmt: skip
     shown = tpu_aot.derive(tpu_aot.without_kernel_costs(row))
-    # Memory as compiled; no FLOPs, roofline, step time, images/s or MFU that would leave attention out.
+    # XLA's cost model cannot see the kernels: no step time, images/s or MFU from it.
     assert shown["total_gib"] == 8.0 and shown["optimal_seconds_outside_kernels"] == 1.0
-    assert not {"flops_per_step", "roofline_seconds", "optimal_seconds", "images_per_s", "mfu"} & set(shown)
+    assert not {"optimal_seconds", "images_per_s", "mfu"} & set(shown)
+    # The roofline: compute from the analytic FLOPs (4 x 6.761 TFLOP x 8 images over 8 chips of
+    # 197 TFLOP/s), collectives over half of v5e's 400 GB/s bidirectional interconnect; here the
+    # interconnect is the slower. HBM traffic from the HLO (81.9 GB at 819 GB/s) is shown beside.
+    assert shown["compute_seconds"] == pytest.approx(4 * 6.761 / 197)
+    assert shown["hbm_seconds"] == pytest.approx(0.1)
+    assert shown["ici_seconds"] == pytest.approx(0.5)
+    assert shown["roofline_seconds"] == pytest.approx(0.5) and shown["roofline_limited_by"] == "ici"
+    assert shown["roofline_mfu"] == pytest.approx(3 * 6.761 * 8 / (0.5 * 197 * 8))
     line = tpu_aot.table([shown]).splitlines()[-1]
     assert line.startswith("| v5e-8_fsdp_full_1024px_b1, splash attention | compiled |")
-    # The analytic column stays: 4 x 6.761 TFLOP (forward, backward, full remat) x 8 images.
-    assert line.endswith("| 8.0 / 16 | - | 216.4 | - | - | - | - |")
-    assert tpu_aot.derive(row)["images_per_s"] == 8.0  # the same row taken at face value
+    assert "| 8.0 / 16 | 200.0 (outside kernels) | 216.4 | 0.137 | 0.100 | 0.500 | 0.500 (ici) | 16.00 | 21% | - |" in line

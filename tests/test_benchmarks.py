@@ -49,3 +49,75 @@ def test_a_tpu_estimate_fitted_from_shallower_compiles_is_labelled_extrapolated(
     row = extrapolate(shallow, depth=10)
     assert row["status"] == "extrapolated" and row["method"] == "extrapolated from depths 1, 2"
     assert row["unet_params"] == 200 and row["temp_gib"] == 11.0
+
+
+def test_the_inference_estimate_compiles_the_sampler_with_every_step_counted():
+    """tpu_aot --inference compiles flax_train.sampling's guided loop and the VAE decode; here for
+    4 CPU devices and the tiny UNet (a TPU compile of it takes minutes), to check the program and
+    its accounting: the HLO count holds every step's UNet call on the doubled batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import tpu_aot
+    from flax_train import flops, models
+
+    scenario = tpu_aot.Scenario.parse("v5e-4_dp_none_64px_b1")
+    row = {}
+    for steps in (2, 4):
+        row[steps] = tpu_aot.compile_inference(scenario, tpu_aot.Settings(inference_steps=steps), "tiny",
+                                               devices=jax.devices()[:4])
+    assert row[2]["status"] == "compiled" and row[2]["global_batch"] == 4 and row[2]["task"] == "inference"
+    # Two more steps: two more UNet forwards on each chip's image and its unconditional twin.
+    architecture = tpu_aot.unet_architecture("tiny", 64, None)
+    one_image = {
+        "latents": (1, 4, 16, 16),  # the tiny VAE's factor is 4
+        "prompt_embeds": (1, 77, architecture["cross_attention_dim"]),
+        "pooled_prompt_embeds": (1, architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]),
+        "add_time_ids": (1, 6),
+    }
+    forward = flops.unet_forward_flops(models.abstract(architecture),
+                                       {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in one_image.items()})
+    # Slightly less: XLA hoists the loop-invariant work (the text's key/value projections and
+    # embeddings, the same at every step) out of the loop; 77 text tokens beside 256 latent ones
+    # here, beside 4096 in SDXL at 1024px.
+    assert 0.9 < (row[4]["hlo_flops_per_device"] - row[2]["hlo_flops_per_device"]) / (2 * 2 * forward) <= 1.0
+    assert row[2]["collective_bytes_per_device"] == 0  # data parallel: nothing crosses chips
+
+
+def test_tpu_aot_quick_compiles_the_tiny_step_and_sampler_end_to_end():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.tpu_aot", "--quick"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| v5e-")]
+    assert [row.split(" | ")[0] for row in rows] == ["| v5e-8_fsdp_full_64px_b1, scanned layers", "| v5e-4_dp_none_64px_b1"]
+    assert all("| compiled |" in row for row in rows)
+    assert "estimate nothing" in result.stdout
+
+
+def test_tpu_aot_results_keep_each_day_and_the_table_shows_every_days_latest_rows(tmp_path, monkeypatch):
+    """Compiles of one settings suffix run over several days (each takes up to half an hour here):
+    each day's JSON keeps that day's rows, the markdown gathers them, a scenario's latest row winning."""
+    from benchmarks import tpu_aot
+
+    monkeypatch.setattr(tpu_aot, "RESULTS", tmp_path)
+    monkeypatch.setattr(tpu_aot, "REPO", tmp_path)
+    info = {"cpu_count": 2, "memory_gib": 23.5, "platform": "test", "jax": "j", "libtpu": "l", "flax": "f"}
+
+    def row(name, compile_s):
+        return {"scenario": name, "slice": "v5e-8", "unet": "sdxl", "depth": 10, "resolution": 1024, "remat": "full",
+                "status": "compiled", "chips": 8, "global_batch": 8, "scan_layers": True, "attention": "splash",
+                "compile_s": compile_s, "argument_gib": 4.8, "output_gib": 4.8, "temp_gib": 3.2, "code_gib": 0.0,
+                "alias_gib": 4.8}
+
+    tpu_aot.write_results([row("v5e-8_fsdp_full_1024px_b1", 850.0), row("v5e-8_fsdp_full_1024px_b2", 1104.0)], [],
+                          info, "cmd a", "_scan_splash", "2026-12-02")
+    tpu_aot.write_results([row("v5e-8_fsdp_full_1024px_b2", 999.0)], [], info, "cmd b", "_scan_splash", "2026-12-03")
+    first = json.loads((tmp_path / "tpu_aot_2026-12-02_scan_splash.json").read_text())
+    assert [r["compile_s"] for r in first["results"]] == [850.0, 1104.0]
+    md = (tmp_path / "tpu_aot_scan_splash.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| v5e-8")]
+    assert [line.split(" | ")[0] for line in table] == ["| v5e-8_fsdp_full_1024px_b1, scanned layers, splash attention",
+                                                        "| v5e-8_fsdp_full_1024px_b2, scanned layers, splash attention"]
+    assert "| 850 |" in table[0] and "| 999 |" in table[1] and "1104" not in md
+    assert "Compiled 2026-12-02, 2026-12-03" in md and "cmd a\ncmd b" in md
+    assert "`tpu_aot_2026-12-02_scan_splash.json`, `tpu_aot_2026-12-03_scan_splash.json`" in md

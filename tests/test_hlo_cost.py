@@ -1,0 +1,189 @@
+"""flax_train.hlo_cost: FLOPs and collective traffic counted from compiled programs (8 CPU devices,
+set in conftest), against the figures worked out by hand for each program."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flax_train import hlo_cost
+
+
+def compiled_text(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_a_scanned_fsdp_gradient_counts_every_layer_and_its_gathers():
+    layers, width, batch, devices = 10, 64, 16, 8
+    mesh = jax.make_mesh((devices,), ("fsdp",))
+    w = jax.ShapeDtypeStruct((layers, width, width), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+    x = jax.ShapeDtypeStruct((batch, width), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))
+
+    def grad(w, x):
+        def loss(w):
+            h, _ = jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)
+            return jnp.sum(h**2)
+
+        return jax.grad(loss)(w)
+
+    text = compiled_text(grad, w, x)
+    cost = hlo_cost.analyse(text, devices)
+    per_device = batch // devices
+    matmul = 2 * per_device * width * width
+    # Forward h @ w; backward dL/dh and dL/dw: three products per layer, every layer.
+    assert cost.flops == 3 * layers * matmul
+    # XLA's own count sees one layer's products, not ten.
+    assert jax.jit(grad).lower(w, x).compile().cost_analysis()["flops"] < 2 * 3 * matmul
+    # Each layer's weight is gathered in the forward and again in the backward: every device
+    # receives the other seven eighths of it each time.
+    gathered = 2 * layers * (devices - 1) * (width // devices) * width * 4
+    assert cost.collective_bytes_by_kind["all-gather"] == gathered
+    # The weight gradient is reduced over the devices (all-reduce or reduce-scatter, as XLA picks).
+    reduced = cost.collective_bytes - gathered
+    full_gradient = layers * width * width * 4
+    assert reduced in (
+        pytest.approx(2 * (devices - 1) / devices * full_gradient),
+        pytest.approx((devices - 1) / devices * full_gradient),
+    )
+    assert cost.loops_without_trip_count == 0
+
+
+def test_gradient_accumulation_counts_each_micro_batch():
+    def accumulate(w, xs):
+        loss = lambda w, x: jnp.tanh(x @ w).sum()  # noqa: E731
+        grads, _ = jax.lax.scan(lambda g, x: (g + jax.grad(loss)(w, x), None), jnp.zeros_like(w), xs)
+        return w - grads
+
+    w = jax.ShapeDtypeStruct((64, 32), jnp.float32)
+    per_micro_batch = 2 * (16 * 64 * 32) * 2  # forward x @ w, backward dL/dw (dL/dx is not needed)
+    for n in (1, 4):
+        xs = jax.ShapeDtypeStruct((n, 16, 64), jnp.float32)
+        assert hlo_cost.analyse(compiled_text(accumulate, w, xs)).flops == n * per_micro_batch
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_convolutions_and_their_gradients_count_the_taps_that_read_the_input(stride):
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), "SAME", feature_group_count=2,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    x = jax.ShapeDtypeStruct((2, 16, 16, 8), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, 4, 12), jnp.float32)  # 8 input channels in 2 groups of 4
+    # Convolving ones with ones sums, over every output element, the taps that land on the input
+    # (not on the padding) times the input channels they read: the multiply-adds that count.
+    multiply_adds = float(conv(jnp.ones(x.shape), jnp.ones(k.shape)).sum())
+    assert multiply_adds < 2 * 16 * 16 * 12 * 3 * 3 * 4 / stride**2  # the padding's taps are out
+    assert hlo_cost.analyse(compiled_text(conv, x, k)).flops == 2 * multiply_adds
+
+    # The input and kernel gradients are convolutions with the same multiply-adds (XLA writes them
+    # with dilations and paddings of their own).
+    def gradients(x, k, cotangent):
+        return jax.vjp(conv, x, k)[1](cotangent)
+
+    cotangent = jax.ShapeDtypeStruct((2, 16 // stride, 16 // stride, 12), jnp.float32)
+    assert hlo_cost.analyse(compiled_text(gradients, x, k, cotangent)).flops == 2 * 2 * multiply_adds
+
+
+def test_a_conditional_counts_its_dearest_branch():
+    def branchy(p, a):
+        return jax.lax.cond(p, lambda a: a @ a @ a, lambda a: a @ a, a)
+
+    a = jax.ShapeDtypeStruct((32, 32), jnp.float32)
+    assert hlo_cost.analyse(compiled_text(branchy, jax.ShapeDtypeStruct((), bool), a)).flops == 2 * 2 * 32**3
+
+
+@pytest.mark.parametrize(
+    "attrs, size",
+    [
+        ("replica_groups=mesh['x'=2,'y'=4] {'y'}, dimensions={0}", 4),
+        ("replica_groups=mesh['x'=2,'y'=4] {'x','y'}", 8),
+        ("replica_groups=[2,4]<=[8], dimensions={0}", 4),
+        ("replica_groups={{0,1},{2,3},{4,5},{6,7}}", 2),
+        ("source_target_pairs={{0,1},{1,0}}", 8),
+    ],
+)
+def test_replica_group_spellings(attrs, size):
+    assert hlo_cost.group_size(attrs, 8) == size
+
+
+# A loop as the TPU compiler's final HLO prints it: no known_trip_count, the bound in its condition.
+LOOP = """\
+HloModule m
+
+%body (p: (s32[], bf16[128,256])) -> (s32[], bf16[128,256]) {
+  %p = (s32[], bf16[128,256]) parameter(0)
+  %x = bf16[128,256]{1,0} get-tuple-element(%p), index=1
+  %y = bf16[32,256]{1,0} slice(%x), slice={[0:32], [0:256]}
+  %start = (bf16[32,256]{1,0}, bf16[128,256]{1,0}) all-gather-start(%y), replica_groups=[1,4]<=[4], dimensions={0}
+  %done = bf16[128,256]{1,0} all-gather-done(%start)
+  %d = bf16[128,128]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+  %i = s32[] get-tuple-element(%p), index=0
+  %step = s32[] constant(STEP)
+  %next = s32[] add(%i, %step)
+  ROOT %t = (s32[], bf16[128,256]) tuple(%next, %done)
+}
+
+%cond (p: (s32[], bf16[128,256])) -> pred[] {
+  %p = (s32[], bf16[128,256]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[]{:T(128)} constant(3)
+  ROOT %c = pred[] CONDITION
+}
+
+ENTRY %main (a: bf16[128,256], y: bf16[32,256]) -> bf16[128,256] {
+  %w = (s32[], bf16[128,256]) while(%init), condition=%cond, body=%body
+  ROOT %r = bf16[128,256]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def loop(condition: str, step: int = 1) -> str:
+    return LOOP.replace("CONDITION", condition).replace("STEP", str(step))
+
+
+def test_a_loop_runs_as_often_as_its_condition_and_step_say_and_async_collectives_count_once():
+    cost = hlo_cost.analyse(loop("compare(%i, %n), direction=LT"), 4)
+    assert cost.flops == 3 * 2 * 128 * 128 * 256
+    assert cost.collective_bytes == 3 * 3 * 32 * 256 * 2  # 3 iterations x 3 other devices' quarters
+    assert cost.loops_without_trip_count == 0
+    # i = 0, 2 while i < 3: two iterations (the TPU compiler's collective matmuls step by 2).
+    assert hlo_cost.analyse(loop("compare(%i, %n), direction=LT", step=2), 4).flops == 2 * 2 * 128 * 128 * 256
+    # A condition it cannot read: the body counts once, and the loop is reported.
+    unknown = hlo_cost.analyse(loop("constant(true)"), 4)
+    assert unknown.flops == 2 * 128 * 128 * 256 and unknown.loops_without_trip_count == 1
+
+
+def test_memory_traffic_of_a_scan_grows_with_its_length_not_its_square():
+    """A scan reads one layer's slice of the stacked weights and writes one slice of its stacked
+    outputs per iteration; counting the whole stacked buffers each time would grow as length^2."""
+
+    def scanned(ws, h):
+        return jax.lax.scan(lambda h, w: (jnp.tanh(h * w), h), h, ws)
+
+    width = 4096
+    h = jax.ShapeDtypeStruct((width,), jnp.float32)
+    traffic = {
+        n: hlo_cost.analyse(compiled_text(scanned, jax.ShapeDtypeStruct((n, width), jnp.float32), h)).hbm_bytes
+        for n in (10, 20)
+    }
+    assert traffic[20] / traffic[10] == pytest.approx(2.0, rel=0.1)
+    # An elementwise program reads its input and writes its output once.
+    assert hlo_cost.analyse(compiled_text(lambda x: x * 2 + 1, h)).hbm_bytes == 2 * width * 4
+
+
+def test_gpu_library_calls_count_as_the_products_they_compute():
+    """On a GPU XLA hands dots to cuBLAS and convolutions to cuDNN as custom calls (no GPU here:
+    the two instructions are written as XLA prints them)."""
+    text = """\
+ENTRY %main (a: f32[4,128,32], b: f32[4,32,64], x: f32[2,8,8,16], k: f32[3,3,16,24]) -> f32[4,128,64] {
+  %a = f32[4,128,32]{2,1,0} parameter(0)
+  %b = f32[4,32,64]{2,1,0} parameter(1)
+  %x = f32[2,8,8,16]{3,2,1,0} parameter(2)
+  %k = f32[3,3,16,24]{3,2,1,0} parameter(3)
+  %gemm = (f32[4,128,64]{2,1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["2"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":["0"],"rhs_batch_dimensions":["0"]}}}
+  %conv = (f32[2,8,8,24]{3,2,1,0}, u8[0]{0}) custom-call(%x, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
+  ROOT %out = f32[4,128,64]{2,1,0} get-tuple-element(%gemm), index=0
+}
+"""
+    taps = (8 * 3 - 2) ** 2  # per output channel and image: the 3x3 taps that land on the 8x8 input
+    assert hlo_cost.analyse(text).flops == 2 * 4 * 128 * 64 * 32 + 2 * 2 * 24 * taps * 16
