@@ -132,3 +132,17 @@ def test_tpu_aot_results_keep_each_day_and_the_table_shows_every_days_latest_row
     assert "| 850 |" in table[0] and "| 999 |" in table[1] and "1104" not in md
     assert "Compiled 2026-12-02, 2026-12-03" in md and "cmd a\ncmd b" in md
     assert "`tpu_aot_2026-12-02_scan_splash.json`, `tpu_aot_2026-12-03_scan_splash.json`" in md
+
+
+def test_compile_time_quick_compiles_the_step_scanned_and_unrolled(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--quick", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "compile_time_tiny_64px_cpu_quick.json").read_text())
+    unrolled, scanned = report["results"]
+    assert (unrolled["variant"], scanned["variant"]) == ("unrolled", "scanned")
+    assert unrolled["status"] == scanned["status"] == "compiled"
+    # The scan runs the same layers: the compiled steps execute the same products.
+    assert unrolled["hlo_flops"] == scanned["hlo_flops"] > 0
+    assert report["unrolled_vs_scanned_compile_s"] == pytest.approx(unrolled["compile_s"] / scanned["compile_s"])
+    assert "unrolled / scanned compile time" in result.stdout
