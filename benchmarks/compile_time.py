@@ -43,7 +43,8 @@ def compile_once(unet: str, resolution: int, scan_layers: bool) -> dict:
     return {
         "status": row["status"],
         "compile_s": row["compile_s"],
-        # On a shared host the wall time depends on the load; the CPU time does not.
+        # On a shared host the wall time depends on the load; the CPU time does not (it is the
+        # whole worker's: imports and tracing too).
         "host_cpu_s": usage.ru_utime + usage.ru_stime,
         "host_peak_rss_gib": usage.ru_maxrss / 1024**2,
         "hlo_flops": row.get("hlo_flops_per_device"),
