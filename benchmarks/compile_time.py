@@ -18,11 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import resource
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from benchmarks import tpu_aot
@@ -30,43 +26,16 @@ from benchmarks import tpu_aot
 VARIANTS = {"unrolled": False, "scanned": True}
 
 
-def compile_once(unet: str, resolution: int, scan_layers: bool) -> dict:
-    """One compile in this process; the figures of ``tpu_aot.compile_scenario`` that apply to a CPU."""
-    import jax
-
-    jax.config.update("jax_enable_compilation_cache", False)  # a compile, never a cache hit
-    # The scenario's slice only names the chip; the program is compiled for this CPU device.
-    scenario = tpu_aot.Scenario.parse(f"v5e-1_fsdp_full_{resolution}px_b1")
-    row = tpu_aot.compile_scenario(scenario, unet, None, tpu_aot.Settings(scan_layers=scan_layers),
-                                   devices=jax.devices("cpu")[:1])
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {
-        "status": row["status"],
-        "compile_s": row["compile_s"],
-        # On a shared host the wall time depends on the load; the CPU time does not (it is the
-        # whole worker's: imports and tracing too).
-        "host_cpu_s": usage.ru_utime + usage.ru_stime,
-        "host_peak_rss_gib": usage.ru_maxrss / 1024**2,
-        "hlo_flops": row.get("hlo_flops_per_device"),
-        "unet_params": row["unet_params"],
-        **({"error": row["error"]} if "error" in row else {}),
-    }
-
-
 def run_variant(name: str, unet: str, resolution: int, timeout_s: float) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        command = [sys.executable, "-m", "benchmarks.compile_time", "--worker", name, "--unet", unet,
-                   "--resolution", str(resolution), "--worker-out", str(out)]
-        start = time.perf_counter()
-        try:
-            proc = subprocess.run(command, cwd=tpu_aot.REPO, capture_output=True, text=True, timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return {"variant": name, "status": "timeout", "compile_s": time.perf_counter() - start}
-        if not out.exists():
-            return {"variant": name, "status": "crashed", "returncode": proc.returncode,
-                    "error": proc.stderr.strip()[-2000:], "compile_s": time.perf_counter() - start}
-        return {"variant": name, **json.loads(out.read_text())}
+    """One compile in a fresh ``tpu_aot`` worker, for one CPU device of this host."""
+    # The scenario's slice only names the chip; the program is compiled for the CPU device.
+    scenario = f"v5e-1_fsdp_full_{resolution}px_b1"
+    row = tpu_aot.run_in_subprocess(scenario, unet, None, timeout_s,
+                                    tpu_aot.Settings(scan_layers=VARIANTS[name], host_cpu=True))
+    # host_cpu_s is the whole worker's (imports and tracing too): on a shared host the wall time
+    # depends on the load, the CPU time does not.
+    kept = ("status", "compile_s", "host_cpu_s", "host_peak_rss_gib", "unet_params", "error")
+    return {"variant": name, **{k: row[k] for k in kept if k in row}, "hlo_flops": row.get("hlo_flops_per_device")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,14 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per compile")
     parser.add_argument("--quick", action="store_true", help="the tiny UNet at 64px: seconds")
     parser.add_argument("--out", type=Path, default=tpu_aot.RESULTS)
-    parser.add_argument("--worker", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
-    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.unet, args.resolution = "tiny", 64
-    if args.worker:
-        args.worker_out.write_text(json.dumps(compile_once(args.unet, args.resolution, VARIANTS[args.worker])))
-        return
     names = args.variants.split(",")
     unknown = set(names) - set(VARIANTS)
     if unknown:

@@ -180,6 +180,8 @@ class Settings:
     lora_rank: int | None = None  # a LoRA run's step (train.method: lora) of this rank
     attention: str = "xla"  # model.attention: xla, or splash (the Pallas TPU flash-attention kernel)
     inference_steps: int | None = None  # the sampler (this many Euler steps, guidance, VAE decode)
+    # Compile for one CPU device of this host instead of the TPU slice (benchmarks/compile_time.py).
+    host_cpu: bool = False
 
     def suffix(self) -> str:
         """What a results file's name adds for these settings, e.g. ``_scan_splash``."""
@@ -190,7 +192,8 @@ class Settings:
     def flags(self) -> list[str]:
         return (["--attention", self.attention] + (["--scan-layers"] if self.scan_layers else [])
                 + (["--lora-rank", str(self.lora_rank)] if self.lora_rank else [])
-                + (["--inference", str(self.inference_steps)] if self.inference_steps else []))
+                + (["--inference", str(self.inference_steps)] if self.inference_steps else [])
+                + (["--host-cpu"] if self.host_cpu else []))
 
 
 def slice_devices(spec: Slice) -> list[Any]:
@@ -460,10 +463,14 @@ def _cost(compiled: Any) -> dict[str, float]:
 
 
 def run_worker(name: str, unet: str, depth: int | None, out: Path, settings: Settings) -> None:
+    import jax
+
+    jax.config.update("jax_enable_compilation_cache", False)  # a compile, never a cache hit
+    devices = jax.devices("cpu")[:1] if settings.host_cpu else None
     if settings.inference_steps:
-        result = compile_inference(Scenario.parse(name), settings, unet)
+        result = compile_inference(Scenario.parse(name), settings, unet, devices)
     else:
-        result = compile_scenario(Scenario.parse(name), unet, depth, settings)
+        result = compile_scenario(Scenario.parse(name), unet, depth, settings, devices)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     result["host_peak_rss_gib"] = usage.ru_maxrss / 1024**2
     # On a shared host the wall time depends on the load; the CPU time does not.
@@ -929,11 +936,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reanalyse", type=Path, metavar="RESULTS_JSON",
                         help="count FLOPs, memory traffic and collectives again from the HLO kept for each row "
                         "(benchmarks/hlo/) and rewrite that results file and its table; compiles nothing")
+    parser.add_argument("--host-cpu", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-depth", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    settings = Settings(args.scan_layers, args.lora_rank, args.attention, args.inference)
+    settings = Settings(args.scan_layers, args.lora_rank, args.attention, args.inference, args.host_cpu)
 
     if args.worker:
         run_worker(args.worker, args.unet, args.worker_depth, args.worker_out, settings)
