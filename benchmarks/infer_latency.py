@@ -2,7 +2,7 @@
 torch.compile), diffusers' StableDiffusionXLPipeline itself, and our JAX sampler.
 
 Runs the same SDXL folder (default: the tiny random one from flax_train/demo/tiny.py, built in a
-temporary folder), steps, size, batch and scheduler (Euler) through each runner and reports the
+temporary folder; ``--unet medium``: a random one whose UNet is train_throughput's medium one), steps, size, batch and scheduler (Euler) through each runner and reports the
 warm-up (compile) time, the steady per-image latency after warm-up, images/s, the compilations
 after warm-up where the runner compiles (should be 0) and the images/s ratio against the first.
 Not a test: nothing is asserted. Writes JSON to benchmarks/results/ named after the runners.
@@ -13,6 +13,7 @@ pipeline on the CPU, or CUDA when present), ``jax`` (flax_train.sampling.Generat
 device).
 
     PJRT_DEVICE=CPU python -m benchmarks.infer_latency --devices xla,cpu,diffusers,jax
+    python -m benchmarks.infer_latency --unet medium --devices xla,cpu,cpu-compile,diffusers,jax
     python -m benchmarks.infer_latency --quick     # seconds: checks the script, measures nothing
     PJRT_DEVICE=TPU python -m benchmarks.infer_latency --model /path/to/sdxl --width 1024 --height 1024 \
         --steps 20 --batch-size 4 --dtype bf16 --devices xla --cache-dir ~/.cache/xla_infer
@@ -141,6 +142,23 @@ def measure_jax(model: str, args: argparse.Namespace) -> dict:
             "compilations_after_warmup": Generator._sample._cache_size() - compiled, **timed}
 
 
+# A random SDXL folder at 256px whose UNet is train_throughput's medium one (SDXL's blocks and 1/2/10
+# transformer layers at a fifth of the width), so that the UNet, not overhead, dominates a CPU run.
+# The text encoders have SDXL's widths (768 and 1280, which the UNet's cross-attention and added
+# embeddings take) but 2 layers each, and the VAE (factor 8) a quarter of SDXL's channels: both run
+# once per image, the UNet twice per step.
+MEDIUM_SIZES = dict(
+    image_size=256, unet_channels=(64, 128, 256), unet_heads=(1, 2, 4), transformer_layers_per_block=(1, 2, 10),
+    layers_per_block=2, text_hidden=(768, 1280), text_layers=2, text_projection_dim=1280,
+    addition_time_embed_dim=256, norm_num_groups=32, vae_channels=(32, 64, 128, 128))
+
+
+def save_medium_pipeline(path: Path) -> Path:
+    from flax_train.demo.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(path, seed=0, **MEDIUM_SIZES)
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -162,7 +180,10 @@ def _version(package: str) -> str | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="SDXL diffusers folder; default: a tiny random one")
+    parser.add_argument("--model", default=None, help="SDXL diffusers folder; default: a random one (see --unet)")
+    parser.add_argument("--unet", default="tiny", choices=["tiny", "medium"],
+                        help="without --model: the tiny demo folder, or a 256px folder with train_throughput's "
+                             "medium UNet (see save_medium_pipeline)")
     parser.add_argument("--devices", default="xla,cpu,diffusers,jax",
                         help="comma-separated runners, from xla, cpu, cuda, cpu-compile, cuda-compile, diffusers, "
                              "jax; the first is the baseline of the ratio")
@@ -181,7 +202,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON path; default benchmarks/results/<device>.json")
     args = parser.parse_args()
     if args.quick:
-        args.model, args.steps, args.images, args.repeats, args.batch_size = None, 2, 2, 1, 2
+        args.model, args.unet, args.steps, args.images, args.repeats, args.batch_size = None, "tiny", 2, 2, 1, 2
         args.devices = "xla,cpu,diffusers,jax"
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if args.torch_threads:
@@ -191,7 +212,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
-        if model is None:
+        if model is None and args.unet == "medium":
+            model = str(save_medium_pipeline(Path(tmp) / "medium_sdxl"))
+        elif model is None:
             from flax_train.demo.tiny import save_tiny_pipeline
 
             model = str(save_tiny_pipeline(Path(tmp) / "tiny_sdxl", seed=0))
@@ -217,7 +240,8 @@ def main() -> None:
     result = {
         "benchmark": "infer_latency",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "model": args.model or "tiny random SDXL (flax_train.tiny.save_tiny_pipeline, seed 0)",
+        "model": args.model or {"tiny": "tiny random SDXL (flax_train.demo.tiny.save_tiny_pipeline, seed 0)",
+                                "medium": "medium random SDXL (benchmarks.infer_latency.save_medium_pipeline)"}[args.unet],
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model")},
         "host": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "load_average_1m": os.getloadavg()[0], "python": platform.python_version(),
@@ -227,7 +251,8 @@ def main() -> None:
         "note": "Steady latency = wall time of a call after warm-up divided by its images (host tokenisation, "
                 "transfers and decode included). A loaded host (see load_average_1m) inflates every figure.",
     }
-    out = args.out or RESULTS / f"infer_latency_{tag}{'_quick' if args.quick else ''}.json"
+    suffix = "_quick" if args.quick else "_medium" if args.unet == "medium" and not args.model else ""
+    out = args.out or RESULTS / f"infer_latency_{tag}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -466,6 +466,7 @@ def run_worker(name: str, unet: str, depth: int | None, out: Path, settings: Set
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)  # a compile, never a cache hit
+    swapped_before = swapped_out_bytes()
     devices = jax.devices("cpu")[:1] if settings.host_cpu else None
     if settings.inference_steps:
         result = compile_inference(Scenario.parse(name), settings, unet, devices)
@@ -475,7 +476,19 @@ def run_worker(name: str, unet: str, depth: int | None, out: Path, settings: Set
     result["host_peak_rss_gib"] = usage.ru_maxrss / 1024**2
     # On a shared host the wall time depends on the load; the CPU time does not.
     result["host_cpu_s"] = usage.ru_utime + usage.ru_stime
+    if swapped_before is not None:
+        # The peak RSS leaves out what the kernel swapped out: a compile that needed more memory than
+        # the host has shows here (system-wide, so other work's pages count too).
+        result["host_swapped_out_gib"] = (swapped_out_bytes() - swapped_before) / 1024**3
     out.write_text(json.dumps(result, indent=2))
+
+
+def swapped_out_bytes() -> int | None:
+    try:
+        pages = int(re.search(r"^pswpout (\d+)$", Path("/proc/vmstat").read_text(), re.M)[1])
+    except (OSError, TypeError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +581,7 @@ def extrapolate(rows: list[dict[str, Any]], depth: int = SDXL_DEPTH) -> dict[str
     import numpy as np
 
     rows = sorted(rows, key=lambda r: r["depth"])
-    base = {k: v for k, v in rows[0].items() if k not in LINEAR_FIELDS and k not in ("compile_s", "host_peak_rss_gib", "host_cpu_s", "error", "optimal_seconds_unpriced")}
+    base = {k: v for k, v in rows[0].items() if k not in LINEAR_FIELDS and k not in ("compile_s", "host_peak_rss_gib", "host_cpu_s", "host_swapped_out_gib", "error", "optimal_seconds_unpriced")}
     out: dict[str, Any] = {**base, "depth": depth, "method": f"extrapolated from depths {', '.join(str(r['depth']) for r in rows)}"}
     out["analog_compile_s"] = [r.get("compile_s") for r in rows]
     out["compile_s"] = sum(r.get("compile_s") or 0.0 for r in rows)
@@ -983,7 +996,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {r['status']} in {r.get('compile_s', 0):.0f} s"
                 + (f"; {shown['total_gib']:.2f} GiB per chip" if "total_gib" in shown else "")
                 + (f"; est. {shown['images_per_s']:.2f} img/s" if "images_per_s" in shown else "")
-                + (f"; host peak RSS {r['host_peak_rss_gib']:.1f} GiB" if "host_peak_rss_gib" in r else ""),
+                + (f"; host peak RSS {r['host_peak_rss_gib']:.1f} GiB" if "host_peak_rss_gib" in r else "")
+                + (f", {r['host_swapped_out_gib']:.1f} GiB swapped out" if r.get("host_swapped_out_gib") else ""),
                 flush=True,
             )
             compiled.append(r)

@@ -41,6 +41,18 @@ def test_infer_latency_quick_runs_every_runner_once_compiled(tmp_path):
     assert report["runs"][0]["images_per_second_ratio_to_first"] == 1
 
 
+def test_the_medium_inference_folder_has_the_medium_training_unet():
+    """infer_latency --unet medium and train_throughput --unet medium time the same UNet."""
+    from benchmarks.infer_latency import MEDIUM_SIZES
+    from benchmarks.train_throughput import unet_architecture
+    from flax_train.demo.tiny import tiny_component_configs
+
+    folder_unet = tiny_component_configs(vocab_size=1, **MEDIUM_SIZES)["unet"]
+    trained = unet_architecture("medium", MEDIUM_SIZES["image_size"])
+    for key, value in folder_unet.items():
+        assert trained[key] == (list(value) if isinstance(value, tuple) else value), key
+
+
 def test_a_tpu_estimate_fitted_from_shallower_compiles_is_labelled_extrapolated():
     from benchmarks.tpu_aot import extrapolate
 
