@@ -2,9 +2,10 @@
 torch.compile), diffusers' StableDiffusionXLPipeline itself, and our JAX sampler.
 
 Runs the same SDXL folder (default: the tiny random one from flax_train/demo/tiny.py, built in a
-temporary folder; ``--unet medium``: a random one whose UNet is train_throughput's medium one), steps, size, batch and scheduler (Euler) through each runner and reports the
-warm-up (compile) time, the steady per-image latency after warm-up, images/s, the compilations
-after warm-up where the runner compiles (should be 0) and the images/s ratio against the first.
+temporary folder; ``--unet medium``: a random one whose UNet is train_throughput's medium one),
+steps, size, batch and scheduler (Euler) through each runner and reports the warm-up (compile)
+time, the steady per-image latency after warm-up, images/s, the compilations after warm-up where
+the runner compiles (should be 0) and the images/s ratio against the first.
 Not a test: nothing is asserted. Writes JSON to benchmarks/results/ named after the runners.
 
 Runners: ``xla`` (xla_infer on torch_xla), ``cpu`` / ``cuda`` (xla_infer's loop on plain torch),
