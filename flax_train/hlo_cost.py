@@ -16,7 +16,9 @@ A loop it cannot read counts once and is reported.
   on the matrix units.
 * Collectives: the bytes each device receives over the interconnect, for the usual ring
   algorithms: all-gather (n-1) x its operand, reduce-scatter and all-to-all (n-1)/n of the
-  operand, all-reduce 2 (n-1)/n, collective-permute the operand, for a group of n devices.
+  operand, all-reduce 2 (n-1)/n, collective-permute the operand, for a group of n devices. Each
+  collective counts once however many fusions print it (the TPU compiler's asynchronous
+  collectives: a start, pieces overlapped with compute, a done, all with one channel_id).
 * HBM traffic: what each unfused instruction reads and writes (a fusion its operands and result,
   a scanned layer's slice rather than the whole stack). An upper estimate: on a TPU it also
   counts the compiler's copies between memory spaces.
@@ -38,6 +40,11 @@ DTYPE_BYTES = {
     "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# The version of these counting rules, kept with every count. 2: an asynchronous collective that the
+# TPU compiler splits into several fusions counts once, its all-reduce-and-slice fusions count as
+# the reduce-scatters they are, and a mesh group with reordered devices has its own size; version 1
+# over-counted TPU collectives by up to 2-3x, its FLOP and memory counts unchanged since.
+ACCOUNTING = 2
 
 _SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->\s*.*\{\s*$")
@@ -58,8 +65,14 @@ class Cost:
     collective_bytes_by_kind: Counter = dataclasses.field(default_factory=Counter)
     custom_calls: Counter = dataclasses.field(default_factory=Counter)
     loops_without_trip_count: int = 0
+    # Collectives seen but not yet counted, by channel: the TPU compiler splits one asynchronous
+    # collective into fusions (its start, pieces that overlap it with compute, its done) that each
+    # print the same collective with the same channel_id. A computation counts each channel once.
+    unsettled: dict = dataclasses.field(default_factory=dict)
 
     def add(self, other: "Cost", times: float = 1.0) -> None:
+        for key, value in other.unsettled.items():
+            self.unsettled.setdefault(key, value)
         self.flops += times * other.flops
         self.hbm_bytes += times * other.hbm_bytes
         self.collective_bytes += times * other.collective_bytes
@@ -109,8 +122,10 @@ def _operands(call: str) -> tuple[list[str], str]:
 
 def group_size(attrs: str, devices: int) -> int:
     """Devices per replica group of a collective, in any of XLA's three spellings."""
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
-    if m:  # mesh['x'=8,'y'=1] {'x'}: the named axes
+    # mesh['x'=8,'y'=1] {'x'}: the named axes; a mesh whose devices are not in order lists them
+    # in between: mesh['x'=2,'y'=4], device_ids=([4,2]T(1,0)) {'y'}
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=[^{]*)?\s*\{([^}]*)\}", attrs)
+    if m:
         sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'=(\d+)", m[1])}
         return math.prod(sizes[k] for k in re.findall(r"'([^']+)'", m[2]))
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]", attrs)
@@ -327,10 +342,17 @@ def analyse(hlo_text: str, devices: int = 1) -> Cost:
                 total.flops += _convolution_flops(i.type, types.get(operands[0], ""), types.get(operands[1], ""), attrs)
             elif opcode.removesuffix("-start") in COLLECTIVES:
                 kind = opcode.removesuffix("-start")
-                received = _received_bytes(kind, sum(nbytes(types.get(o, "")) for o in operands),
-                                           group_size(attrs, devices))
-                total.collective_bytes += received
-                total.collective_bytes_by_kind[kind] += received
+                n = group_size(attrs, devices)
+                root = computations[computation][-1]
+                if (kind == "all-reduce" and root.opcode == "dynamic-slice" and root.operands[:1] == (i.name,)
+                        and nbytes(root.type) * n == nbytes(i.type)):
+                    # The TPU compiler's reduce-scatter: a fusion that all-reduces and keeps its own 1/n
+                    # (emitted as a ring reduce-scatter).
+                    kind = "reduce-scatter"
+                received = _received_bytes(kind, sum(nbytes(types.get(o, "")) for o in operands), n)
+                channel = re.search(r"\bchannel_id=(\d+)", attrs)
+                key = ("channel", channel[1]) if channel else ("instruction", computation, i.name)
+                total.unsettled.setdefault(key, (kind, received))
             elif opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', attrs)
                 target = target[1] if target else "?"
@@ -363,6 +385,11 @@ def analyse(hlo_text: str, devices: int = 1) -> Cost:
                 # to_apply is a reduction's scalar function or a call; condition is a loop test.
                 if key in ("calls", "to_apply", "true_computation", "false_computation") and called in computations:
                     total.add(cost_of(called, fused or opcode == "fusion" or key == "to_apply"))
+        if not fused:  # a fused computation's collectives are settled by the computation that calls it
+            for kind, received in total.unsettled.values():
+                total.collective_bytes += received
+                total.collective_bytes_by_kind[kind] += received
+            total.unsettled = {}
         return total
 
     def _traffic(i: _Instruction) -> float:
@@ -383,6 +410,7 @@ def analyse(hlo_text: str, devices: int = 1) -> Cost:
 def summary(cost: Cost) -> dict[str, object]:
     """JSON-ready figures of a ``Cost``."""
     return {
+        "hlo_accounting": ACCOUNTING,
         "hlo_flops_per_device": cost.flops,
         "hlo_hbm_bytes_per_device": cost.hbm_bytes,
         "collective_bytes_per_device": cost.collective_bytes,

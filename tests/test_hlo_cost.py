@@ -97,6 +97,8 @@ def test_a_conditional_counts_its_dearest_branch():
     [
         ("replica_groups=mesh['x'=2,'y'=4] {'y'}, dimensions={0}", 4),
         ("replica_groups=mesh['x'=2,'y'=4] {'x','y'}", 8),
+        # A TPU hybrid mesh (data 2 x FSDP 4) whose devices are numbered in another order.
+        ("replica_groups=mesh['a0'=1,'a2'=4,'a4'=2], device_ids=([2,4]T(1,0)) {'a2'}, dimensions={2}", 4),
         ("replica_groups=[2,4]<=[8], dimensions={0}", 4),
         ("replica_groups={{0,1},{2,3},{4,5},{6,7}}", 2),
         ("source_target_pairs={{0,1},{1,0}}", 8),
@@ -187,3 +189,87 @@ ENTRY %main (a: f32[4,128,32], b: f32[4,32,64], x: f32[2,8,8,16], k: f32[3,3,16,
 """
     taps = (8 * 3 - 2) ** 2  # per output channel and image: the 3x3 taps that land on the 8x8 input
     assert hlo_cost.analyse(text).flops == 2 * 4 * 128 * 64 * 32 + 2 * 2 * 24 * taps * 16
+
+
+def test_an_asynchronous_collective_split_into_fusions_counts_once():
+    """The TPU compiler splits one asynchronous all-gather into a start fusion, fusions that
+    overlap it with compute and a done fusion, each printing the same all-gather (same channel_id);
+    shortened from a v5e compile of the SDXL step. The products inside still count."""
+    gather = ("bf16[3,3,256,128]{{3,2,1,0}} all-gather(%{}), channel_id=942, "
+              "replica_groups=[2,4]<=[4,2]T(1,0), dimensions={{2}}, use_global_device_ids=true")
+    text = f"""\
+%start_fusion (s0: bf16[3,3,64,128]) -> (bf16[3,3,64,128], bf16[3,3,256,128]) {{
+  %s0 = bf16[3,3,64,128]{{3,2,1,0}} parameter(0)
+  %g1 = {gather.format("s0")}
+  ROOT %cs = (bf16[3,3,64,128]{{3,2,1,0}}, bf16[3,3,256,128]{{3,2,1,0}}) custom-call(%g1), custom_call_target="AsyncCollectiveStart"
+}}
+
+%overlap_fusion (o0: bf16[3,3,64,128], x: bf16[16,256]) -> (bf16[16,16], bf16[3,3,256,128]) {{
+  %o0 = bf16[3,3,64,128]{{3,2,1,0}} parameter(0)
+  %x = bf16[16,256]{{1,0}} parameter(1)
+  %g2 = {gather.format("o0")}
+  %d = bf16[16,16]{{1,0}} dot(%x, %x), lhs_contracting_dims={{1}}, rhs_contracting_dims={{1}}
+  ROOT %t = (bf16[16,16]{{1,0}}, bf16[3,3,256,128]{{3,2,1,0}}) tuple(%d, %g2)
+}}
+
+%done_fusion (d0: bf16[3,3,64,128], d1: bf16[3,3,256,128]) -> bf16[3,3,256,128] {{
+  %d0 = bf16[3,3,64,128]{{3,2,1,0}} parameter(0)
+  %d1 = bf16[3,3,256,128]{{3,2,1,0}} parameter(1)
+  %g3 = {gather.format("d0")}
+  ROOT %cd = bf16[3,3,256,128]{{3,2,1,0}} custom-call(%d0, %d1, %g3), custom_call_target="AsyncCollectiveDone"
+}}
+
+ENTRY %main (w: bf16[3,3,64,128], x: bf16[16,256]) -> bf16[3,3,256,128] {{
+  %w = bf16[3,3,64,128]{{3,2,1,0}} parameter(0)
+  %x = bf16[16,256]{{1,0}} parameter(1)
+  %start = (bf16[3,3,64,128]{{3,2,1,0}}, bf16[3,3,256,128]{{3,2,1,0}}) fusion(%w), kind=kCustom, calls=%start_fusion
+  %s = bf16[3,3,64,128]{{3,2,1,0}} get-tuple-element(%start), index=0
+  %overlap = (bf16[16,16]{{1,0}}, bf16[3,3,256,128]{{3,2,1,0}}) fusion(%s, %x), kind=kCustom, calls=%overlap_fusion
+  %o = bf16[3,3,256,128]{{3,2,1,0}} get-tuple-element(%overlap), index=1
+  ROOT %done = bf16[3,3,256,128]{{3,2,1,0}} fusion(%s, %o), kind=kCustom, calls=%done_fusion
+}}
+"""
+    cost = hlo_cost.analyse(text, 8)
+    assert cost.collective_bytes == 3 * 3 * 3 * 64 * 128 * 2  # once: the 3 other devices' quarters
+    assert dict(cost.collective_bytes_by_kind) == {"all-gather": cost.collective_bytes}
+    assert cost.flops == 2 * 16 * 16 * 256
+    # Two collectives with different channels are two collectives.
+    assert hlo_cost.analyse(text.replace("channel_id=942", "channel_id=1", 1), 8).collective_bytes == 2 * cost.collective_bytes
+
+
+def test_an_all_reduce_that_keeps_its_own_slice_is_a_reduce_scatter():
+    """The TPU compiler writes FSDP's gradient reduce-scatter as a fusion that all-reduces and
+    keeps each device's 1/n (shortened from a v5e compile of the SDXL step): each device receives
+    (n-1)/n of the operand, not an all-reduce's 2(n-1)/n. A plain all-reduce stays one."""
+    text = """\
+%all-reduce-scatter.1 (input: bf16[3,3,256,128]) -> bf16[3,3,64,128] {
+  %input = bf16[3,3,256,128]{3,2,1,0} parameter(0)
+  %ar = bf16[3,3,256,128]{3,2,1,0} all-reduce(%input), channel_id=7, replica_groups={{0,1,2,3},{4,5,6,7}}, use_global_device_ids=true, to_apply=%add
+  %zero = u32[] constant(0)
+  %table = u32[8]{0} constant({0, 1, 2, 3, 0, 1, 2, 3})
+  %pid = u32[] partition-id()
+  %row = u32[1]{0} dynamic-slice(%table, %pid), dynamic_slice_sizes={1}
+  %shard = u32[] bitcast(%row)
+  %width = u32[] constant(64)
+  %offset = u32[] multiply(%shard, %width)
+  ROOT %mine = bf16[3,3,64,128]{3,2,1,0} dynamic-slice(%ar, %zero, %zero, %offset, %zero), dynamic_slice_sizes={3,3,64,128}
+}
+
+%add (a: bf16[], b: bf16[]) -> bf16[] {
+  %a = bf16[] parameter(0)
+  %b = bf16[] parameter(1)
+  ROOT %s = bf16[] add(%a, %b)
+}
+
+ENTRY %main (g: bf16[3,3,256,128]) -> (bf16[3,3,64,128], bf16[3,3,256,128]) {
+  %g = bf16[3,3,256,128]{3,2,1,0} parameter(0)
+  %scattered = bf16[3,3,64,128]{3,2,1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
+  %reduced = bf16[3,3,256,128]{3,2,1,0} all-reduce(%g), channel_id=8, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  ROOT %out = (bf16[3,3,64,128]{3,2,1,0}, bf16[3,3,256,128]{3,2,1,0}) tuple(%scattered, %reduced)
+}
+"""
+    operand = 3 * 3 * 256 * 128 * 2
+    assert dict(hlo_cost.analyse(text, 8).collective_bytes_by_kind) == {
+        "reduce-scatter": 3 / 4 * operand,
+        "all-reduce": 2 * 3 / 4 * operand,
+    }
