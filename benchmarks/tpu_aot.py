@@ -751,8 +751,8 @@ MARKDOWN_NOTES = """\
   collective-permutes) over half the bidirectional interconnect bandwidth (400, 1200, 800 GB/s per
   chip; Cloud TPU documentation). `not recounted`: the row's collectives were counted by an earlier
   `hlo_cost` that counted each of the TPU compiler's asynchronous collectives once per fusion
-  printing it (2-3x too much) and hybrid meshes' groups as all the chips; that row's HLO was not kept to
-  count again, so its roofline is the compute's time alone.
+  printing it (a start, overlapped pieces and a done) and some hybrid meshes' groups as all the chips;
+  that row's HLO was not kept to count again, so its roofline is the compute's time alone.
 - **HBM s**: the bytes every unfused instruction of the HLO reads and writes (a fusion its operands
   and result; a scanned layer's slice, not the whole stack) over the HBM bandwidth (819, 2765, 1640
   GB/s). An upper estimate: on a TPU it also counts the compiler's copies and slices between memory

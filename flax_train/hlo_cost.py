@@ -43,7 +43,7 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 # The version of these counting rules, kept with every count. 2: an asynchronous collective that the
 # TPU compiler splits into several fusions counts once, its all-reduce-and-slice fusions count as
 # the reduce-scatters they are, and a mesh group with reordered devices has its own size; version 1
-# over-counted TPU collectives by up to 2-3x, its FLOP and memory counts unchanged since.
+# counted a TPU collective once per fusion printing it, its FLOP and memory counts unchanged since.
 ACCOUNTING = 2
 
 _SHAPE = re.compile(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]")
