@@ -31,27 +31,51 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 def _betas(config: Mapping[str, Any]) -> tuple[np.ndarray, str]:
-    """The betas (float64) and prediction type diffusers' DDPMScheduler makes of `config`."""
-    from diffusers import DDPMScheduler  # imports torch: only when a schedule is built
-    from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
+    """The betas (float64) and prediction type that diffusers' DDPMScheduler makes of `config`.
 
-    # A JSON null means "unset": let the class default apply instead of storing None.
+    Computed here rather than by building a DDPMScheduler, whose import (diffusers and torch) would
+    cost every training process several seconds of start-up; tests/test_diffusion.py checks every
+    schedule against DDPMScheduler. As in diffusers, a schedule is computed in float32 and missing
+    keys take DDPMScheduler's defaults; the zero-terminal-SNR rescale is done in float64 (diffusers
+    does it in float32, where recovering betas as 1 - abar_t / abar_{t-1} cancels to ~1e-4).
+    """
+    # A JSON null means "unset": the default applies.
     config = {k: v for k, v in config.items() if v is not None}
+    schedule = config.get("beta_schedule", "linear")
+    prediction_type = config.get("prediction_type", "epsilon")
+    if "trained_betas" not in config and schedule not in BETA_SCHEDULES:
+        raise BadInput(f"beta_schedule {schedule!r} is not supported; use one of {BETA_SCHEDULES}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise BadInput(f"prediction_type {prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
     try:
-        # diffusers rescales for zero terminal SNR in float32, where recovering betas as
-        # 1 - abar_t / abar_{t-1} cancels to ~1e-4 relative error: rescale below, in float64.
-        scheduler = DDPMScheduler.from_config(config, rescale_betas_zero_snr=False)
-    except (NotImplementedError, ValueError) as e:
-        raise BadInput(f"scheduler config not accepted by diffusers' DDPMScheduler: {e}") from e
-    cfg = scheduler.config
-    if cfg.trained_betas is None and cfg.beta_schedule not in BETA_SCHEDULES:
-        raise BadInput(f"beta_schedule {cfg.beta_schedule!r} is not supported; use one of {BETA_SCHEDULES}")
-    if cfg.prediction_type not in PREDICTION_TYPES:
-        raise BadInput(f"prediction_type {cfg.prediction_type!r} is not supported; use one of {PREDICTION_TYPES}")
-    betas = scheduler.betas.double()
+        n = int(config.get("num_train_timesteps", 1000))
+        start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+        if "trained_betas" in config:
+            betas = np.asarray(config["trained_betas"], np.float32)
+        elif schedule == "linear":
+            betas = np.linspace(start, end, n).astype(np.float32)
+        elif schedule == "scaled_linear":
+            betas = np.square(np.linspace(start**0.5, end**0.5, n).astype(np.float32))
+        else:  # squaredcos_cap_v2: the cosine schedule of Nichol & Dhariwal (2021), betas capped at 0.999
+            alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+            betas = np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], np.float32)
+    except (TypeError, ValueError) as e:
+        raise BadInput(f"scheduler config: {e}") from e
+    if betas.ndim != 1 or betas.size < 2 or not np.all((betas >= 0) & (betas <= 1)):
+        raise BadInput(f"scheduler config: the betas must be at least 2 values in [0, 1], got {betas.size}")
+    betas = betas.astype(np.float64)
     if config.get("rescale_betas_zero_snr", False):
-        betas = rescale_zero_terminal_snr(betas)
-    return betas.numpy(), cfg.prediction_type
+        betas = _rescale_zero_terminal_snr(betas)
+    return betas, prediction_type
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Shifts and scales sqrt(abar_t) so the last timestep is pure noise and the first is unchanged
+    (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1)."""
+    root = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = root[0], root[-1]
+    abar = np.square((root - last) * first / (first - last))
+    return 1.0 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
 
 
 @jax.tree_util.register_dataclass

@@ -1,11 +1,16 @@
-"""Suite-wide set-up: 8 fake CPU devices for JAX, torch_xla on the CPU, no Hub access.
+"""Suite-wide set-up: 8 fake CPU devices for JAX, compiled fast (xla_options.py), torch_xla on the
+CPU, no Hub access.
 
 These must be set before jax / torch_xla are imported anywhere, hence at conftest import time.
 """
 import os
 import tempfile
 
+from xla_options import FAST_COMPILE_FLAGS
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if FAST_COMPILE_FLAGS not in os.environ["XLA_FLAGS"]:  # see xla_options.py
+    os.environ["XLA_FLAGS"] += " " + FAST_COMPILE_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("PJRT_DEVICE", "CPU")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,3 +88,4 @@ def gcs_bucket():
                 os.environ[k] = v
         server.terminate()
         server.wait(timeout=30)
+

@@ -73,6 +73,10 @@ def test_rejects_unknown_schedule_and_prediction_type():
         diffusion.NoiseSchedule.from_scheduler_config(dict(beta_schedule="cubic"))
     with pytest.raises(ValueError, match="prediction_type"):
         diffusion.NoiseSchedule.from_scheduler_config(dict(prediction_type="sample"))
+    with pytest.raises(ValueError, match="num_train_timesteps|int"):
+        diffusion.NoiseSchedule.from_scheduler_config(dict(num_train_timesteps="many"))
+    with pytest.raises(ValueError, match="betas must be"):
+        diffusion.NoiseSchedule.from_scheduler_config(dict(trained_betas=[0.5, 1.5]))
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from flax import nnx
 import flax_train.models as models
 from flax_train.models.transformer import Attention
 from flax_train.models.unet import UNet2DConditionModel
+from xla_options import jit_as_default
 
 # A: two levels, linear projections, per-level heads and transformer depths, SDXL's time settings.
 CONFIG_A = dict(
@@ -317,7 +318,7 @@ def test_attention_switch_reaches_every_attention_and_falls_back_on_cpu(tiny, at
     np.testing.assert_array_equal(np.asarray(block(x, context)), np.asarray(block_ref(x, context)))
 
 
-def _loss_and_grads(unet, inputs):
+def _loss_and_grads(unet, inputs, as_default: bool = False):
     graphdef, params, rest = nnx.split(unet, nnx.Param, ...)
 
     def loss(params):
@@ -331,20 +332,21 @@ def _loss_and_grads(unet, inputs):
         )
         return jnp.mean(jnp.square(out - 0.5)), out
 
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    fn = jax.value_and_grad(loss, has_aux=True)
+    (_, out), grads = (jit_as_default(fn, params) if as_default else jax.jit(fn))(params)
     return np.asarray(out), [np.asarray(g) for g in jax.tree.leaves(grads)]
 
 
 @pytest.fixture(scope="module")
 def tiny_gradients(tiny):
-    return _loss_and_grads(with_state(tiny["config"], tiny["state"]), tiny["inputs"])
+    return _loss_and_grads(with_state(tiny["config"], tiny["state"]), tiny["inputs"], as_default=True)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_gives_identical_outputs_and_gradients(tiny, tiny_gradients, policy):
     out_ref, grads_ref = tiny_gradients
-    out, grads = _loss_and_grads(with_state(tiny["config"], tiny["state"], remat=policy), tiny["inputs"])
-    np.testing.assert_array_equal(out, out_ref)
+    out, grads = _loss_and_grads(with_state(tiny["config"], tiny["state"], remat=policy), tiny["inputs"], as_default=True)
+    np.testing.assert_array_equal(out, out_ref)  # as XLA compiles by default: see xla_options.py
     assert len(grads) == len(grads_ref) and all(np.abs(g).max() > 0 for g in grads_ref)
     for g, g_ref in zip(grads, grads_ref):
         # Recomputation is the same arithmetic, but XLA fuses the rematerialised graph differently,

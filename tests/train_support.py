@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -122,7 +123,7 @@ class Processes:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env = cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count), JAX_PLATFORMS="cpu",
-                      XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                      XLA_FLAGS=re.sub(r"device_count=\d+", "device_count=4", os.environ["XLA_FLAGS"]))
         self.logs = [tmp_path / f"{name}.{i}.log" for i in range(count)]
         self.procs = []
         for i, log in enumerate(self.logs):
