@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -471,10 +473,38 @@ def compile_step(
         traced = jitted.trace(abstract_state, abstract_batch)
     compiled = traced.lower().compile()
     seconds = time.perf_counter() - start
-    # Counted from the program itself: XLA's cost analysis counts a loop body (scanned layers,
-    # gradient accumulation's micro-batches) once.
-    hardware_flops = hlo_cost.analyse(compiled.as_text(), mesh.size).flops
-    return CompiledStep(compiled, seconds, hardware_flops or None)
+    return CompiledStep(compiled, seconds, hardware_flops(compiled, mesh.size))
+
+
+def hardware_flops(compiled: Any, devices: int) -> float | None:
+    """The program's FLOPs per device, counted from its text by ``hlo_cost``: XLA's own cost
+    analysis counts a loop body (scanned layers, gradient accumulation's micro-batches) once.
+
+    Full SDXL's program text is about 60 MB and counting it takes half a minute, so the count is
+    kept beside JAX's persistent compilation cache, named by the executable's fingerprint: a run
+    restarted with its program in that cache (after a preemption, say) gets the count back at once.
+    """
+    record = None
+    cache = jax.config.jax_compilation_cache_dir
+    try:
+        fingerprint = compiled.runtime_executable().fingerprint
+    except Exception:  # a backend without fingerprints: count every time
+        fingerprint = None
+    if cache and fingerprint:
+        name = hashlib.sha256(fingerprint if isinstance(fingerprint, bytes) else str(fingerprint).encode()).hexdigest()
+        record = storage.path(cache) / "hardware_flops" / f"{name[:32]}-{devices}-v{hlo_cost.ACCOUNTING}.json"
+        try:
+            return json.loads(record.read_text())["flops"]
+        except (OSError, ValueError, KeyError):
+            pass
+    flops = hlo_cost.analyse(compiled.as_text(), devices).flops or None
+    if record is not None:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"flops": flops}))
+        except OSError:  # a cache folder this process cannot write: it counts again next time
+            pass
+    return flops
 
 
 def model_flops_per_image(cfg: config_lib.Config, base: Path, batch_shapes: dict[str, jax.ShapeDtypeStruct]) -> float:

@@ -30,7 +30,7 @@ import safetensors.numpy
 from flax import nnx
 from PIL import Image
 
-from flax_train import config as config_lib, diffusion, models, sdxl, sharding, train
+from flax_train import config as config_lib, diffusion, hlo_cost, models, sdxl, sharding, train
 from flax_train.data import prepare
 from flax_train.demo import CONFIG as DEMO_CONFIG
 from train_support import (
@@ -245,6 +245,24 @@ def test_gradient_accumulation_averages_the_micro_batches(workspace, sgd_fsdp):
     # Two micro-batches execute twice the FLOPs of one (XLA alone counts the scan's body once);
     # only the SGD update, outside the loop, is not repeated.
     assert accumulating.hardware_flops == pytest.approx(2 * sgd_fsdp.hardware_flops, rel=0.01)
+
+
+def test_a_programs_hardware_flops_are_counted_once_and_kept_beside_the_compilation_cache(monkeypatch):
+    def scanned(x):  # a loop: XLA's own cost analysis would count its body once
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), x, None, length=5)[0]
+
+    compiled = jax.jit(scanned).lower(jnp.ones((24, 24))).compile()
+    counted = train.hardware_flops(compiled, 1)
+    assert counted == hlo_cost.analyse(compiled.as_text(), 1).flops >= 5 * 2 * 24**3
+    folder = Path(jax.config.jax_compilation_cache_dir) / "hardware_flops"
+    (record,) = [p for p in folder.glob(f"*-1-v{hlo_cost.ACCOUNTING}.json") if json.loads(p.read_text())["flops"] == counted]
+    # The same program again (a restarted run): the record answers, the text is not read.
+    monkeypatch.setattr(train.hlo_cost, "analyse", lambda *a: pytest.fail("counted again"))
+    assert train.hardware_flops(jax.jit(scanned).lower(jnp.ones((24, 24))).compile(), 1) == counted
+    # A damaged record is counted again.
+    monkeypatch.undo()
+    record.write_text("{")
+    assert train.hardware_flops(compiled, 1) == counted and json.loads(record.read_text())["flops"] == counted
 
 
 # --------------------------------------------------------------------------------------------
