@@ -795,6 +795,8 @@ def save_day(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: di
     # Runs of the same day and settings share one file: a scenario run again replaces its rows,
     # others are kept, so each scenario can be compiled in a run of its own.
     earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
+    before = {r["scenario"]: r for r in earlier.get("results", [])}
+    rows = [later_row(before.get(r["scenario"]), r) for r in rows]
     names = {r["scenario"] for r in rows + analogs}
     rows = [derive(r) for r in earlier.get("results", []) if r["scenario"] not in names] + rows
     analogs = [derive(r) for r in earlier.get("shallow_compiles", []) if r["scenario"] not in names] + analogs
@@ -812,6 +814,14 @@ def save_day(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: di
     return json_path
 
 
+def later_row(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:
+    """A scenario's row to show: the later run's, unless only the earlier one compiled. A compile
+    that ran out of time or memory on a busy day says nothing new about the program."""
+    if before is not None and before["status"] == "compiled" and after["status"] in ("timeout", "crashed"):
+        return derive(before)
+    return after
+
+
 def write_markdown(info: dict[str, Any], suffix: str) -> Path:
     """The table of the runs of these settings from every day, a scenario's latest row winning."""
     by_name: dict[str, dict[str, Any]] = {}
@@ -819,7 +829,7 @@ def write_markdown(info: dict[str, Any], suffix: str) -> Path:
     commands, dates, paths = [], [], []
     for date, path in results_files(suffix):
         day = json.loads(path.read_text())
-        by_name.update((r["scenario"], derive(r)) for r in day["results"])
+        by_name.update((r["scenario"], later_row(by_name.get(r["scenario"]), derive(r))) for r in day["results"])
         shallow.update((r["scenario"], derive(r)) for r in day.get("shallow_compiles", []))
         commands += [c for c in day.get("commands", []) if c not in commands]
         dates.append(date)

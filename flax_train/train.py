@@ -491,8 +491,8 @@ def hardware_flops(compiled: Any, devices: int) -> float | None:
     except Exception:  # a backend without fingerprints: count every time
         fingerprint = None
     if cache and fingerprint:
-        name = hashlib.sha256(fingerprint if isinstance(fingerprint, bytes) else str(fingerprint).encode()).hexdigest()
-        record = storage.path(cache) / "hardware_flops" / f"{name[:32]}-{devices}-v{hlo_cost.ACCOUNTING}.json"
+        name = hashlib.sha256(str(fingerprint).encode()).hexdigest()[:32]
+        record = storage.path(cache) / "hardware_flops" / f"{name}-{devices}-v{hlo_cost.ACCOUNTING}.json"
         try:
             return json.loads(record.read_text())["flops"]
         except (OSError, ValueError, KeyError):

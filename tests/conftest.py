@@ -88,4 +88,3 @@ def gcs_bucket():
                 os.environ[k] = v
         server.terminate()
         server.wait(timeout=30)
-

@@ -145,6 +145,16 @@ def test_tpu_aot_results_keep_each_day_and_the_table_shows_every_days_latest_row
     assert "Compiled 2026-12-02, 2026-12-03" in md and "cmd a\ncmd b" in md
     assert "`tpu_aot_2026-12-02_scan_splash.json`, `tpu_aot_2026-12-03_scan_splash.json`" in md
 
+    # A recompile that runs out of time, the same day or a later one, does not hide the compile.
+    timed_out = {**row("v5e-8_fsdp_full_1024px_b2", 3300.0), "status": "timeout"}
+    tpu_aot.write_results([timed_out], [], info, "cmd c", "_scan_splash", "2026-12-03")
+    tpu_aot.write_results([{**timed_out, "scenario": "v5e-8_fsdp_full_1024px_b1"}], [], info, "cmd d", "_scan_splash",
+                          "2026-12-04")
+    third = json.loads((tmp_path / "tpu_aot_2026-12-03_scan_splash.json").read_text())
+    assert [(r["status"], r["compile_s"]) for r in third["results"]] == [("compiled", 999.0)]
+    table = [line for line in (tmp_path / "tpu_aot_scan_splash.md").read_text().splitlines() if line.startswith("| v5e-8")]
+    assert "| 850 |" in table[0] and "| 999 |" in table[1] and "timeout" not in "".join(table)
+
 
 def test_compile_time_quick_compiles_the_step_scanned_and_unrolled(tmp_path):
     result = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--quick", "--out", str(tmp_path)],
