@@ -4,7 +4,7 @@ need them.
 The suite compiles hundreds of small programs and runs each a few times, so it turns off the CPU
 backend's optimisation passes, which makes its compiles faster (conftest.py sets the flags before
 JAX starts; a `flax-train train` of the tests' tiny model with an empty compilation cache took 60 s
-instead of 73 s, and the cold suite 2,060 s instead of 2,644). Programs compiled that way may round differently from one another where XLA's optimised
+instead of 73 s). Programs compiled that way may round differently from one another where XLA's optimised
 code would not: the tests that assert two programs give bit-identical results compile them with
 ``jit_as_default``.
 """
