@@ -795,10 +795,10 @@ def save_day(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: di
     # Runs of the same day and settings share one file: a scenario run again replaces its rows,
     # others are kept, so each scenario can be compiled in a run of its own.
     earlier = json.loads(json_path.read_text()) if json_path.exists() else {}
-    before = {r["scenario"]: r for r in earlier.get("results", [])}
+    before = {r["scenario"]: derive(r) for r in earlier.get("results", [])}
     rows = [later_row(before.get(r["scenario"]), r) for r in rows]
     names = {r["scenario"] for r in rows + analogs}
-    rows = [derive(r) for r in earlier.get("results", []) if r["scenario"] not in names] + rows
+    rows = [r for name, r in before.items() if name not in names] + rows
     analogs = [derive(r) for r in earlier.get("shallow_compiles", []) if r["scenario"] not in names] + analogs
     commands = [c for c in earlier.get("commands", []) if c != command] + ([command] if command else [])
     payload = {
@@ -818,7 +818,7 @@ def later_row(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str,
     """A scenario's row to show: the later run's, unless only the earlier one compiled. A compile
     that ran out of time or memory on a busy day says nothing new about the program."""
     if before is not None and before["status"] == "compiled" and after["status"] in ("timeout", "crashed"):
-        return derive(before)
+        return before
     return after
 
 
