@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from flax_train import errors, sharding, storage
 
@@ -62,7 +63,9 @@ class Checkpointer:
         # A URL (gs://...) stays one; a local path becomes absolute, as orbax wants.
         if not storage.is_remote(directory):
             directory = directory.absolute()
-        self.manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(
+            directory, options=options, item_names=ITEMS, item_handlers={"state": _state_handler()}
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -80,7 +83,7 @@ class Checkpointer:
             saved = self.manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
+                    state=ocp.args.PyTreeSave(state),
                     data=ocp.args.JsonSave(data_state),
                     checksums=ocp.args.JsonSave(sums),
                 ),
@@ -117,7 +120,9 @@ class Checkpointer:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
+                state=ocp.args.PyTreeRestore(
+                    abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+                ),
                 data=ocp.args.JsonRestore(),
                 checksums=ocp.args.JsonRestore(),
             ),
@@ -170,6 +175,29 @@ class Checkpointer:
             self.check(wait=True)
         finally:
             self.manager.close()
+
+
+# Arrays replicated over devices on other hosts are written "replica-parallel" (each replica
+# writes a slice), but only slices of at least this size: each slice is cut on the device by a
+# small program, compiled at the first save, and tiny slices cost more than they save.
+REPLICA_PARALLEL_MIN_BYTES = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """orbax's handler for the state, with replica-parallel writes only across hosts. orbax's
+    default slices every replicated array per device even in one process, where a single writer
+    gains nothing: 850 small replicated float32 arrays on 8 CPU devices (orbax 0.12.8) took 15 s
+    to save the first time and 6 s later, instead of 2.6 s and 2.3 s; a `flax-train train` of the
+    tests' tiny model, 4 steps and 2 saves, about 4 s less."""
+    arrays = ocp.type_handlers.ArrayHandler(
+        use_replica_parallel=jax.process_count() > 1,
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+        # As orbax's default handler (no public name): without it a restore that fails on damaged
+        # files left thousands of unfinished reads behind.
+        array_metadata_store=array_metadata_store.Store(),
+    )
+    registry = ocp.type_handlers.create_type_handler_registry((jax.Array, arrays))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def require(directory: storage.PathLike) -> None:
