@@ -221,9 +221,9 @@ def checksums(state: Any, data_state: dict) -> dict[str, int]:
     weight is invertible modulo 2**32); integer sums do not depend on the reduction order, so the
     number is the same however the array is sharded. Computed on the devices, in one program.
     """
-    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0]) if jax.tree.leaves(state) else ((), ())
-    sums = [int(x) for x in sharding.to_host(_array_sums(list(leaves)))] if leaves else []
-    names = [jax.tree_util.keystr(path) for path in paths]
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]  # once: flattening 853 nnx Variables takes 0.3 s
+    sums = [int(x) for x in sharding.to_host(_array_sums([x for _, x in flat]))] if flat else []
+    names = [jax.tree_util.keystr(path) for path, _ in flat]
     data = hashlib.sha256(json.dumps(data_state, sort_keys=True).encode()).digest()
     return {**dict(zip(names, sums)), "data": int.from_bytes(data[:4], "little")}
 
