@@ -599,15 +599,18 @@ def extrapolate(rows: list[dict[str, Any]], depth: int = SDXL_DEPTH) -> dict[str
         out.update({k: first[k] for k in ("oom_used_gib", "oom_capacity_gib", "oom_memory_space") if k in first})
         return out
     depths = np.array([r["depth"] for r in rows], dtype=np.float64)
+    centred = depths - depths.mean()
     residuals = {}
     for field in LINEAR_FIELDS:
         if not all(field in r for r in rows):
             continue
         values = np.array([r[field] for r in rows], dtype=np.float64)
-        slope, intercept = np.polyfit(depths, values, 1)
-        out[field] = float(slope * depth + intercept)
+        # The closed-form least-squares line, not np.polyfit: polyfit solves through LAPACK, whose
+        # last bits differ between CPUs, and the figures should not depend on the host.
+        slope = float(np.sum(centred * (values - values.mean())) / np.sum(centred**2))
+        out[field] = float(values.mean() + slope * (depth - depths.mean()))
         if len(rows) > 2:
-            fitted = slope * depths + intercept
+            fitted = values.mean() + slope * centred
             residuals[field] = float(np.max(np.abs(fitted - values) / np.maximum(np.abs(values), 1e-30)))
     out["unet_params"] = int(round(out["unet_params"]))
     out["status"] = "extrapolated"  # not compiled at this depth: the figures are a linear fit
