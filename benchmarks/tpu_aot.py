@@ -607,10 +607,11 @@ def extrapolate(rows: list[dict[str, Any]], depth: int = SDXL_DEPTH) -> dict[str
         values = np.array([r[field] for r in rows], dtype=np.float64)
         # The closed-form least-squares line, not np.polyfit: polyfit solves through LAPACK, whose
         # last bits differ between CPUs, and the figures should not depend on the host.
-        slope = float(np.sum(centred * (values - values.mean())) / np.sum(centred**2))
-        out[field] = float(values.mean() + slope * (depth - depths.mean()))
+        mean = values.mean()
+        slope = float(np.sum(centred * (values - mean)) / np.sum(centred**2))
+        out[field] = float(mean + slope * (depth - depths.mean()))
         if len(rows) > 2:
-            fitted = values.mean() + slope * centred
+            fitted = mean + slope * centred
             residuals[field] = float(np.max(np.abs(fitted - values) / np.maximum(np.abs(values), 1e-30)))
     out["unet_params"] = int(round(out["unet_params"]))
     out["status"] = "extrapolated"  # not compiled at this depth: the figures are a linear fit
