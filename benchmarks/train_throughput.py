@@ -17,7 +17,7 @@ Beside our step it times, in the same run and on the same host, the step diffuse
 train_text_to_image_sdxl.py runs: the same UNet config as diffusers' UNet2DConditionModel in
 PyTorch (eager), the same batch, resolution and precision (fp32 weights; bf16 through autocast
 when --dtype bfloat16, as --mixed_precision bf16 does), noise-prediction MSE, AdamW, gradient
-checkpointing when --remat is not none; with --torch-compile, also with the UNet under
+checkpointing when --remat is not none; with --diffusers eager,compile, also with the UNet under
 torch.compile. It reports the images/s of each and ours / diffusers.
 """
 
@@ -33,6 +33,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+START = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    """A line with the seconds since start as each phase begins: a run cut short shows where its time went."""
+    print(f"[{time.perf_counter() - START:7.1f} s] {message}", flush=True)
 
 LAYOUTS = {
     "data_parallel": {"data": -1, "fsdp": 1, "tensor": 1},
@@ -51,6 +58,7 @@ def run_layout(cfg, layout: str, args) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     rules = sharding.merged_rules(cfg.mesh.rules)
     architecture = unet_architecture(args.unet, cfg.data.resolution)
+    progress(f"ours, {layout}: initialising the UNet and the optimizer state")
     graphdef, params = train.init_unet(cfg, architecture, mesh, rules)
     tx, lr = train.build_optimizer(cfg)
     state, state_shardings = train.build_state(cfg, params, tx, mesh, rules)
@@ -62,7 +70,9 @@ def run_layout(cfg, layout: str, args) -> dict:
     host_batch["add_time_ids"][:] = [cfg.data.resolution] * 2 + [0, 0] + [cfg.data.resolution] * 2
     schedule = diffusion.NoiseSchedule.from_scheduler_config(sdxl.SCHEDULER_CONFIG)
     step_fn = train.make_step_fn(cfg, graphdef, tx, lr, schedule, empty, "epsilon")
+    progress(f"ours, {layout}: compiling the step")
     compiled, compile_s, hardware_flops = train.compile_step(step_fn, state, state_shardings, shapes, mesh)
+    progress(f"ours, {layout}: compiled in {compile_s:.1f} s; warm-up and timed steps")
     shardings = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in host_batch.items()}
     device_batch = train.global_batch(host_batch, shardings)
     for _ in range(args.warmup):
@@ -87,20 +97,34 @@ def run_layout(cfg, layout: str, args) -> dict:
     }
 
 
-def run_diffusers(architecture: dict, args, compiled: bool = False) -> dict:
+def run_diffusers(architecture: dict, args, torch_mode: str = "eager") -> dict:
     """The diffusers training script's UNet step in PyTorch on the CPU (or the default CUDA device);
-    ``compiled``: the UNet wrapped in ``torch.compile`` (compiled during the warm-up steps)."""
+    ``torch_mode`` compile: the UNet wrapped in ``torch.compile`` (compiled during the warm-up steps)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    warmup_s, seconds = time_diffusers_step(architecture, args, torch_mode, device)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the UNet and its optimizer went with that call: their memory goes back
+    return {"layout": f"diffusers torch {torch_mode} ({device})", "torch": torch_mode, "mesh": {"devices": 1}, "remat": args.remat,
+            "compile_s": round(warmup_s, 2), "step_time_s": round(seconds, 5),
+            "images_per_s": round(args.batch / seconds, 5)}
+
+
+def time_diffusers_step(architecture: dict, args, torch_mode: str, device: str) -> tuple[float, float]:
+    """Seconds of the warm-up steps together, and of one timed step."""
     import torch
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
 
     from flax_train import train
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    unet = UNet2DConditionModel(**{k: v for k, v in architecture.items() if not k.startswith("_")}).to(device).train()
+    progress(f"diffusers torch {torch_mode}: building the UNet on {device}")
+    with torch.device(device):  # weights initialised where they run: SDXL's 2.6B on a CPU take a while
+        unet = UNet2DConditionModel(**{k: v for k, v in architecture.items() if not k.startswith("_")}).train()
     if args.remat != "none":
         unet.enable_gradient_checkpointing()
-    model = torch.compile(unet) if compiled else unet
+    model = torch.compile(unet) if torch_mode == "compile" else unet
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
     shapes, _ = train.batch_spec(architecture, args.batch, args.resolution // args.vae_factor)
     generator = torch.Generator().manual_seed(0)
@@ -118,22 +142,17 @@ def run_diffusers(architecture: dict, args, compiled: bool = False) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    warmup_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    torch_mode = "compile" if compiled else "eager"
-    return {"layout": f"diffusers torch {torch_mode} ({device})", "torch": torch_mode, "mesh": {"devices": 1}, "remat": args.remat,
-            "compile_s": round(warmup_s, 2), "step_time_s": round(seconds, 5),
-            "images_per_s": round(args.batch / seconds, 5)}
+    def timed(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    progress(f"diffusers torch {torch_mode}: warm-up steps{' (compiling)' if torch_mode == 'compile' else ''}")
+    warmup_s = timed(args.warmup)
+    return warmup_s, timed(args.steps) / args.steps
 
 
 def unet_architecture(unet: str, resolution: int) -> dict:
@@ -167,12 +186,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--no-diffusers", action="store_true", help="skip the diffusers PyTorch step")
-    parser.add_argument("--torch-compile", action="store_true",
-                        help="also time the diffusers step with the UNet under torch.compile")
+    parser.add_argument("--diffusers", default="eager",
+                        help="which diffusers PyTorch steps to time: eager, compile (the UNet under torch.compile), "
+                             "both as eager,compile, or none")
     parser.add_argument("--quick", action="store_true",
                         help="tiny UNet at 32px, batch 8, one layout, 1 warm-up and 2 steps: checks the script runs")
     args = parser.parse_args()
+    torch_modes = args.diffusers.split(",")
+    if not set(torch_modes) <= {"eager", "compile", "none"}:
+        parser.error(f"--diffusers takes eager, compile or none, comma-separated; got {args.diffusers!r}")
     if args.quick:
         args.unet, args.resolution, args.batch, args.layouts, args.warmup, args.steps = "tiny", 32, 8, "fsdp", 1, 2
 
@@ -194,14 +216,23 @@ def main() -> None:
             f"train.global_batch_size={args.batch}",
         ],
     )
-    results = [run_layout(cfg, layout, args) for layout in args.layouts.split(",")]
-    ours = max(r["images_per_s"] for r in results)
-    if not args.no_diffusers:
-        architecture = unet_architecture(args.unet, args.resolution)
-        results.append(run_diffusers(architecture, args))
-        if args.torch_compile:
-            results.append(run_diffusers(architecture, args, compiled=True))
-    base = results[0]["images_per_s"]
+    results = []
+
+    def measured(row: dict) -> dict:  # printed at once: a run cut short still leaves the rows it finished
+        results.append(row)
+        print("measured", json.dumps(row), flush=True)
+        return row
+
+    # Eager diffusers first: the quickest, and on a GPU it hands its memory back before JAX takes
+    # what our step needs. torch.compile, the slowest to warm up, last.
+    architecture = unet_architecture(args.unet, args.resolution)
+    if "eager" in torch_modes:
+        measured(run_diffusers(architecture, args, "eager"))
+    ours_rows = [measured(run_layout(cfg, layout, args)) for layout in args.layouts.split(",")]
+    if "compile" in torch_modes:
+        measured(run_diffusers(architecture, args, "compile"))
+    ours = max(r["images_per_s"] for r in ours_rows)
+    base = ours_rows[0]["images_per_s"]
     for r in results:
         r["speed_vs_first"] = round(r["images_per_s"] / base, 3)
     device = jax.devices()[0]

@@ -66,6 +66,30 @@ def test_splash_equals_xla_in_float32_with_gradients(case):
         np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-5 * float(jnp.abs(g_ref).max()))
 
 
+# Odd lengths on each side: cuDNN's training kernels take even ones only, so they are padded.
+ODD_CASES = {"cross_77": (200, 77, False), "odd_query": (201, 78, False), "causal_77": (77, 77, True)}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_CASES))
+def test_odd_lengths_padded_to_even_give_the_unpadded_attention_and_gradients(case):
+    # cuDNN's kernel cannot run on this host; jax.nn's XLA implementation takes the same padded
+    # arrays and key lengths, so it checks the padding and masking. The GPU check
+    # (benchmarks/gpu_attention_check.py) compares cuDNN itself with XLA at SDXL's shapes.
+    q_len, k_len, causal = ODD_CASES[case]
+    q, k, v = qkv(2, q_len, k_len, seed=3)
+
+    def padded(q, k, v):
+        return layers.even_length_attention(q, k, v, is_causal=causal, implementation="xla")
+
+    out, ref = jax.jit(padded)(q, k, v), attend("xla", is_causal=causal)(q, k, v)
+    assert out.shape == ref.shape == (2, q_len, HEADS, HEAD_DIM)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+    grads = jax.grad(lambda q, k, v: jnp.sum(jnp.sin(padded(q, k, v))), argnums=(0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, loss_grads("xla", causal)(q, k, v)):
+        assert g.shape == g_ref.shape and float(jnp.abs(g_ref).max()) > 1e-2
+        np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-5 * float(jnp.abs(g_ref).max()))
+
+
 @pytest.mark.parametrize("k_len", [256, 77])
 def test_splash_bfloat16_is_within_one_rounding_step_of_xla(k_len):
     q, k, v = qkv(2, 256, k_len, seed=1)

@@ -19,11 +19,20 @@ def test_train_throughput_quick_times_ours_and_the_diffusers_step(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "train_throughput_tiny_cpu_quick.json").read_text())
     assert report["device"].endswith("(cpu)")
-    ours, diffusers = report["results"]
+    diffusers, ours = report["results"]  # eager diffusers runs first, so that it frees a GPU's memory for ours
     assert ours["layout"] == "fsdp" and diffusers["layout"].startswith("diffusers torch eager")
     assert ours["images_per_s"] > 0 and diffusers["images_per_s"] > 0
     assert report["ours_vs_diffusers_images_per_s"] == pytest.approx(ours["images_per_s"] / diffusers["images_per_s"], rel=1e-2)
     assert "ours (best layout) / diffusers" in result.stdout
+    # each phase is announced with the time since start, so that a run cut short shows where it was
+    assert "s] ours, fsdp: compiling the step" in result.stdout
+
+
+def test_train_throughput_refuses_an_unknown_diffusers_mode(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--quick", "--diffusers", "eager,jit",
+                             "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--diffusers takes eager, compile or none" in result.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_infer_latency_quick_runs_every_runner_once_compiled(tmp_path):

@@ -321,7 +321,30 @@ def dot_product_attention(
             logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    return jax.nn.dot_product_attention(query, key, value, is_causal=is_causal, implementation=impl)
+    return even_length_attention(query, key, value, is_causal=is_causal, implementation=impl)
+
+
+def even_length_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, *, is_causal: bool = False, implementation: str = "cudnn"
+) -> jax.Array:
+    """``jax.nn.dot_product_attention`` with odd sequence lengths padded by one to even ones.
+
+    cuDNN's training kernels refuse odd lengths (JAX 0.11 applies its "lengths must be even with a
+    bias" rule to the placeholder it passes for no bias), and SDXL's cross-attention has 77 text
+    tokens. The padded key is masked through ``key_value_seq_lengths``; under a causal mask it comes
+    after every real query and is hidden already. A padded query's output row is dropped.
+    """
+    q_len, k_len = query.shape[1], key.shape[1]
+
+    def padded(x: jax.Array) -> jax.Array:
+        return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+
+    lengths = None
+    if k_len % 2 and not is_causal:
+        lengths = jnp.full((query.shape[0],), k_len, jnp.int32)
+    out = jax.nn.dot_product_attention(padded(query), padded(key), padded(value), is_causal=is_causal,
+                                       key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :q_len]
 
 
 # The splash kernel tiles both sequences in blocks whose size is a multiple of the TPU's 128 lanes.
