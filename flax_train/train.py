@@ -45,7 +45,7 @@ from flax_train import (
     storage,
 )
 from flax_train.data import prepare
-from flax_train.models import clip
+from flax_train.models import clip, weights
 
 log = logging.getLogger(__name__)
 
@@ -292,15 +292,25 @@ def build_unet(
 def init_unet(
     cfg: config_lib.Config, architecture: dict[str, Any], mesh: jax.sharding.Mesh, rules: dict[str, Any]
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """A UNet of ``architecture`` with random weights drawn from ``train.seed``, created sharded."""
+    """A UNet of ``architecture`` with random weights drawn from ``train.seed``, placed sharded.
+
+    The weights are drawn op by op on the host's CPU, and each device receives only its shard.
+    Compiled as one program instead, the initialisers of SDXL's 1,680 arrays each become a kernel
+    of their own, and compiling them dominates: a fifth-width SDXL took 248 s to initialise that way
+    on a 2-core host, and takes 19 s op by op, optimizer state included (the phase times that
+    ``benchmarks/train_throughput.py --unet medium`` prints). Every process draws the same weights
+    from the same seed.
+    """
     options = unet_options(cfg)
     graphdef, abstract_params = nnx.split(models.abstract(architecture, **options), nnx.Param)
-
-    @functools.partial(jax.jit, out_shardings=sharding.tree_shardings(abstract_params, mesh, rules))
-    def init():
-        return nnx.split(models.create(architecture, seed=cfg.train.seed, **options), nnx.Param)[1]
-
-    return graphdef, init()
+    try:
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS leaves the CPU out: the first accelerator draws them
+        host = jax.local_devices()[0]
+    with jax.default_device(host):
+        params = nnx.split(models.create(architecture, seed=cfg.train.seed, **options), nnx.Param)[1]
+    shardings = sharding.tree_shardings(abstract_params, mesh, rules)
+    return graphdef, jax.tree.map(lambda x, s: weights.place(np.asarray(x), s), params, shardings)
 
 
 def frozen_unet_options(cfg: config_lib.Config) -> dict[str, Any]:
@@ -481,8 +491,10 @@ def hardware_flops(compiled: Any, devices: int) -> float | None:
     analysis counts a loop body (scanned layers, gradient accumulation's micro-batches) once.
 
     Full SDXL's program text is about 60 MB and counting it takes half a minute, so the count is
-    kept beside JAX's persistent compilation cache, named by the executable's fingerprint: a run
-    restarted with its program in that cache (after a preemption, say) gets the count back at once.
+    kept beside JAX's persistent compilation cache, named by the executable's fingerprint. A
+    program loaded from that cache has another fingerprint than the same program compiled afresh,
+    so the first restart (after a preemption, say) counts once more; later restarts get the count
+    back at once.
     """
     record = None
     cache = jax.config.jax_compilation_cache_dir

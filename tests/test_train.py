@@ -131,6 +131,12 @@ def test_where_the_unet_starts(workspace, tmp_path):
     assert_trees_equal(params, reference)
     assert any(len(x.sharding.device_set) == 8 and x.sharding.shard_shape(x.shape) != x.shape for x in jax.tree.leaves(params))
 
+    # A new UNet (model.unet_config): the seed's weights, drawn on the host, placed in the same shardings.
+    rules = sharding.merged_rules(cfg.mesh.rules)
+    _, fresh = train.init_unet(cfg, folder_unet, mesh, rules)
+    assert_trees_equal(fresh, nnx.state(models.create(folder_unet, seed=cfg.train.seed, **train.unet_options(cfg)), nnx.Param))
+    assert [x.sharding for x in jax.tree.leaves(fresh)] == [x.sharding for x in jax.tree.leaves(params)]
+
 
 def test_one_step_changes_parameters_and_a_fixed_batch_lowers_the_loss(adamw_step):
     before = host(adamw_step.initial)
@@ -247,15 +253,21 @@ def test_gradient_accumulation_averages_the_micro_batches(workspace, sgd_fsdp):
     assert accumulating.hardware_flops == pytest.approx(2 * sgd_fsdp.hardware_flops, rel=0.01)
 
 
-def test_a_programs_hardware_flops_are_counted_once_and_kept_beside_the_compilation_cache(monkeypatch):
+def test_a_programs_hardware_flops_are_counted_once_and_kept_beside_the_compilation_cache(monkeypatch, tmp_path, request):
     def scanned(x):  # a loop: XLA's own cost analysis would count its body once
         return jax.lax.scan(lambda c, _: (jnp.tanh(c @ c), None), x, None, length=5)[0]
 
+    # Records in a folder of their own: a program loaded from JAX's persistent cache has another
+    # fingerprint than the same program compiled afresh, so the suite's shared folder, warm from an
+    # earlier run, can hold a second record of it.
+    shared = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    request.addfinalizer(lambda: jax.config.update("jax_compilation_cache_dir", shared))
     compiled = jax.jit(scanned).lower(jnp.ones((24, 24))).compile()
     counted = train.hardware_flops(compiled, 1)
     assert counted == hlo_cost.analyse(compiled.as_text(), 1).flops >= 5 * 2 * 24**3
-    folder = Path(jax.config.jax_compilation_cache_dir) / "hardware_flops"
-    (record,) = [p for p in folder.glob(f"*-1-v{hlo_cost.ACCOUNTING}.json") if json.loads(p.read_text())["flops"] == counted]
+    (record,) = (tmp_path / "hardware_flops").glob(f"*-1-v{hlo_cost.ACCOUNTING}.json")
+    assert json.loads(record.read_text())["flops"] == counted
     # The same program again (a restarted run): the record answers, the text is not read.
     monkeypatch.setattr(train.hlo_cost, "analyse", lambda *a: pytest.fail("counted again"))
     assert train.hardware_flops(jax.jit(scanned).lower(jnp.ones((24, 24))).compile(), 1) == counted
