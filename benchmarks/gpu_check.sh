@@ -2,10 +2,10 @@
 # The GPU check, prepared for a machine with one NVIDIA GPU (jax with CUDA and torch installed;
 # diffusers and this package's other needs installed from wheels brought along: on an image with
 # JAX 0.11 and torch 2.11, flax 0.12.10 or newer, optax, orbax-checkpoint, tensorstore, grain with
-# array_record, dill and portpicker, omegaconf and diffusers), sized for a few minutes: cuDNN attention against XLA's, then full SDXL at 1024x1024 in bf16 with remat full,
-# batch 8: our step with cuDNN attention beside diffusers' step in eager torch and under
-# torch.compile, then ours with XLA's attention, all on the same GPU. Results go to $OUT (default
-# benchmarks/results).
+# array_record, dill and portpicker, omegaconf and diffusers), sized for a few minutes: cuDNN
+# attention against XLA's, then full SDXL at 1024x1024 in bf16 with remat full, batch 8: our step
+# with cuDNN attention beside diffusers' step in eager torch and under torch.compile, then ours
+# with XLA's attention, all on the same GPU. Results go to $OUT (default benchmarks/results).
 #
 #   bash benchmarks/gpu_check.sh
 #   UNET=tiny RESOLUTION=64 BATCH=8 bash benchmarks/gpu_check.sh   # the same path in seconds, any host
