@@ -301,15 +301,13 @@ def init_unet(
     ``benchmarks/train_throughput.py --unet medium`` prints). Every process draws the same weights
     from the same seed.
     """
-    options = unet_options(cfg)
-    graphdef, abstract_params = nnx.split(models.abstract(architecture, **options), nnx.Param)
     try:
         host = jax.local_devices(backend="cpu")[0]
     except RuntimeError:  # JAX_PLATFORMS leaves the CPU out: the first accelerator draws them
         host = jax.local_devices()[0]
     with jax.default_device(host):
-        params = nnx.split(models.create(architecture, seed=cfg.train.seed, **options), nnx.Param)[1]
-    shardings = sharding.tree_shardings(abstract_params, mesh, rules)
+        graphdef, params = nnx.split(models.create(architecture, seed=cfg.train.seed, **unet_options(cfg)), nnx.Param)
+    shardings = sharding.tree_shardings(params, mesh, rules)
     return graphdef, jax.tree.map(lambda x, s: weights.place(np.asarray(x), s), params, shardings)
 
 

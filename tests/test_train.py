@@ -125,14 +125,13 @@ def test_where_the_unet_starts(workspace, tmp_path):
 
     # Loaded weights are the folder's, already in their FSDP shardings.
     cfg = make_config(workspace, tmp_path)
-    mesh = sharding.make_mesh(cfg.mesh)
-    _, params = train.build_unet(cfg, mesh, workspace.base, sharding.merged_rules(cfg.mesh.rules))
+    mesh, rules = sharding.make_mesh(cfg.mesh), sharding.merged_rules(cfg.mesh.rules)
+    _, params = train.build_unet(cfg, mesh, workspace.base, rules)
     reference = nnx.state(models.load(workspace.base, subfolder="unet"), nnx.Param)
     assert_trees_equal(params, reference)
     assert any(len(x.sharding.device_set) == 8 and x.sharding.shard_shape(x.shape) != x.shape for x in jax.tree.leaves(params))
 
     # A new UNet (model.unet_config): the seed's weights, drawn on the host, placed in the same shardings.
-    rules = sharding.merged_rules(cfg.mesh.rules)
     _, fresh = train.init_unet(cfg, folder_unet, mesh, rules)
     assert_trees_equal(fresh, nnx.state(models.create(folder_unet, seed=cfg.train.seed, **train.unet_options(cfg)), nnx.Param))
     assert [x.sharding for x in jax.tree.leaves(fresh)] == [x.sharding for x in jax.tree.leaves(params)]
