@@ -297,7 +297,7 @@ def init_unet(
     The weights are drawn op by op on the host's CPU, and each device receives only its shard.
     Compiled as one program instead, the initialisers of SDXL's 1,680 arrays each become a kernel
     of their own, and compiling them dominates: a fifth-width SDXL took 248 s to initialise that way
-    on a 2-core host, and takes 19 s op by op, optimizer state included (the phase times that
+    on a 2-core host, and takes 18 s op by op, optimizer state included (the phase times that
     ``benchmarks/train_throughput.py --unet medium`` prints). Every process draws the same weights
     from the same seed.
     """
