@@ -24,6 +24,8 @@ def test_train_throughput_quick_times_ours_and_the_diffusers_step(tmp_path):
     assert ours["images_per_s"] > 0 and diffusers["images_per_s"] > 0
     assert report["ours_vs_diffusers_images_per_s"] == pytest.approx(ours["images_per_s"] / diffusers["images_per_s"], rel=1e-2)
     assert "ours (best layout) / diffusers" in result.stdout
+    table = result.stdout.split("vs first\n")[1].splitlines()
+    assert table[0].startswith("fsdp ") and table[1].startswith("diffusers torch eager")  # ours first: the base of "vs first"
     # each phase is announced with the time since start, so that a run cut short shows where it was
     assert "s] ours, fsdp: compiling the step" in result.stdout
 
