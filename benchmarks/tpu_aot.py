@@ -80,14 +80,17 @@ NOTE = "compiler cost-model estimate, not a measurement"
 
 @dataclasses.dataclass(frozen=True)
 class Slice:
-    """A single-host TPU slice as libtpu names it."""
+    """A single-host TPU slice as libtpu names it, or several of them joined over the data-centre
+    network (multislice: the mesh's data axis spans them, mesh.slices)."""
 
-    topology: str  # libtpu topology name
+    topology: str  # libtpu topology name of one slice
     host_bounds: tuple[int, int, int]  # chips per host along x, y, z (one host holds the slice)
     chip: str  # key of flax_train.config.CHIP_PEAK_TFLOPS
     hbm_gib: float  # HBM per chip
     hbm_gb_per_s: float  # HBM bandwidth per chip (Cloud TPU documentation)
     ici_gb_per_s: float  # bidirectional inter-chip interconnect bandwidth per chip (same source)
+    slices: int = 1
+    dcn_gb_per_s: float | None = None  # data-centre network bandwidth per chip (same source), for slices > 1
 
 
 SLICES: dict[str, Slice] = {
@@ -95,6 +98,8 @@ SLICES: dict[str, Slice] = {
     "v5e-4": Slice("v5e:2x2", (2, 2, 1), "tpu_v5e", 16.0, 819.0, 400.0),
     # v5p-8 is 4 chips (8 TensorCores, fused in pairs as megacores): JAX sees 4 devices.
     "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0, 2765.0, 1200.0),
+    # Two v5p-8 slices over the data-centre network: 50 Gbit/s per chip (the v5p page's table).
+    "2xv5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0, 2765.0, 1200.0, slices=2, dcn_gb_per_s=50 / 8),
     "v6e-8": Slice("v6e:2x4", (2, 4, 1), "tpu_v6e", 32.0, 1640.0, 800.0),
     "v6e-4": Slice("v6e:2x2", (2, 2, 1), "tpu_v6e", 32.0, 1640.0, 800.0),
     # One chip: what a Colab TPU runtime has.
@@ -206,7 +211,7 @@ def slice_devices(spec: Slice) -> list[Any]:
         topology_name=spec.topology,
         chip_config_name="default",
         chips_per_host_bounds=spec.host_bounds,
-        num_slices=1,
+        num_slices=spec.slices,
     ).devices
 
 
@@ -227,12 +232,13 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
     spec = SLICES[scenario.slice]
     stand_in, devices = devices is not None, slice_devices(spec) if devices is None else devices
     chips = len(devices)
-    mesh_shape = sharding.resolve_mesh_shape(config_lib.MeshConfig(**MESHES[scenario.mesh]), chips)
+    mesh_shape = sharding.resolve_mesh_shape(config_lib.MeshConfig(**MESHES[scenario.mesh], slices=spec.slices), chips)
     global_batch = scenario.per_chip_batch * mesh_shape["data"] * mesh_shape["fsdp"]
     cfg = config_lib.load(
         SDXL_CONFIG,
         [
             *(f"mesh.{axis}={size}" for axis, size in MESHES[scenario.mesh].items()),
+            f"mesh.slices={spec.slices}",
             f"model.remat={scenario.remat}",
             f"model.attention={attention}",
             f"data.resolution={scenario.resolution}",
@@ -282,7 +288,8 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
         "attention": attention,
         "train_method": f"lora r{lora_rank}" if lora_rank else "full",
         "unet_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params)),
-        "topology": spec.topology,
+        "topology": spec.topology if spec.slices == 1 else f"{spec.slices} x {spec.topology}",
+        "slices": spec.slices,
         "device_kind": devices[0].device_kind,
         "chips": chips,
         "mesh_shape": mesh_shape,
@@ -324,7 +331,8 @@ def compiled_figures(result: dict[str, Any], executable: Any, name: str | None) 
 
     result.update(**_memory(executable), **_cost(executable))
     hlo_text = executable.as_text()
-    result.update(hlo_cost.summary(hlo_cost.analyse(hlo_text, result["chips"])))
+    slices = result.get("slices", 1)  # a multislice program is one slice's, with transfers to the others
+    result.update(hlo_cost.summary(hlo_cost.analyse(hlo_text, result["chips"] // slices, slices)))
     if name is not None:
         HLO_DIR.mkdir(parents=True, exist_ok=True)
         hlo_path = HLO_DIR / f"{name}.hlo.gz"
@@ -516,7 +524,7 @@ LINEAR_FIELDS = (
 # What derive() adds (and earlier versions of it added): dropped before deriving again.
 DERIVED_FIELDS = {
     "hbm_gib", "total_gib", "fits_hbm", "analytic_model_flops_per_step", "analytic_executed_flops_per_step",
-    "hlo_vs_analytic_flops", "peak_tflops_per_chip", "compute_seconds", "hbm_seconds", "ici_seconds",
+    "hlo_vs_analytic_flops", "peak_tflops_per_chip", "compute_seconds", "hbm_seconds", "ici_seconds", "dcn_seconds",
     "roofline_limited_by", "ici_not_recounted", "roofline_seconds", "roofline_images_per_s", "roofline_mfu", "estimate_note",
     "images_per_s", "images_per_s_per_chip", "mfu",
     "flops_per_step", "compiler_vs_analytic_flops", "hardware_flops_utilisation",
@@ -564,6 +572,8 @@ def derive(row: dict[str, Any]) -> dict[str, Any]:
         terms = {"compute": row["compute_seconds"]}
         if row.get("hlo_accounting", 1) == hlo_cost.ACCOUNTING or not row["collective_bytes_per_device"]:
             row["ici_seconds"] = terms["ici"] = row["collective_bytes_per_device"] / (spec.ici_gb_per_s / 2 * 1e9)
+            if spec.slices > 1:  # what crosses between slices, over the data-centre network
+                row["dcn_seconds"] = terms["dcn"] = row["dcn_bytes_per_device"] / (spec.dcn_gb_per_s * 1e9)
         else:  # counted by rules that over-counted collectives, and the HLO was not kept to count again
             row["ici_not_recounted"] = True
         row["roofline_limited_by"] = max(terms, key=terms.get)
@@ -653,7 +663,7 @@ def _fmt(value: Any, spec: str) -> str:
 def table(rows: list[dict[str, Any]]) -> str:
     columns = (
         "scenario", "how", "chips", "global batch", "status", "compile s", "args GiB", "temp GiB",
-        "total GiB / HBM", "HLO TFLOP/step", "analytic TFLOP/step", "compute s", "HBM s", "ICI s", "roofline s",
+        "total GiB / HBM", "HLO TFLOP/step", "analytic TFLOP/step", "compute s", "HBM s", "ICI s", "DCN s", "roofline s",
         "roofline img/s", "roofline MFU", "cost-model step s",
     )  # fmt: skip
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -695,6 +705,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             _fmt(r.get("compute_seconds"), ".3f"),
             _fmt(r.get("hbm_seconds"), ".3f"),
             "not recounted" if r.get("ici_not_recounted") else _fmt(r.get("ici_seconds"), ".3f"),
+            _fmt(r.get("dcn_seconds"), ".3f"),
             _fmt(r.get("roofline_seconds"), ".3f") + (f" ({limited})" if limited else ""),
             _fmt(r.get("roofline_images_per_s"), ".2f"),
             "-" if mfu is None else f"{100 * mfu:.0f}%",

@@ -164,6 +164,7 @@ def setup_runtime() -> None:
     # force: a library that logged while being imported has already given the root logger a handler.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of every save
+    logging.getLogger("fsspec").setLevel(logging.WARNING)  # a line for every file opened on gs://
     errors.quiet_library_noise(own=("flax_train",))
     sharding.initialize_distributed()
     cache = os.environ.get("SDXL_TPU_COMPILATION_CACHE", str(Path.home() / ".cache" / "sdxl-tpu" / "jax"))

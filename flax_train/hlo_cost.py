@@ -19,6 +19,10 @@ A loop it cannot read counts once and is reported.
   operand, all-reduce 2 (n-1)/n, collective-permute the operand, for a group of n devices. Each
   collective counts once however many fusions print it (the TPU compiler's asynchronous
   collectives: a start, pieces overlapped with compute, a done, all with one channel_id).
+* Between slices (multislice), over the data-centre network: the TPU compiler writes each slice's
+  program with the transfers to the other slices as host-transfer sends that the runtime
+  (``megascale``) carries out, all-reducing or all-gathering across the slices. Each device's send
+  is counted as the collective it names over the slices (the bytes a device receives, as above).
 * HBM traffic: what each unfused instruction reads and writes (a fusion its operands and result,
   a scanned layer's slice rather than the whole stack). An upper estimate: on a TPU it also
   counts the compiler's copies between memory spaces.
@@ -63,6 +67,7 @@ class Cost:
     hbm_bytes: float = 0.0
     collective_bytes: float = 0.0  # received over the interconnect
     collective_bytes_by_kind: Counter = dataclasses.field(default_factory=Counter)
+    dcn_bytes: float = 0.0  # received from other slices over the data-centre network (multislice)
     custom_calls: Counter = dataclasses.field(default_factory=Counter)
     loops_without_trip_count: int = 0
     # Collectives seen but not yet counted, by channel: the TPU compiler splits one asynchronous
@@ -76,6 +81,7 @@ class Cost:
         self.flops += times * other.flops
         self.hbm_bytes += times * other.hbm_bytes
         self.collective_bytes += times * other.collective_bytes
+        self.dcn_bytes += times * other.dcn_bytes
         for kind, n in other.collective_bytes_by_kind.items():
             self.collective_bytes_by_kind[kind] += times * n
         for target, n in other.custom_calls.items():
@@ -264,8 +270,9 @@ def _fusion_traffic(fused: list[_Instruction], result_type: str, operand_types: 
     return total
 
 
-def analyse(hlo_text: str, devices: int = 1) -> Cost:
-    """Per-device cost of one run of the entry computation of an optimized HLO module."""
+def analyse(hlo_text: str, devices: int = 1, slices: int = 1) -> Cost:
+    """Per-device cost of one run of the entry computation of an optimized HLO module; for a
+    multislice program, ``devices`` per slice and the number of ``slices``."""
     computations, entry = parse(hlo_text)
     types = {i.name: i.type for body in computations.values() for i in body}
 
@@ -353,6 +360,10 @@ def analyse(hlo_text: str, devices: int = 1) -> Cost:
                 channel = re.search(r"\bchannel_id=(\d+)", attrs)
                 key = ("channel", channel[1]) if channel else ("instruction", computation, i.name)
                 total.unsettled.setdefault(key, (kind, received))
+            elif opcode == "send" and "_xla_megascale_transfer_type" in attrs:
+                kind = re.search(r'_xla_megascale_transfer_type="?(\w+)', attrs)[1].lower().replace("_", "-")
+                operand = sum(nbytes(types.get(o, "")) for o in operands[:1])
+                total.dcn_bytes += _received_bytes(kind if kind in COLLECTIVES else "collective-permute", operand, slices)
             elif opcode == "custom-call":
                 target = re.search(r'custom_call_target="([^"]+)"', attrs)
                 target = target[1] if target else "?"
@@ -415,6 +426,7 @@ def summary(cost: Cost) -> dict[str, object]:
         "hlo_hbm_bytes_per_device": cost.hbm_bytes,
         "collective_bytes_per_device": cost.collective_bytes,
         "collective_bytes_by_kind": dict(cost.collective_bytes_by_kind),
+        "dcn_bytes_per_device": cost.dcn_bytes,
         "custom_calls": dict(cost.custom_calls),
         "loops_without_trip_count": cost.loops_without_trip_count,
     }

@@ -3,6 +3,8 @@
 The mesh has three axes:
 
 * ``data``   — pure data parallelism: parameters replicated, the batch split (the old pmap layout);
+               with ``mesh.slices`` > 1 (multislice) it spans the slices, over the data-centre
+               network (DCN), so only gradients cross between slices;
 * ``fsdp``   — the batch split too, and parameters / optimizer state sharded along one dimension
                each (ZeRO-3 style), gathered just in time by XLA inside the step;
 * ``tensor`` — attention heads, MLP width and convolution output channels split across chips.
@@ -54,6 +56,8 @@ def mesh_axis_problems(mesh: Any) -> list[str]:
         size = getattr(mesh, axis)
         if size != -1 and size < 1:
             problems.append(f"mesh.{axis} must be a positive number of devices or -1 (the rest), got {size}")
+    if getattr(mesh, "slices", 1) < 1:
+        problems.append(f"mesh.slices must be a positive number of slices, got {mesh.slices}")
     filled = [axis for axis in MESH_AXES if getattr(mesh, axis) == -1]
     if len(filled) > 1:
         problems.append(
@@ -64,12 +68,23 @@ def mesh_axis_problems(mesh: Any) -> list[str]:
 
 
 def resolve_mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
-    """Axis sizes {data, fsdp, tensor} on `num_devices` devices, the -1 axis taking the rest."""
+    """Axis sizes {data, fsdp, tensor} on `num_devices` devices, the -1 axis taking the rest. The
+    config's sizes describe one slice; with ``mesh.slices`` > 1 the data axis is that many times
+    longer."""
     problems = mesh_axis_problems(mesh_cfg)
     if problems:
         raise BadInput("; ".join(problems))
     if num_devices < 1:
         raise ValueError(f"the number of devices must be positive, got {num_devices}")
+    slices = getattr(mesh_cfg, "slices", 1)
+    if num_devices % slices:
+        raise BadInput(f"mesh.slices={slices} cannot split the {num_devices} devices into equal slices")
+    shape = _slice_mesh_shape(mesh_cfg, num_devices // slices)
+    shape["data"] *= slices
+    return shape
+
+
+def _slice_mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     shape = {axis: getattr(mesh_cfg, axis) for axis in MESH_AXES}
     fixed = math.prod(size for size in shape.values() if size != -1)
     described = " x ".join(f"{axis}={size}" for axis, size in shape.items())
@@ -91,6 +106,9 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
     dims = tuple(sizes[axis] for axis in MESH_AXES)
+    slices = getattr(mesh_cfg, "slices", 1)
+    if slices > 1:
+        return Mesh(_multislice_grid(devices, slices, (dims[0] // slices, *dims[1:])), MESH_AXES)
     try:
         # Topology-aware placement on TPU/GPU (keeps `tensor` on the fastest links).
         from jax.experimental import mesh_utils
@@ -99,6 +117,24 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices).reshape(dims)
     return Mesh(grid, MESH_AXES)
+
+
+def _multislice_grid(devices: list, slices: int, per_slice: tuple[int, ...]) -> np.ndarray:
+    """Devices as a (data, fsdp, tensor) grid whose data axis runs over `slices` slices, each slice
+    laid out on its own interconnect (JAX's hybrid device mesh). A TPU device knows its slice; on
+    CPU or GPU hosts each process stands for a slice, and one process's CPU devices (the tests'
+    simulated chips) are cut into slices in order."""
+    from jax.experimental import mesh_utils
+
+    for granule in ("slice_index", "process_index"):
+        if len({getattr(d, granule, None) for d in devices}) == slices:
+            return mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices,
+                                                        process_is_granule=granule == "process_index")
+    if devices[0].platform == "cpu":
+        return np.asarray(devices).reshape(slices * per_slice[0], *per_slice[1:])
+    found = len({getattr(d, "slice_index", 0) for d in devices})
+    raise BadInput(f"mesh.slices={slices}, but the {len(devices)} devices are in {found} slice(s) and "
+                   f"{jax.process_count()} process(es)")
 
 
 def spec_for(

@@ -705,13 +705,19 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     validator = sampling.Validator(cfg, base, run_dir, writer) if cfg.validation.every_steps else None
     end_step = cfg.train.max_steps if max_steps is None else min(cfg.train.max_steps, max_steps)
     losses: list[float] = []
-    pending: tuple[int, dict, float] | None = None
+    pending: tuple[int, dict, float, float] | None = None
     preempted = False
     bar = tqdm(total=end_step, initial=start_step, desc="train", disable=jax.process_index() != 0, unit="step")
     last_time = time.perf_counter()
     batch = first
+    # Input stalls: each step's time (from the previous step's dispatch to its own) includes the wait
+    # for its batch; the steps since the last logged row add up both. A share of waiting near 0
+    # means the chips set the pace; a large one, the input.
+    input_wait = window_seconds = window_wait = 0.0
 
-    def report(step: int, values: dict[str, Any], seconds: float) -> None:
+    def report(step: int, values: dict[str, Any], seconds: float, waited: float) -> None:
+        nonlocal window_seconds, window_wait
+        window_seconds, window_wait = window_seconds + seconds, window_wait + waited
         values = jax.device_get(values)
         if not bool(values["finite"]):
             if cfg.train.nan_policy == "stop":
@@ -728,8 +734,11 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
         if step % cfg.logging.every_steps == 0 or step == end_step:
             scalars = {k: float(v) for k, v in values.items() if k != "finite"}
             scalars.update(metrics.throughput(seconds, images_per_step, hardware_flops, model_flops, peak))
+            scalars["input_stall"] = window_wait / max(window_seconds, 1e-9)
+            window_seconds = window_wait = 0.0
             writer.scalars(step, scalars)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_s']:.1f}")
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_s']:.1f}",
+                            input_stall=f"{scalars['input_stall']:.0%}")
 
     step = start_step
     if guard.requested.is_set():
@@ -744,8 +753,8 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
             if pending is not None:
                 report(*pending)
             now = time.perf_counter()
-            pending = (step, step_metrics, now - last_time)
-            last_time = now
+            pending = (step, step_metrics, now - last_time, input_wait)
+            last_time, input_wait = now, 0.0
             bar.update(1)
             saved = ckpt.due(step) or step == end_step
             if saved:
@@ -764,12 +773,15 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
                     ckpt.save(step, trainable(state), loader.get_state(), force=True)
                 preempted = True
                 break
+            waited = time.perf_counter()
             batch = next(loader)
+            input_wait = time.perf_counter() - waited
         if pending is not None:
             report(*pending)
     finally:
         # Also on a non-finite loss with nan_policy=stop: finish pending saves, release the files.
         bar.close()
+        loader.close()  # no more reads ahead
         ckpt.close()
         writer.close()
 

@@ -31,60 +31,21 @@ import jax  # noqa: E402
 jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-
 import pytest  # noqa: E402
 
+from benchmarks.gcs_emulator import Emulator  # noqa: E402
+
 # gcsfs's default file system first probes a bucket's type over gRPC, which the plain-HTTP
-# emulator below does not speak: each new bucket then costs about a minute of retries. The
-# classic JSON-API file system is what the emulator serves. Read at gcsfs import.
+# emulator does not speak: each new bucket then costs about a minute of retries. The classic
+# JSON-API file system is what the emulator serves. Read at gcsfs import.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """A real Cloud Storage JSON API on localhost (the gcp-storage-emulator package, in memory, see
-    gcs_emulator.py), and
-    the variables that point gcsfs (etils.epath's gs:// backend), tensorstore (orbax's array
-    writer) and google-cloud-storage at it, for this process and the ones it starts. Yields
-    "gs://<bucket>"; tests write under a prefix of their own."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url, bucket = f"http://127.0.0.1:{port}", "sdxl-tpu-test"
-    server = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "gcs_emulator.py"), "start", "--host", "127.0.0.1", "--port", str(port),
-         "--default-bucket", bucket, "--in-memory"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2).close()
-            break
-        except OSError:
-            assert server.poll() is None, "the storage emulator exited"
-            assert time.monotonic() < deadline, "the storage emulator did not start"
-            time.sleep(0.2)
-    env = {
-        "STORAGE_EMULATOR_HOST": url,
-        "TENSORSTORE_GCS_HTTP_URL": url,
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-        "GOOGLE_CLOUD_PROJECT": "test",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield f"gs://{bucket}"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.terminate()
-        server.wait(timeout=30)
+    """A real Cloud Storage JSON API on localhost (gcp-storage-emulator, in memory, see
+    benchmarks/gcs_emulator.py), and the variables that point gcsfs (etils.epath's gs:// backend),
+    tensorstore (orbax's array writer) and google-cloud-storage at it, for this process and the
+    ones it starts. Yields "gs://<bucket>"; tests write under a prefix of their own."""
+    with Emulator() as bucket:
+        yield bucket

@@ -231,10 +231,10 @@ def test_tpu_estimate_rows_of_splash_leave_the_cost_model_out_and_price_attentio
     assert shown["roofline_mfu"] == pytest.approx(3 * 6.761 * 8 / (0.5 * 197 * 8))
     line = tpu_aot.table([shown]).splitlines()[-1]
     assert line.startswith("| v5e-8_fsdp_full_1024px_b1, splash attention | compiled |")
-    assert "| 8.0 / 16 | 200.0 (outside kernels) | 216.4 | 0.137 | 0.100 | 0.500 | 0.500 (ici) | 16.00 | 21% | - |" in line
+    assert "| 8.0 / 16 | 200.0 (outside kernels) | 216.4 | 0.137 | 0.100 | 0.500 | - | 0.500 (ici) | 16.00 | 21% | - |" in line
     # Collectives counted by earlier, over-counting rules (the HLO not kept to count again) price
     # nothing: the roofline is the compute's alone, and the table says why.
     stale = tpu_aot.derive(tpu_aot.without_kernel_costs({**row, "hlo_accounting": hlo_cost.ACCOUNTING - 1}))
     assert "ici_seconds" not in stale and stale["roofline_limited_by"] == "compute"
     assert stale["roofline_seconds"] == pytest.approx(4 * 6.761 / 197)
-    assert "| 0.137 | 0.100 | not recounted | 0.137 (compute) |" in tpu_aot.table([stale])
+    assert "| 0.137 | 0.100 | not recounted | - | 0.137 (compute) |" in tpu_aot.table([stale])

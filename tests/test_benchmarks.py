@@ -1,12 +1,15 @@
 """The benchmark scripts run as documented (their --quick modes) and write what they promise.
 Nothing here measures speed: the figures come from running the scripts, on the device they name."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from flax_train import hlo_cost
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,3 +182,38 @@ def test_compile_time_quick_compiles_the_step_scanned_and_unrolled(tmp_path):
     assert unrolled["hlo_flops"] == scanned["hlo_flops"] > 0
     assert report["unrolled_vs_scanned_compile_s"] == pytest.approx(unrolled["compile_s"] / scanned["compile_s"])
     assert "unrolled / scanned compile time" in result.stdout
+
+
+def test_loader_throughput_quick_measures_each_source_and_counts_what_is_read(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.loader_throughput", "--quick", "--out", str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(tmp_path.glob("loader_throughput_*_quick.json")).read_text())
+    runs = {(run["source"], run["delay_ms"]): run for run in report["runs"]}
+    assert set(runs) == {("local disk", None), ("gs:// emulator", 0.0), ("gs:// emulator alone (no loader)", 0.0),
+                         ("gs:// emulator alone, 4 reads a sample", 0.0), ("gs:// emulator", 20.0)}
+    assert all(run["samples_per_s"] > 0 for run in runs.values())
+    for delay in (0.0, 20.0):
+        run = runs["gs:// emulator", delay]
+        # one ranged read per sample, of exactly the bytes it needs (the emulator counts them)
+        assert run["requests_per_sample"] == 1 and run["bytes_read_per_sample"] == run["bytes_needed_per_sample"] > 0
+        assert run["peak_rss_mib"] > run["rss_before_loader_mib"] > 0 and run["emulator_cpu_cores"] > 0
+    assert report["index"]["samples"] == 100_000 and report["index"]["manifest_mib"] > 0
+    assert "samples/s" in result.stdout
+
+
+def test_a_multislice_tpu_estimate_prices_what_crosses_between_slices_at_the_network_bandwidth():
+    """Two v5p-8 slices: the bytes the HLO count says cross between slices take the time the data
+    centre network's 50 Gbit/s per chip needs; the slices' own collectives, their interconnect's."""
+    from benchmarks import tpu_aot
+
+    scenario = tpu_aot.Scenario.parse("2xv5p-8_fsdp_dots_1024px_b4")
+    assert tpu_aot.SLICES[scenario.slice].slices == 2
+    row = dict(scenario=scenario.name, **dataclasses.asdict(scenario), unet="sdxl", depth=10, chips=8, slices=2,
+               global_batch=32, status="compiled", attention="xla", hlo_flops_per_device=80e12,
+               hlo_hbm_bytes_per_device=1e9, collective_bytes_per_device=12e9, dcn_bytes_per_device=2.5e9,
+               hlo_accounting=hlo_cost.ACCOUNTING)
+    derived = tpu_aot.derive(row)
+    assert derived["dcn_seconds"] == pytest.approx(2.5e9 / 6.25e9)
+    assert derived["ici_seconds"] == pytest.approx(12e9 / 600e9)
+    assert derived["roofline_limited_by"] == "dcn" and derived["roofline_seconds"] == pytest.approx(0.4)

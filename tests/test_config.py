@@ -322,7 +322,7 @@ WRONG_CHOICES = [
     ("model.attention", "flash", None),
     ("model.remat", "dots_batch", "dots_no_batch"),
     ("model.prediction_type", "sample", None),
-    ("data.source", "webdataset", None),
+    ("data.source", "parquet", None),
     ("data.crop", "left", None),
     ("data.latent_mode", "means", "mean"),
     ("train.optimizer", "adamww", "adamw"),
@@ -497,6 +497,9 @@ def test_inline_unet_config_with_a_pretrained_pipeline_is_valid():
         ({"data": 1, "fsdp": 4, "tensor": -1}, 4, (1, 4, 1)),
         ({"data": 2, "fsdp": 2, "tensor": 2}, 8, (2, 2, 2)),
         ({"data": 1, "fsdp": -1, "tensor": 1}, 1, (1, 1, 1)),
+        # multislice: the sizes are one slice's; the data axis runs over the slices too
+        ({"data": 1, "fsdp": -1, "tensor": 1, "slices": 2}, 8, (2, 4, 1)),
+        ({"data": 2, "fsdp": -1, "tensor": 1, "slices": 2}, 16, (4, 4, 1)),
     ],
 )
 def test_resolve_mesh_shape(axes, devices, shape):
@@ -514,11 +517,26 @@ def test_resolve_mesh_shape(axes, devices, shape):
         ({"data": 0}, 8, "mesh.data must be a positive"),
         ({"fsdp": -2}, 8, "mesh.fsdp must be a positive"),
         ({}, 0, "number of devices must be positive"),
+        ({"slices": 3}, 8, "mesh.slices=3 cannot split the 8 devices"),
+        ({"slices": 0}, 8, "mesh.slices must be a positive"),
     ],
 )
 def test_resolve_mesh_shape_errors(axes, devices, message):
     with pytest.raises(ValueError, match=message):
         sharding.resolve_mesh_shape(cfg.MeshConfig(**axes), devices)
+
+
+def test_multislice_data_axis_runs_over_slices_of_devices_in_order():
+    """On one process's CPU devices (simulated chips) slice s is devices [4s, 4s + 4): the mesh is
+    the data=2 layout, whose steps tests/test_train.py compares; across processes each process is a
+    slice (tests/test_pods.py)."""
+    multislice = sharding.make_mesh(cfg.MeshConfig(data=1, fsdp=-1, tensor=1, slices=2))
+    hybrid = sharding.make_mesh(cfg.MeshConfig(data=2, fsdp=-1, tensor=1))
+    assert dict(multislice.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert [[d.id for d in row.reshape(-1)] for row in multislice.devices] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert (multislice.devices == hybrid.devices).all()
+    with pytest.raises(cfg.ConfigError, match="data-parallel size 4"):  # 2 slices x data 2, fixed without devices
+        cfg.validate(demo("mesh.slices=2", "mesh.data=2", "mesh.fsdp=1", "train.global_batch_size=6"))
 
 
 # ---------------------------------------------------------------------------------------------

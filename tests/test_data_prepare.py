@@ -2,11 +2,7 @@
 are skipped and reported; interrupted runs resume; a mismatched cache is refused."""
 import dataclasses
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flax_train.demo import synthetic
+from train_support import run_script_in_processes
 from flax_train.data.cache import (
     EMPTY_PROMPT,
     MANIFEST,
@@ -181,27 +178,16 @@ print("REPORT", json.dumps(dataclasses.asdict(report)))
 """
 
 
+def run_two_processes(tmp_path, cache_dir, model_dir, source: SourceSpec, preprocess: PreprocessSpec) -> list[dict]:
+    """prepare_cache as 2 processes x 4 devices (JAX's multi-process runtime on localhost); their reports."""
+    args = [str(cache_dir), str(model_dir), json.dumps(dataclasses.asdict(source)), json.dumps(dataclasses.asdict(preprocess))]
+    outputs = run_script_in_processes(tmp_path, WORKER, *args, devices_per_process=4)
+    return [json.loads(out.split("REPORT ", 1)[1]) for out in outputs]
+
+
 def test_two_processes_each_write_their_shards_of_the_same_cache(cache8, model_dir, source_spec, tmp_path):
-    """2 processes x 4 devices (JAX's multi-process runtime on localhost) write what 1 process x 8 does."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (tmp_path / "worker.py").write_text(WORKER)
-    args = [str(tmp_path / "cache"), str(model_dir), json.dumps(dataclasses.asdict(source_spec)), json.dumps(dataclasses.asdict(PREPROCESS))]
-    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    workers = [
-        subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), *args], env=dict(env, JAX_PROCESS_ID=str(i)),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    try:
-        outputs = [w.communicate(timeout=300)[0] for w in workers]
-    finally:
-        for w in workers:
-            w.kill()
-    assert [w.returncode for w in workers] == [0, 0], outputs
-    reports = [json.loads(out.split("REPORT ", 1)[1]) for out in outputs]
+    """2 processes x 4 devices write what 1 process x 8 does."""
+    reports = run_two_processes(tmp_path, tmp_path / "cache", model_dir, source_spec, PREPROCESS)
     assert [r["shards_written"] for r in reports] == [2, 2]  # shards 0, 2 and 1, 3
     assert all(sorted(map(tuple, r["skipped"])) == sorted(BAD.items()) for r in reports)
     assert_same_cache(LatentCache(tmp_path / "cache"), LatentCache(cache8[0]))
@@ -276,14 +262,155 @@ def test_sampled_latents_depend_only_on_seed_and_sample_index(model_dir):
 def test_an_unexpected_error_on_one_sample_becomes_a_skip():
     from flax_train.data.prepare import _load_one
 
-    class Flaky:
-        rejected = []
+    def read():
+        raise RuntimeError("disk hiccup")
 
-        def __len__(self):
-            return 2
-
-        def __getitem__(self, index):
-            raise RuntimeError("disk hiccup")
-
-    result = _load_one(Flaky(), 1, PREPROCESS)
+    result = _load_one(1, read, PREPROCESS)
     assert (result.index, result.key, result.reason) == (1, "item 1", "unexpected error (RuntimeError)")
+
+
+# ---------------------------------------------------------------------------------------------
+# WebDataset tar shards as the source.
+
+CENTER = PreprocessSpec(resolution=64, center_crop=True, max_pixels=100 * 100)
+TAR_BAD = {
+    "shard-000.tar/nocaption": "empty caption",
+    "shard-000.tar/textonly": "no image in sample",
+    "shard-001.tar/notes": "unreadable image",
+}
+
+
+def _add(tar, name: str, data: bytes) -> None:
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def tar_dataset(tmp_path_factory):
+    """The 14 synthetic images as an imagefolder, and the same images in three tars (captions as
+    .txt in the first, as .json in the second) with a sample of each kind that must be skipped; the
+    third tar breaks off inside its last sample."""
+    import tarfile
+
+    root = tmp_path_factory.mktemp("webdataset")
+    folder = synthetic.write_synthetic_dataset(root / "folder", 14, image_size=64, seed=2)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    stem = lambda row: row["file_name"].split("/")[-1].split(".")[0]  # noqa: E731
+    image = lambda row: (folder / row["file_name"]).read_bytes()  # noqa: E731
+    (root / "tars").mkdir()
+    with tarfile.open(root / "tars" / "shard-000.tar", "w") as tar:
+        for row in rows[:6]:
+            _add(tar, f"{stem(row)}.png", image(row))
+            _add(tar, f"{stem(row)}.txt", row["text"].encode())
+        _add(tar, "nocaption.png", image(rows[0]))
+        _add(tar, "textonly.txt", b"a caption without an image")
+    with tarfile.open(root / "tars" / "shard-001.tar", "w") as tar:
+        _add(tar, "notes.png", b"not an image")
+        _add(tar, "notes.txt", b"a red square")
+        for row in rows[6:11]:
+            _add(tar, f"{stem(row)}.json", json.dumps({"text": row["text"], "width": 64}).encode())
+            _add(tar, f"{stem(row)}.png", image(row))
+    with tarfile.open(root / "tars" / "shard-002.tar", "w") as tar:
+        for row in rows[11:] + rows[:1]:
+            _add(tar, f"{stem(row)}.png", image(row))
+            _add(tar, f"{stem(row)}.txt", row["text"].encode())
+    data = (root / "tars" / "shard-002.tar").read_bytes()
+    last = data.rindex(image(rows[0])[:64])  # the image of the fourth sample
+    (root / "tars" / "shard-002.tar").write_bytes(data[: last + 100])
+    return folder, root / "tars"
+
+
+@pytest.fixture(scope="module")
+def folder_cache(model_dir, tar_dataset, tmp_path_factory) -> LatentCache:
+    """The imagefolder of the tars' images, prepared: what every tar cache is compared with."""
+    cache_dir = tmp_path_factory.mktemp("folder-cache")
+    prepare_cache(cache_dir, model_dir, SourceSpec("imagefolder", str(tar_dataset[0])), CENTER, batch_size=8, progress=False)
+    return LatentCache(cache_dir)
+
+
+def assert_same_samples(tars: LatentCache, folder: LatentCache) -> None:
+    """Sample by sample (tar keys end with the image's name in the folder), equal up to the order
+    of sums that batches of other compositions change."""
+    by_name = {folder.key(i).split("/")[-1].split(".")[0]: i for i in range(len(folder))}
+    assert len(tars) == len(folder) == 14
+    for i in range(len(tars)):
+        j = by_name[tars.key(i).split("/")[-1]]
+        assert tars.caption(i) == folder.caption(j)
+        for name, value in tars[i].items():
+            assert_close_in_float32(value, folder[j][name], name)
+
+
+def test_webdataset_tars_give_the_cache_an_imagefolder_of_the_same_images_gives(model_dir, tar_dataset, folder_cache,
+                                                                                 tmp_path):
+    _, tars = tar_dataset
+    report = prepare_cache(tmp_path / "tars", model_dir, SourceSpec("webdataset", str(tars)), CENTER, batch_size=8,
+                           progress=False)
+    assert report.num_samples == 14 and report.shards_written == 3
+    skipped = dict(report.skipped)
+    truncated = [key for key in skipped if key.startswith("shard-002.tar@")]
+    assert truncated == ["shard-002.tar@sample3"] and skipped.pop(truncated[0]).startswith("unreadable tar (")
+    assert skipped == TAR_BAD
+    cache = LatentCache(tmp_path / "tars")
+    assert cache.manifest["shards"]["num_samples"] == [6, 5, 3]  # one shard per tar
+    assert_same_samples(cache, folder_cache)
+    assert "skipped 4 of 18" in report.summary()
+
+
+def test_an_interrupted_webdataset_prepare_redoes_only_the_missing_tars(model_dir, tar_dataset, tmp_path):
+    _, tars = tar_dataset
+    spec = SourceSpec("webdataset", f"{tars}/shard-{{000..002}}.tar")
+    done = prepare_cache(tmp_path, model_dir, spec, CENTER, batch_size=8, progress=False)
+    manifest = read_json(tmp_path / MANIFEST)
+    write_json(tmp_path / PLAN, {"settings": manifest["settings"], "layout": manifest["layout"]})
+    for name in (MANIFEST, SKIPPED):
+        (tmp_path / name).unlink()
+    shard_path(tmp_path, 1).unlink()
+    resumed = prepare_cache(tmp_path, model_dir, spec, CENTER, batch_size=8, progress=False)
+    assert (resumed.shards_written, resumed.shards_reused) == (1, 2)
+    assert sorted(resumed.skipped) == sorted(done.skipped) and resumed.num_samples == 14
+    again = prepare_cache(tmp_path, model_dir, spec, CENTER, batch_size=8, progress=False)
+    assert again.already_done and again.num_items == 18
+
+
+def test_webdataset_tars_on_cloud_storage_prepare_as_local_ones(model_dir, tar_dataset, folder_cache, tmp_path, gcs_bucket):
+    from flax_train import storage
+
+    _, tars = tar_dataset
+    remote = f"{gcs_bucket}/{tmp_path.name}"
+    storage.upload_tree(tars, f"{remote}/tars")
+    report = prepare_cache(f"{remote}/cache", model_dir, SourceSpec("webdataset", f"{remote}/tars/shard-{{000..002}}.tar"),
+                           CENTER, batch_size=8, progress=False)
+    assert report.num_samples == 14 and len(report.skipped) == 4
+    assert_same_samples(LatentCache(f"{remote}/cache"), folder_cache)
+
+
+def test_two_processes_share_the_tars_of_a_webdataset(model_dir, tar_dataset, folder_cache, tmp_path):
+    """Process 0 reads tars 0 and 2 (12 samples), process 1 tar 1 (6): the one with fewer runs
+    padding steps until the other is done, and the cache is the one process's cache."""
+    _, tars = tar_dataset
+    reports = run_two_processes(tmp_path, tmp_path / "cache", model_dir, SourceSpec("webdataset", str(tars)), CENTER)
+    assert [r["shards_written"] for r in reports] == [2, 1]
+    assert all(len(r["skipped"]) == 4 for r in reports)
+    cache = LatentCache(tmp_path / "cache")
+    assert cache.manifest["shards"]["num_samples"] == [6, 5, 3]
+    assert_same_samples(cache, folder_cache)
+
+
+def test_webdataset_names_are_expanded_and_missing_tars_refused(tar_dataset):
+    from flax_train.data.webdataset import expand_braces, list_tars
+    from flax_train.errors import BadInput, InputNotFound
+
+    assert expand_braces("gs://b/s-{008..011}.tar") == [f"gs://b/s-{i:03d}.tar" for i in range(8, 12)]
+    assert expand_braces("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]
+    with pytest.raises(BadInput, match="runs backwards"):
+        expand_braces("s-{3..1}.tar")
+    _, tars = tar_dataset
+    assert [p.rsplit("/", 1)[1] for p in list_tars(str(tars))] == ["shard-000.tar", "shard-001.tar", "shard-002.tar"]
+    with pytest.raises(InputNotFound, match="1 of the 4 tar files"):
+        list_tars(f"{tars}/shard-{{000..003}}.tar")
+    with pytest.raises(InputNotFound, match="no .tar files"):
+        list_tars(str(tars.parent / "folder"))

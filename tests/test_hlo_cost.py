@@ -108,6 +108,47 @@ def test_replica_group_spellings(attrs, size):
     assert hlo_cost.group_size(attrs, 8) == size
 
 
+def test_transfers_between_slices_are_counted_as_data_centre_network_traffic():
+    """A multislice program is one slice's, its transfers to the other slices host-transfer sends
+    (shortened from a compile for two v5p-8 slices): a device's gradient shard all-reduced across 2
+    slices receives 2 (2-1)/2 of it, a shard all-gathered (2-1) x, in a loop as often as it runs.
+    None of it is counted as the slice's own interconnect."""
+    text = """\
+%body (p: (s32[], f32[1000])) -> (s32[], f32[1000]) {
+  %p = (s32[], f32[1000]) parameter(0)
+  %g = f32[1000]{0} get-tuple-element(%p), index=1
+  %token = token[] after-all(), frontend_attributes={MegascaleRendezvousKeyName="all-reduce.1_0"}
+  %send = (f32[1000]{0}, u32[], token[]) send(%g, %token), channel_id=5, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_reduce_operation="SUM",_xla_megascale_target="{1,2}x{0:3}",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %recv = (f32[1000]{0}, u32[], token[]) recv(%token), channel_id=4, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %i = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %t = (s32[], f32[1000]) tuple(%next, %g)
+}
+
+%cond (p: (s32[], f32[1000])) -> pred[] {
+  %p = (s32[], f32[1000]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(3)
+  ROOT %c = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (g: f32[1000], w: bf16[500]) -> (s32[], f32[1000]) {
+  %g = f32[1000]{0} parameter(0)
+  %w = bf16[500]{0} parameter(1)
+  %token = token[] after-all()
+  %send = (bf16[500]{0}, u32[], token[]) send(%w, %token), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_megascale_target={{100000,200000}},_xla_megascale_transfer_type="ALL_GATHER"}
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[1000]) tuple(%zero, %g)
+  ROOT %loop = (s32[], f32[1000]) while(%init), condition=%cond, body=%body
+}
+"""
+    cost = hlo_cost.analyse(text, 4, slices=2)
+    assert cost.dcn_bytes == 3 * 4000 + 1000 and cost.collective_bytes == 0
+    assert hlo_cost.summary(cost)["dcn_bytes_per_device"] == 13000
+    assert hlo_cost.analyse(text, 4, slices=4).dcn_bytes == 3 * (2 * 3 / 4 * 4000) + 3 * 1000
+
+
 # A loop as the TPU compiler's final HLO prints it: no known_trip_count, the bound in its condition.
 LOOP = """\
 HloModule m

@@ -26,6 +26,7 @@ from train_support import (
     make_workspace,
     overrides,
     run_cli,
+    run_script_in_processes,
 )
 
 pytestmark = pytest.mark.xdist_group("pods")
@@ -131,3 +132,26 @@ def test_two_processes_train_what_one_does_and_survive_sigterm_and_a_damaged_che
     Processes(tmp_path, "sample", "sample", "--model", str(run_dir / "export"), "--prompt", "a red circle",
               "--steps", "2", "--out", str(tmp_path / "samples")).wait()
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0000.png"]
+
+
+SLICES_WORKER = """
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from flax_train import config, sharding
+sharding.initialize_distributed()
+mesh = sharding.make_mesh(config.MeshConfig(data=1, fsdp=-1, tensor=1, slices=2))
+processes = [sorted({d.process_index for d in row.reshape(-1)}) for row in mesh.devices]
+# each process contributes one row of the batch; a sum over the data axis crosses the slices
+rows = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.full((1, 2), jax.process_index() + 1.0))
+total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(rows)
+print("MESH", dict(mesh.shape), processes, float(total))
+"""
+
+
+def test_two_processes_as_two_slices_split_the_data_axis_between_them(tmp_path):
+    """mesh.slices=2 over 2 processes x 2 devices: where devices do not know their TPU slice, each
+    process is one (JAX's hybrid mesh with processes as granules), as each slice of a multislice
+    pod is its own set of hosts; the data axis runs across them, fsdp within each."""
+    outputs = run_script_in_processes(tmp_path, SLICES_WORKER)
+    for out in outputs:
+        assert "MESH {'data': 2, 'fsdp': 2, 'tensor': 1} [[0], [1]] 6.0" in out, out

@@ -32,6 +32,7 @@ from PIL import Image
 
 from flax_train import config as config_lib, diffusion, hlo_cost, models, sdxl, sharding, train
 from flax_train.data import prepare
+from flax_train.data.cache import LatentCache, RecordLayout
 from flax_train.demo import CONFIG as DEMO_CONFIG
 from train_support import (
     BATCH,
@@ -312,6 +313,7 @@ def test_a_run_logs_metrics_and_writes_validation_grids(full_run):
         # Per device against the given peak of 1 TFLOP/s.
         assert row["mfu"] > 0 and row["mfu"] == pytest.approx(row["model_tflops_per_device"])
         assert row["hfu"] > 0 and row["hfu"] == pytest.approx(row["tflops_per_device"])
+        assert 0 <= row["input_stall"] < 0.5  # a local cache of a few samples keeps up
     assert [row["loss"] for row in rows] == result.losses
     assert list((run_dir / "tensorboard").iterdir())
 
@@ -414,9 +416,31 @@ def poisoned_cache(source: Path, target: Path) -> Path:
         with safetensors.safe_open(str(shard), framework="np") as f:
             metadata = f.metadata()
         arrays = safetensors.numpy.load_file(str(shard))
-        arrays["latents"] = np.full_like(arrays["latents"], np.nan)
+        field = RecordLayout.from_json(json.loads(metadata["record"])).fields["latents"]
+        latents = arrays["records"][:, field.offset:field.offset + field.nbytes].view(field.dtype)
+        latents[...] = np.nan
         safetensors.numpy.save_file(arrays, str(shard), metadata=metadata)
     return target
+
+
+def test_input_stalls_show_the_share_of_time_spent_waiting_for_data(workspace, full_run, monkeypatch):
+    """A store that takes 5 s per batch (slow storage, stood in for by a sleep; two reader threads:
+    a batch every 2.5 s) sets the pace of a step that takes a fraction of that once the batches
+    read ahead during compilation are used: the logged share says so."""
+    read_batch = LatentCache.read_batch
+
+    def slow(self, indices):
+        time.sleep(5.0)
+        return read_batch(self, indices)
+
+    monkeypatch.setattr(LatentCache, "read_batch", slow)
+    # the fewest readers: two threads, four batches read ahead
+    cfg = make_config(workspace, workspace.root / "slow-input", "data.reads_in_flight=1", "checkpoint.every_steps=0",
+                      "train.max_steps=7")
+    train.train(cfg)
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 8))
+    assert all(row["input_stall"] > 0.4 for row in rows[5:]), [row["input_stall"] for row in rows]
 
 
 def test_nan_policy_skip_counts_and_stop_raises(workspace, full_run):

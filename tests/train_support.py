@@ -167,6 +167,29 @@ class Processes:
                 proc.wait()
 
 
+def run_script_in_processes(tmp_path: Path, script: str, *args: str, count: int = 2,
+                            devices_per_process: int = DEVICES_PER_PROCESS, timeout: float = 300) -> list[str]:
+    """A Python script as `count` processes x `devices_per_process` CPU devices joined by JAX's
+    distributed runtime (the script calls sharding.initialize_distributed()); their outputs, once
+    all exited 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "worker.py").write_text(script)
+    env = cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count), JAX_PLATFORMS="cpu",
+                  XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+    workers = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), *args], cwd=REPO,
+                                env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for i in range(count)]
+    try:
+        outputs = [w.communicate(timeout=timeout)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0] * count, outputs
+    return outputs
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """Finished checkpoints (orbax renames a checkpoint's temporary folder to its step when done)."""
     folder = run_dir / "checkpoints"

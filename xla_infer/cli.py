@@ -261,6 +261,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors exit 2 from argparse
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fsspec").setLevel(logging.WARNING)  # a line for every file opened on gs://
     try:
         run(args)
     except KeyboardInterrupt:

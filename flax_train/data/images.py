@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from flax_train.errors import BadInput, InputNotFound
 
-DataSource = Literal["imagefolder", "captions_txt", "hf"]
+DataSource = Literal["imagefolder", "captions_txt", "hf", "webdataset"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -55,8 +55,8 @@ class SourceSpec:
     """Which dataset to read; stored in the cache manifest.
 
     kind: "imagefolder" (`path` with metadata.jsonl), "captions_txt" (`path` with image files and
-    same-name .txt captions), or "hf" (`path` is a Hub dataset id or anything `datasets.load_dataset`
-    accepts).
+    same-name .txt captions), "hf" (`path` is a Hub dataset id or anything `datasets.load_dataset`
+    accepts), or "webdataset" (`path` names tar shards: flax_train.data.webdataset).
     """
 
     kind: str
@@ -198,8 +198,21 @@ class HFSource:
         return RawSample(key=f"row {index}", image=data, caption=row[self._caption_column])
 
 
-def open_source(spec: SourceSpec) -> Source:
+@dataclass
+class TarSource:
+    """A WebDataset (flax_train.data.webdataset): read tar by tar, front to back, not by index."""
+
+    tars: list[str]
+    caption_column: str = "text"
+    rejected: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def open_source(spec: SourceSpec) -> Source | TarSource:
     """The source a spec names."""
+    if spec.kind == "webdataset":
+        from flax_train.data.webdataset import list_tars
+
+        return TarSource(list_tars(spec.path), spec.caption_column)
     if spec.kind == "imagefolder":
         return ImageFolderSource(spec.path, spec.caption_column)
     if spec.kind == "captions_txt":

@@ -5,25 +5,28 @@ the VAE encoder and both text encoders run in one jitted function, the batch spl
 device (all processes of a pod), weights replicated. The last batch is padded, so nothing
 recompiles; a slot whose image was skipped is padding too.
 
-Shard k holds the usable samples of source items [k * shard_size, (k + 1) * shard_size); process p
-of P encodes the shards k with k % P == p and writes them itself. A shard file is written whole
-(temporary file + rename), so an interrupted prepare resumes at the first missing shard, and a
-finished one (manifest present, same settings) returns at once.
+Shard k holds the usable samples of source items [k * shard_size, (k + 1) * shard_size), or, for a
+WebDataset, those of tar k (read front to back: flax_train.data.webdataset); process p of P encodes
+the shards k with k % P == p and writes them itself, and the processes step together until the
+last of them has nothing left. A shard file is written whole (temporary file + rename), so an
+interrupted prepare resumes at the first missing shard, and a finished one (manifest present, same
+settings) returns at once.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
+import itertools
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -34,13 +37,13 @@ from PIL import Image
 from flax_train.data import cache as cache_lib
 from flax_train.errors import BadInput
 from flax_train.data.cache import (
-    EMPTY_PROMPT,
     CacheMissingError,
     MANIFEST,
     PLAN,
     SKIPPED,
     CacheMismatchError,
     CacheSettings,
+    VERSION,
     encode_shard,
     model_fingerprint,
     read_json,
@@ -50,12 +53,15 @@ from flax_train.data.cache import (
     write_json,
     write_manifest,
 )
+from flax_train.data import webdataset
 from flax_train.data.images import (
     PreparedSample,
     PreprocessSpec,
+    RawSample,
     SkippedSample,
     Source,
     SourceSpec,
+    TarSource,
     open_source,
     prepare_sample,
 )
@@ -210,11 +216,15 @@ class _Skip:
     reason: str
 
 
-def _load_one(source: Source, index: int, spec: PreprocessSpec) -> PreparedSample | _Skip:
+def _load_one(index: int, raw: RawSample | Callable[[], RawSample] | tuple[str, str], spec: PreprocessSpec) -> PreparedSample | _Skip:
+    """Source item `index` prepared: `raw` is the sample, a function that reads it, or the
+    (key, reason) of a sample its source already refused."""
+    if isinstance(raw, tuple):
+        return _Skip(index, *raw)
     # Nothing raised by one sample may end the run: whatever goes wrong becomes a skip.
     key = f"item {index}"
     try:
-        raw = source[index]
+        raw = raw() if callable(raw) else raw
         key = raw.key
         return prepare_sample(raw, index, spec)
     except SkippedSample as e:
@@ -224,42 +234,49 @@ def _load_one(source: Source, index: int, spec: PreprocessSpec) -> PreparedSampl
         return _Skip(index, key, f"unexpected error ({type(e).__name__})")
 
 
-def _prefetched(fn: Callable[[int], Any], items: Sequence[int], workers: int, lookahead: int) -> Iterator[Any]:
-    """fn over items in order, computed by a thread pool at most `lookahead` items ahead."""
+def _prefetched(fn: Callable[..., Any], items: Iterable[tuple], workers: int, lookahead: int) -> Iterator[Any]:
+    """fn(*item) for each item in order, computed by a thread pool at most `lookahead` items ahead."""
+    items = iter(items)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="prepare-decode") as pool:
         pending: collections.deque = collections.deque()
-        position = 0
-        for _ in range(len(items)):
-            while position < len(items) and len(pending) < lookahead:
-                pending.append(pool.submit(fn, items[position]))
-                position += 1
+        while True:
+            while len(pending) < lookahead and (item := next(items, None)) is not None:
+                pending.append(pool.submit(fn, *item))
+            if not pending:
+                return
             yield pending.popleft().result()
-
-
-def _storage_dtype(name: str) -> np.dtype:
-    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
 class _ShardAssembler:
     """Collects the encoded samples and skips of each pending shard; writes a shard once all its
-    items have arrived (in any order: rows are sorted by item index)."""
+    items have arrived (in any order: rows are sorted by item index) and their number is known
+    (`expect`: at the start for a source with random access, at a tar's end for a WebDataset)."""
 
-    def __init__(self, cache_dir: epath.Path, shards: list[int], shard_size: int, num_items: int, storage: np.dtype):
-        self.cache_dir, self.shard_size, self.storage = cache_dir, shard_size, storage
-        self.expected = {k: min((k + 1) * shard_size, num_items) - k * shard_size for k in shards}
+    def __init__(self, cache_dir: epath.Path, shards: list[int], stride: int, storage: np.dtype,
+                 row_shapes: dict[str, tuple]):
+        # Item i belongs to shard i // stride.
+        self.cache_dir, self.stride, self.storage, self.row_shapes = cache_dir, stride, storage, row_shapes
+        self.expected: dict[int, int | None] = {k: None for k in shards}
         self.samples: dict[int, list[tuple[PreparedSample, dict[str, np.ndarray]]]] = {k: [] for k in shards}
         self.skips: dict[int, list[_Skip]] = {k: [] for k in shards}
         self.written = self.num_skipped = 0
 
-    def add(self, result: PreparedSample | _Skip, row: dict[str, np.ndarray], row_shapes: dict[str, tuple]) -> None:
-        shard = result.index // self.shard_size
+    def expect(self, shard: int, count: int) -> None:
+        self.expected[shard] = count
+        self._write_if_complete(shard)
+
+    def add(self, result: PreparedSample | _Skip, row: dict[str, np.ndarray]) -> None:
+        shard = result.index // self.stride
         if isinstance(result, _Skip):
             self.skips[shard].append(result)
             self.num_skipped += 1
         else:
             self.samples[shard].append((result, row))
+        self._write_if_complete(shard)
+
+    def _write_if_complete(self, shard: int) -> None:
         if len(self.samples[shard]) + len(self.skips[shard]) == self.expected[shard]:
-            atomic_write_bytes(shard_path(self.cache_dir, shard), self._encode(shard, row_shapes))
+            atomic_write_bytes(shard_path(self.cache_dir, shard), self._encode(shard, self.row_shapes))
             del self.samples[shard], self.skips[shard], self.expected[shard]
             self.written += 1
 
@@ -311,6 +328,23 @@ def _check_previous_run(cache_dir: epath.Path, plan: dict[str, Any]) -> bool:
     return False
 
 
+def _tar_items(source: TarSource, pending: list[int], assembler: _ShardAssembler) -> Iterator[tuple[int, Any]]:
+    """(source item, sample) of the pending tars, front to back; at a tar's end the assembler
+    learns how many items its shard waits for."""
+    for k in pending:
+        count = 0
+        for count, sample in enumerate(webdataset.read_tar(source.tars[k], source.caption_column), 1):
+            yield k * webdataset.TAR_STRIDE + count - 1, sample
+        assembler.expect(k, count)
+
+
+def _any_process_has(results: list) -> bool:
+    """Whether this process, or another one of the pod, has items for a step."""
+    if jax.process_count() == 1:
+        return bool(results)
+    return bool(np.max(multihost_utils.process_allgather(np.array(len(results)))) > 0)
+
+
 def prepare_cache(
     cache_dir: str | os.PathLike,
     model_path: str | os.PathLike,
@@ -326,7 +360,7 @@ def prepare_cache(
     devices: Sequence[jax.Device] | None = None,
     num_workers: int = 8,
     progress: bool = True,
-    source: Source | None = None,
+    source: Source | TarSource | None = None,
 ) -> PrepareReport:
     """Encodes every sample of the source into a latent cache at `cache_dir`; see the module doc.
 
@@ -344,18 +378,21 @@ def prepare_cache(
     # Our own bound on pixels replaces PIL's global one, which would otherwise refuse first.
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, preprocess.max_pixels)
     source = open_source(source_spec) if source is None else source
-    num_items = len(source)
-    if num_items == 0:
-        raise BadInput(f"the data source {source_spec.path} has no usable entries (rejected: {source.rejected[:5]})")
-    num_shards = math.ceil(num_items / shard_size)
-    plan = {
-        "settings": settings.to_json(),
-        "layout": {"shard_size": shard_size, "num_items": num_items, "num_shards": num_shards},
-    }
+    if isinstance(source, TarSource):  # one cache shard per tar
+        num_shards = len(source.tars)
+        layout = {"num_shards": num_shards, "shards": "one per tar", "format_version": VERSION}
+    else:
+        num_items = len(source)
+        if num_items == 0:
+            raise BadInput(f"the data source {source_spec.path} has no usable entries (rejected: {source.rejected[:5]})")
+        num_shards = math.ceil(num_items / shard_size)
+        layout = {"shard_size": shard_size, "num_items": num_items, "num_shards": num_shards, "format_version": VERSION}
+    plan = {"settings": settings.to_json(), "layout": layout}
     if _check_previous_run(cache_dir, plan):
         manifest = read_json(cache_dir / MANIFEST)
         skipped = [tuple(s) for s in read_json(cache_dir / SKIPPED)]
-        return PrepareReport(str(cache_dir), num_items + len(source.rejected), manifest["num_samples"], skipped, already_done=True)
+        return PrepareReport(str(cache_dir), manifest["num_samples"] + len(skipped), manifest["num_samples"], skipped,
+                             already_done=True)
     process, num_processes = jax.process_index(), jax.process_count()
     if process == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -363,53 +400,58 @@ def prepare_cache(
 
     mine = [k for k in range(num_shards) if k % num_processes == process]
     pending = [k for k in mine if not shard_path(cache_dir, k).exists()]
-    items = [i for k in pending for i in range(k * shard_size, min((k + 1) * shard_size, num_items))]
 
     encoder = Encoder(
         model_path, vae_path=vae_path, devices=devices, batch_size=batch_size,
         latent_source=latent_source, seed=preprocess.seed, token_ids=token_ids,
     )
     local_batch = encoder.local_batch_size
-    steps = math.ceil(len(items) / local_batch)
-    if num_processes > 1:  # every process runs the collective step equally often; extra ones are padding
-        steps = int(np.max(multihost_utils.process_allgather(np.array(steps))))
     res = preprocess.resolution
-    storage = _storage_dtype(dtype)
+    storage = cache_lib.dtype_named(dtype)
 
     # The empty prompt's embeddings, for caption dropout at training time. Also compiles the step.
     empty = encoder.fetch(encoder.dispatch(np.zeros((local_batch, res, res, 3), np.uint8), [""] * local_batch, np.zeros(local_batch)))
     row_shapes = {name: value.shape[1:] for name, value in empty.items()}
     if process == 0:
-        atomic_write_bytes(
-            cache_dir / EMPTY_PROMPT,
-            encode_shard({"prompt_embeds": empty["prompt_embeds"][0].astype(storage),
-                          "pooled_prompt_embeds": empty["pooled_prompt_embeds"][0].astype(storage)}, {}),
-        )
+        cache_lib.write_empty_prompt(cache_dir, {"prompt_embeds": empty["prompt_embeds"][0].astype(storage),
+                                                 "pooled_prompt_embeds": empty["pooled_prompt_embeds"][0].astype(storage)})
 
-    assembler = _ShardAssembler(cache_dir, pending, shard_size, num_items, storage)
+    if isinstance(source, TarSource):
+        assembler = _ShardAssembler(cache_dir, pending, webdataset.TAR_STRIDE, storage, row_shapes)
+        work, total = _tar_items(source, pending, assembler), None
+    else:
+        assembler = _ShardAssembler(cache_dir, pending, shard_size, storage, row_shapes)
+        ranges = {k: range(k * shard_size, min((k + 1) * shard_size, num_items)) for k in pending}
+        for k, items in ranges.items():
+            assembler.expect(k, len(items))
+        work = ((i, functools.partial(source.__getitem__, i)) for items in ranges.values() for i in items)
+        total = sum(map(len, ranges.values()))
     bar = None
     if progress and process == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(items), unit="img", desc="prepare", smoothing=0.1)
+        bar = tqdm(total=total, unit="img", desc="prepare", smoothing=0.1)
 
     def finish(results: list[PreparedSample | _Skip], outputs: dict[str, jax.Array]) -> None:
         rows = encoder.fetch(outputs)
         for slot, result in enumerate(results):
-            assembler.add(result, {name: rows[name][slot] for name in rows}, row_shapes)
+            assembler.add(result, {name: rows[name][slot] for name in rows})
         if bar is not None:
             bar.set_postfix(skipped=assembler.num_skipped, refresh=False)
             bar.update(len(results))
 
-    results_iter = _prefetched(lambda i: _load_one(source, i, preprocess), items, num_workers, 4 * local_batch + num_workers)
+    results_iter = _prefetched(functools.partial(_load_one, spec=preprocess), work, num_workers, 4 * local_batch + num_workers)
     start = time.perf_counter()
-    previous = None
-    for step in range(steps):
-        results = [next(results_iter) for _ in range(max(0, min(local_batch, len(items) - step * local_batch)))]
+    previous, processed = None, 0
+    while True:
+        results = list(itertools.islice(results_iter, local_batch))
+        if not _any_process_has(results):  # every process runs the collective step equally often
+            break
+        processed += len(results)
         pixels = np.zeros((local_batch, res, res, 3), np.uint8)
         captions = [""] * local_batch
         indices = np.zeros(local_batch, np.int64)
-        for slot, result in enumerate(results):
+        for slot, result in enumerate(results):  # slots past the results are padding
             indices[slot] = result.index
             if isinstance(result, PreparedSample):
                 pixels[slot], captions[slot] = result.pixels, result.caption
@@ -420,9 +462,8 @@ def prepare_cache(
     if previous is not None:
         finish(*previous)
     seconds = time.perf_counter() - start
-    processed = len(items)
     if num_processes > 1:
-        counts = multihost_utils.process_allgather(np.array([len(items), seconds], np.float64))
+        counts = multihost_utils.process_allgather(np.array([processed, seconds], np.float64))
         processed, seconds = int(counts[:, 0].sum()), float(counts[:, 1].max())
     if bar is not None:
         bar.close()
@@ -446,7 +487,7 @@ def prepare_cache(
     skipped = [tuple(s) for s in read_json(cache_dir / SKIPPED)]
     report = PrepareReport(
         cache_dir=str(cache_dir),
-        num_items=num_items + len(source.rejected),
+        num_items=manifest["num_samples"] + len(skipped),
         num_samples=manifest["num_samples"],
         skipped=skipped,
         shards_written=assembler.written,
@@ -508,4 +549,4 @@ def open_cache(cfg: config_lib.Config, base: str | os.PathLike, *, prepare_if_mi
 def make_loader(cfg: config_lib.Config, cache: LatentCache):
     """Batches of ``global_batch_size x grad_accum_steps`` rows (this process's share), checkpointable."""
     rows = cfg.train.global_batch_size * cfg.train.grad_accum_steps
-    return cache_lib.make_loader(cache, global_batch_size=rows, seed=cfg.train.seed)
+    return cache_lib.make_loader(cache, global_batch_size=rows, seed=cfg.train.seed, reads_in_flight=cfg.data.reads_in_flight)
