@@ -551,7 +551,7 @@ def make_loader(
 ) -> Loader:
     """This process's infinite stream of batches; see the comment above. Host memory holds at most
     about 4 x reads_in_flight samples: twice that many read ahead, and the batches being read,
-    twice while they are copied (never fewer than 4 batches read ahead)."""
+    twice while they are copied (never fewer than 2 batches read ahead)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
@@ -559,6 +559,6 @@ def make_loader(
     if len(cache) < global_batch_size:
         raise BadInput(f"the cache holds {len(cache)} samples: fewer than one global batch of {global_batch_size}")
     local_batch_size = global_batch_size // process_count
-    threads = min(MAX_READER_THREADS, max(2, math.ceil(reads_in_flight / local_batch_size)))
+    threads = min(MAX_READER_THREADS, math.ceil(reads_in_flight / local_batch_size))
     indices = batch_indices(len(cache), local_batch_size, seed, process_index, process_count)
     return Loader(cache.read_batch, indices, threads=threads, read_ahead=2 * threads)
