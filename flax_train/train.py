@@ -773,9 +773,10 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
                     ckpt.save(step, trainable(state), loader.get_state(), force=True)
                 preempted = True
                 break
-            waited = time.perf_counter()
-            batch = next(loader)
-            input_wait = time.perf_counter() - waited
+            if step < end_step:
+                waited = time.perf_counter()
+                batch = next(loader)
+                input_wait = time.perf_counter() - waited
         if pending is not None:
             report(*pending)
     finally:

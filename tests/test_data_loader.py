@@ -146,6 +146,25 @@ def test_restored_loader_yields_the_same_next_batches(tmp_path):
     assert sorted(run[:20]) == sorted(run[20:40]) == list(range(20)) and run[:20] != run[20:40]
 
 
+def test_a_loader_told_the_runs_length_reads_nothing_past_it(tmp_path):
+    cache = LatentCache(write_cache(tmp_path, [10, 10]))
+    read = []
+
+    def counting(indices):
+        read.append(list(indices))
+        return cache.read_batch(indices)
+
+    options = dict(global_batch_size=2, seed=3, process_index=0, process_count=1)
+    with make_loader(cache, **options) as unbounded, make_loader(cache, num_batches=3, **options) as bounded:
+        bounded._read_batch = counting
+        expected = batches(unbounded, 5)
+        got = batches(bounded, 3)
+        assert len(read) == 3  # the read-ahead (2 x 64 threads) stopped at the run's 3 batches
+        got += batches(bounded, 2)  # past them: read when asked, the same batches
+        assert len(read) == 5
+    assert [ids(b) for b in got] == [ids(b) for b in expected]
+
+
 def test_cache_survives_pickling_for_worker_processes(tmp_path):
     import pickle
 

@@ -494,10 +494,15 @@ def batch_indices(num_samples: int, local_batch_size: int, seed: int, process_in
 class Loader:
     """This process's batches in order (see the comment above), the next ones read ahead by a
     pool of threads. `close()` (or leaving a `with` block) drops the reads not yet started and
-    waits for those under way, so nothing is left reading when a run ends."""
+    waits for those under way, so nothing is left reading when a run ends. ``num_batches``: the
+    batches the run will take, if known: nothing past them is read ahead (each index of grain's
+    shuffle costs milliseconds on a cache of a few samples, and a short run would otherwise read
+    2 x threads batches it never takes)."""
 
-    def __init__(self, read_batch: Any, indices: grain.MapDataset, *, threads: int, read_ahead: int):
+    def __init__(self, read_batch: Any, indices: grain.MapDataset, *, threads: int, read_ahead: int,
+                 num_batches: int | None = None):
         self._read_batch, self._indices, self._read_ahead = read_batch, indices, read_ahead
+        self._end = num_batches
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="cache-loader")
         self._next = 0  # the batch `next` returns
         self._ahead: collections.deque[concurrent.futures.Future] = collections.deque()  # batches _next, _next + 1, ...
@@ -507,14 +512,19 @@ class Loader:
 
     def __next__(self) -> dict[str, np.ndarray]:
         self._fill()
+        if not self._ahead:  # past num_batches: read on demand
+            self._submit()
         batch = self._ahead.popleft().result()
         self._next += 1
         self._fill()
         return batch
 
     def _fill(self) -> None:
-        while len(self._ahead) < self._read_ahead:
-            self._ahead.append(self._pool.submit(self._read_batch, self._indices[self._next + len(self._ahead)]))
+        while len(self._ahead) < self._read_ahead and (self._end is None or self._next + len(self._ahead) < self._end):
+            self._submit()
+
+    def _submit(self) -> None:
+        self._ahead.append(self._pool.submit(self._read_batch, self._indices[self._next + len(self._ahead)]))
 
     def _drop_read_ahead(self) -> None:
         for future in self._ahead:
@@ -548,10 +558,12 @@ def make_loader(
     process_index: int | None = None,
     process_count: int | None = None,
     reads_in_flight: int = READS_IN_FLIGHT,
+    num_batches: int | None = None,
 ) -> Loader:
     """This process's infinite stream of batches; see the comment above. Host memory holds at most
     about 4 x reads_in_flight samples: twice that many read ahead, and the batches being read,
-    twice while they are copied (never fewer than 2 batches read ahead)."""
+    twice while they are copied (never fewer than 2 batches read ahead). ``num_batches``: see
+    ``Loader``."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
@@ -561,4 +573,4 @@ def make_loader(
     local_batch_size = global_batch_size // process_count
     threads = min(MAX_READER_THREADS, math.ceil(reads_in_flight / local_batch_size))
     indices = batch_indices(len(cache), local_batch_size, seed, process_index, process_count)
-    return Loader(cache.read_batch, indices, threads=threads, read_ahead=2 * threads)
+    return Loader(cache.read_batch, indices, threads=threads, read_ahead=2 * threads, num_batches=num_batches)
