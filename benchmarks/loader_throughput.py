@@ -43,7 +43,7 @@ def write_cache(folder: Path, samples: int, shard_size: int, row: dict) -> None:
 
     from flax_train.data import cache as cache_lib
     from flax_train.data.images import PreprocessSpec, SourceSpec
-    from flax_train.storage import atomic_write_bytes
+    from sdxl_common.storage import atomic_write_bytes
 
     rng = np.random.default_rng(0)
     bf16 = ml_dtypes.bfloat16
@@ -253,7 +253,7 @@ def main() -> None:
     probe = min(64, args.samples)
 
     from benchmarks.gcs_emulator import STATS_PATH, Emulator
-    from flax_train import storage
+    from sdxl_common import storage
 
     runs = []
     with tempfile.TemporaryDirectory() as tmp:

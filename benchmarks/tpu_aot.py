@@ -168,7 +168,7 @@ DEFAULT_SCENARIOS = (
 
 
 def unet_architecture(unet: str, resolution: int, depth: int | None) -> dict[str, Any]:
-    from flax_train import sdxl
+    from sdxl_common import sdxl
     from flax_train.demo import tiny
 
     architecture = dict(sdxl.UNET_CONFIG) if unet == "sdxl" else tiny.unet_config(resolution, **tiny.DEMO_SIZES)
@@ -227,7 +227,8 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
     import numpy as np
     from flax import nnx
 
-    from flax_train import checkpoint, config as config_lib, diffusion, lora, models, sdxl, sharding, train
+    from flax_train import checkpoint, config as config_lib, diffusion, lora, models, sharding, train
+    from sdxl_common import sdxl
 
     spec = SLICES[scenario.slice]
     stand_in, devices = devices is not None, slice_devices(spec) if devices is None else devices
@@ -353,7 +354,8 @@ def compile_inference(scenario: Scenario, settings: Settings, unet: str = "sdxl"
     import jax.numpy as jnp
     from flax import nnx
 
-    from flax_train import config as config_lib, models, sampling, schedulers, sdxl, sharding, single_file
+    from flax_train import config as config_lib, models, sampling, schedulers, sharding
+    from sdxl_common import sdxl, single_file
     from flax_train.demo import tiny
 
     if scenario.mesh != "dp" or scenario.remat != "none":
@@ -950,7 +952,8 @@ def reanalyse(json_path: Path) -> list[Path]:
 
 
 def sdxl_param_count() -> int:
-    from flax_train import models, sdxl
+    from flax_train import models
+    from sdxl_common import sdxl
 
     return models.count_params(models.abstract(sdxl.UNET_CONFIG))
 

@@ -52,7 +52,8 @@ def run_layout(cfg, layout: str, args) -> dict:
     import jax
     import numpy as np
 
-    from flax_train import config as config_lib, diffusion, flops, metrics, models, sdxl, sharding, train
+    from flax_train import config as config_lib, diffusion, flops, metrics, models, sharding, train
+    from sdxl_common import sdxl
 
     cfg = dataclasses.replace(cfg, mesh=config_lib.MeshConfig(**LAYOUTS[layout]))
     mesh = sharding.make_mesh(cfg.mesh)
@@ -160,7 +161,7 @@ def unet_architecture(unet: str, resolution: int) -> dict:
     encoders' widths) at a fifth of its channels, 64/128/256, a CPU-sized step that is still
     dominated by SDXL's kinds of work (26 GFLOP forward per image at 256px, 158M parameters; SDXL: 6.76 TFLOP
     at 1024px); tiny: the demo's UNet."""
-    from flax_train import sdxl
+    from sdxl_common import sdxl
     from flax_train.demo import tiny
 
     if unet == "tiny":
@@ -200,7 +201,8 @@ def main() -> None:
 
     import jax
 
-    from flax_train import config as config_lib, sdxl
+    from flax_train import config as config_lib
+    from sdxl_common import sdxl
     from flax_train.demo import CONFIG as DEMO_CONFIG, tiny
 
     if args.vae_factor is None:

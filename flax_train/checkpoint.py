@@ -29,7 +29,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from flax_train import errors, sharding, storage
+from flax_train import sharding
+from sdxl_common import errors, storage
 
 log = logging.getLogger(__name__)
 

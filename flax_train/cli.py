@@ -22,12 +22,14 @@ from pathlib import Path
 
 import jax
 from etils import epath
-from PIL.PngImagePlugin import PngInfo
 
-from flax_train import config as config_lib, errors, lora, lora_files, models, sharding, storage, train
-from flax_train.errors import BadInput, report
+from flax_train import config as config_lib, lora, models, sharding, train
+from sdxl_common import errors, lora_files, storage
+from sdxl_common.errors import BadInput, report
+from sdxl_common.png import png_bytes
+from sdxl_common.prompts import read_prompt_file
 from flax_train.data import prepare
-from flax_train.sampling import Generator, png_bytes, read_prompt_file
+from flax_train.sampling import Generator
 
 
 
@@ -86,21 +88,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def write_samples(out: epath.Path, prompts: list[str], images: list, args: argparse.Namespace) -> None:
-    """One PNG per image, each written whole, with the settings that made it as PNG text chunks."""
+    """One PNG per image, each written whole, with the settings that made it as PNG metadata."""
     for i, (prompt, image) in enumerate(zip(prompts, images)):
-        info = PngInfo()
-        for key, value in {
+        parameters = {
             "prompt": prompt,
             "negative_prompt": args.negative_prompt or "",
-            "seed": str(args.seed + i),
-            "steps": str(args.steps),
-            "guidance_scale": str(args.guidance),
+            "seed": args.seed + i,
+            "steps": args.steps,
+            "guidance_scale": args.guidance,
             "scheduler": args.scheduler,
             "model": str(args.model),
-            "loras": " ".join(args.lora),
-        }.items():
-            info.add_text(key, value)
-        storage.atomic_write_bytes(out / f"{i:04d}.png", png_bytes(image, info))
+            "loras": args.lora,
+        }
+        storage.atomic_write_bytes(out / f"{i:04d}.png", png_bytes(image, parameters))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -165,7 +165,7 @@ def setup_runtime() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of every save
     logging.getLogger("fsspec").setLevel(logging.WARNING)  # a line for every file opened on gs://
-    errors.quiet_library_noise(own=("flax_train",))
+    errors.quiet_library_noise(own=("flax_train", "sdxl_common"))
     sharding.initialize_distributed()
     cache = os.environ.get("SDXL_TPU_COMPILATION_CACHE", str(Path.home() / ".cache" / "sdxl-tpu" / "jax"))
     if cache and jax.config.jax_compilation_cache_dir is None:

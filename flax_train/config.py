@@ -38,7 +38,7 @@ from flax_train import lora, metrics, sharding
 from flax_train.data.cache import READS_IN_FLIGHT
 from flax_train.data.images import DataSource
 from flax_train.diffusion import PredictionType, TimestepBias
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 from flax_train.models.layers import Attention, Remat
 from flax_train.optim import LrSchedule, Optimizer
 from flax_train.schedulers import Sampler

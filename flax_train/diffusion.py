@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping, get_args
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 
 PredictionType = Literal["epsilon", "v_prediction"]
 TimestepBias = Literal["none", "earlier", "later", "range"]

@@ -12,7 +12,7 @@ applies to a pipeline of ``model.pretrained``; with ``export.kohya_lora`` also
 ``lora_kohya.safetensors``, the same factors under kohya's names, which A1111 and ComfyUI load.
 
 With ``export.single_file`` a full fine-tune is also written as ``<export dir>.safetensors``, one
-checkpoint in Stability's original layout (``flax_train.single_file``), as A1111, ComfyUI and
+checkpoint in Stability's original layout (``sdxl_common.single_file``), as A1111, ComfyUI and
 diffusers' ``from_single_file`` read SDXL.
 """
 
@@ -30,7 +30,8 @@ import jax
 from etils import epath
 from flax import nnx
 
-from flax_train import config as config_lib, lora, models, sharding, single_file as single_file_lib, storage
+from flax_train import config as config_lib, lora, models, sharding
+from sdxl_common import single_file as single_file_lib, storage
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from flax_train import lora_files
-from flax_train.errors import BadInput
+from sdxl_common import lora_files
+from sdxl_common.errors import BadInput
 from flax_train.models import layers, weights
 from flax_train.models.layers import CONV_IN, CONV_OUT
 from flax_train.models.unet import UNet2DConditionModel

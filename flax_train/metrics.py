@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from flax_train import storage
+from sdxl_common import storage
 
 # Dense bf16 peak per chip, for MFU. None: no meaningful peak (MFU is reported only when
 # logging.peak_tflops is given).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 import optax
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 
 Optimizer = Literal["adamw", "adafactor", "lion"]
 LrSchedule = Literal["constant", "linear", "cosine"]

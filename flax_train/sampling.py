@@ -24,7 +24,6 @@ here, in xla_infer and in diffusers.
 from __future__ import annotations
 
 import functools
-import io
 from typing import Any, Callable, Sequence
 
 import jax
@@ -33,10 +32,11 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
-from flax_train import lora, lora_files, models, schedulers, sdxl, sharding, storage
-from flax_train.errors import BadInput, InputNotFound
+from flax_train import lora, models, schedulers, sharding
+from sdxl_common import lora_files, sdxl, storage
+from sdxl_common.errors import BadInput
+from sdxl_common.png import png_bytes
 from flax_train.models import clip
 from flax_train.schedulers import SamplerTables
 
@@ -138,27 +138,6 @@ def decode_latents(vae: Any, latents: jax.Array, scaling_factor: float | None = 
 # Generator
 
 
-def read_prompt_file(path: str | epath.PathLike) -> list[str]:
-    """One prompt per non-empty line; a file that is not UTF-8 is refused naming the line."""
-    prompts = []
-    try:
-        data = epath.Path(path).read_bytes()
-    except FileNotFoundError:
-        raise InputNotFound(f"{path}: no such prompt file") from None
-    except OSError as error:  # a folder, no permission: the user named the wrong thing
-        raise BadInput(f"{path}: cannot read the prompt file ({error.strerror or error})") from None
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as error:
-            raise BadInput(f"{path}:{number}: not UTF-8 ({error.reason})") from None
-        if line:
-            prompts.append(line)
-    if not prompts:
-        raise BadInput(f"{path}: no prompts (the file is empty)")
-    return prompts
-
-
 class Generator:
     def __init__(
         self,
@@ -173,7 +152,7 @@ class Generator:
         loras: Sequence[tuple[str, float]] = (),
     ):
         """``loras``: (LoRA file or folder, scale) pairs merged into the weights once, here (see
-        ``flax_train.lora_files`` for the formats)."""
+        ``sdxl_common.lora_files`` for the formats)."""
         root = models.resolve_pipeline(folder)
         self.tokenizers = sdxl.load_tokenizers(root)
         self.force_zeros_for_empty_prompt = sdxl.force_zeros_for_empty_prompt(root)
@@ -314,13 +293,6 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
         r, col = divmod(i, columns)
         grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
     return grid
-
-
-def png_bytes(image: np.ndarray | Image.Image, info: PngInfo | None = None) -> bytes:
-    """An image as PNG file bytes, for ``storage.atomic_write_bytes``."""
-    buffer = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 class Validator:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_train.diffusion import PREDICTION_TYPES
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 
 Sampler = Literal["euler", "ddim"]
 SAMPLERS: tuple[str, ...] = get_args(Sampler)

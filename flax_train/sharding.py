@@ -27,7 +27,7 @@ from flax import nnx
 from jax._src import distributed as jax_distributed  # the coordination service's client: no public handle
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -16,7 +16,7 @@ from flax_train import config as cfg
 from flax_train import hlo_cost
 from flax_train import sharding
 from flax_train.demo import CONFIG as DEMO_CONFIG
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 from flax_train.models import layers
 from flax_train.models.unet import UNet2DConditionModel
 from test_unet import TINY_CONFIG

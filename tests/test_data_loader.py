@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from flax_train import storage
+from sdxl_common import storage
 from flax_train.data import cache as cache_lib
 from flax_train.data.cache import CacheMismatchError, CacheMissingError, CacheSettings, LatentCache, verify_cache
 from flax_train.data.cache import make_loader

@@ -377,7 +377,7 @@ def test_an_interrupted_webdataset_prepare_redoes_only_the_missing_tars(model_di
 
 
 def test_webdataset_tars_on_cloud_storage_prepare_as_local_ones(model_dir, tar_dataset, folder_cache, tmp_path, gcs_bucket):
-    from flax_train import storage
+    from sdxl_common import storage
 
     _, tars = tar_dataset
     remote = f"{gcs_bucket}/{tmp_path.name}"
@@ -402,7 +402,7 @@ def test_two_processes_share_the_tars_of_a_webdataset(model_dir, tar_dataset, fo
 
 def test_webdataset_names_are_expanded_and_missing_tars_refused(tar_dataset):
     from flax_train.data.webdataset import expand_braces, list_tars
-    from flax_train.errors import BadInput, InputNotFound
+    from sdxl_common.errors import BadInput, InputNotFound
 
     assert expand_braces("gs://b/s-{008..011}.tar") == [f"gs://b/s-{i:03d}.tar" for i in range(8, 12)]
     assert expand_braces("{a,b}/{0..1}.tar") == ["a/0.tar", "a/1.tar", "b/0.tar", "b/1.tar"]

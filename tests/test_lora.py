@@ -22,7 +22,8 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from flax_train import config as config_lib, diffusion, errors, export, lora, lora_files, models, sdxl, sharding, train
+from flax_train import config as config_lib, diffusion, export, lora, models, sharding, train
+from sdxl_common import errors, lora_files, sdxl
 from flax_train.data import prepare
 from flax_train.demo import CONFIG as DEMO_CONFIG
 from lora_support import make_lora

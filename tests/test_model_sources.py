@@ -1,4 +1,4 @@
-"""Where a model comes from: a local folder, a Hub id, a gs:// folder (flax_train.model_source).
+"""Where a model comes from: a local folder, a Hub id, a gs:// folder (sdxl_common.model_source).
 
 The Hub is a fake one on localhost serving a repository laid out as
 stabilityai/stable-diffusion-xl-base-1.0 is (tests/fixtures/sdxl_base_1.0_files.txt), with a tiny
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_train import model_source, storage
+from sdxl_common import model_source, storage
 
 # One worker builds the tiny pipeline and starts the fake Hub once for all of them.
 pytestmark = pytest.mark.xdist_group("model_sources")
@@ -307,7 +307,8 @@ def test_locations():
 
 @pytest.mark.parametrize("variant", [None, "fp16"])
 def test_flax_train_prepare_fetches_only_what_loads_at_the_revision(hub, hub_env, tiny, tmp_path, variant):
-    from flax_train import models, sdxl
+    from flax_train import models
+    from sdxl_common import sdxl
     from flax_train.demo import synthetic
 
     data = synthetic.write_synthetic_dataset(tmp_path / "data", 8, image_size=16, seed=0)
@@ -332,7 +333,7 @@ def test_flax_train_prepare_fetches_only_what_loads_at_the_revision(hub, hub_env
 
     # Once fetched, the same folder offline, without a request.
     hub.reset()
-    code = ("import sys; from flax_train import model_source; "
+    code = ("import sys; from sdxl_common import model_source; "
             "print(model_source.local_folder(sys.argv[1], revision=sys.argv[2], variant=sys.argv[3] or None))")
     result = run([sys.executable, "-c", code, REPO_ID, BRANCH, variant or ""], {**hub_env, "HF_HUB_OFFLINE": "1"})
     assert Path(result.stdout.strip().splitlines()[-1]) == folder and hub.requests == []
@@ -394,7 +395,8 @@ def model_cache(tmp_path, monkeypatch) -> Path:
 
 
 def test_gs_folder_is_copied_once_and_loads(gcs_bucket, tiny, model_cache, tmp_path, monkeypatch):
-    from flax_train import models, sdxl
+    from flax_train import models
+    from sdxl_common import sdxl
 
     url = f"{gcs_bucket}/{tmp_path.name}/sdxl"
     upload(tiny, url)

@@ -9,6 +9,7 @@ import signal
 
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 from flax import nnx
 
@@ -132,6 +133,8 @@ def test_two_processes_train_what_one_does_and_survive_sigterm_and_a_damaged_che
     Processes(tmp_path, "sample", "sample", "--model", str(run_dir / "export"), "--prompt", "a red circle",
               "--steps", "2", "--out", str(tmp_path / "samples")).wait()
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["0000.png"]
+    with Image.open(tmp_path / "samples" / "0000.png") as png:  # the settings, as xla-infer writes them
+        assert png.text["prompt"] == "a red circle" and json.loads(png.text["parameters"])["steps"] == 2
 
 
 SLICES_WORKER = """

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from flax_train.sampling import Generator, read_prompt_file
+from flax_train.sampling import Generator
+from sdxl_common.prompts import read_prompt_file
 from flax_train.demo.tiny import save_tiny_pipeline
 
 RESOLUTION = 32

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from flax_train import model_source, single_file
+from sdxl_common import model_source, single_file
 from flax_train.demo import CONFIG as DEMO_CONFIG
 from flax_train.demo.tiny import save_tiny_pipeline
 from train_support import cli_env, make_workspace, overrides, run_cli
@@ -120,7 +120,7 @@ def test_conversion_is_cached_per_version_of_the_file(workspace, tmp_path, monke
 
 
 def test_a_gs_file_converts_as_a_local_one(workspace, gcs_bucket, tmp_path, monkeypatch):
-    from flax_train import storage
+    from sdxl_common import storage
 
     ws, file = workspace
     monkeypatch.setenv(model_source.CACHE_ENV, str(tmp_path / "cache"))

@@ -1,4 +1,4 @@
-"""flax_train.storage: files appear whole or not at all, folders are published whole, and an output
+"""sdxl_common.storage: files appear whole or not at all, folders are published whole, and an output
 path that cannot take files is refused before any work (local paths; gs:// runs in test_pods.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from flax_train import errors, storage
+from sdxl_common import errors, storage
 
 
 def test_a_write_that_fails_half_way_leaves_nothing_under_the_name(tmp_path):
@@ -18,7 +18,7 @@ def test_a_write_that_fails_half_way_leaves_nothing_under_the_name(tmp_path):
         import resource, signal
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
-        from flax_train import storage
+        from sdxl_common import storage
         storage.atomic_write_bytes({str(tmp_path / "image.png")!r}, b"x" * (1 << 20))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

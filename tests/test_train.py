@@ -30,7 +30,8 @@ import safetensors.numpy
 from flax import nnx
 from PIL import Image
 
-from flax_train import config as config_lib, diffusion, hlo_cost, models, sdxl, sharding, train
+from flax_train import config as config_lib, diffusion, hlo_cost, models, sharding, train
+from sdxl_common import sdxl
 from flax_train.data import prepare
 from flax_train.data.cache import LatentCache, RecordLayout
 from flax_train.demo import CONFIG as DEMO_CONFIG

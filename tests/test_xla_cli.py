@@ -66,10 +66,10 @@ def bad_prompt_files(tmp_path):
         ("missing_component", "missing text_encoder_2"),
         ("bad_width", "width 65 is not a positive multiple of the VAE factor 2"),
         ("zero_steps", "--steps: must be positive"),
-        ("empty_prompt_file", "is empty"),
-        ("non_utf8_line", "line 2: not valid UTF-8"),
+        ("empty_prompt_file", "no prompts (the file is empty)"),
+        ("non_utf8_line", "latin1.txt:2: not UTF-8"),
         ("unknown_scheduler", "unknown scheduler 'heun'"),
-        ("missing_prompt_file", "cannot read prompt file"),
+        ("missing_prompt_file", "no such prompt file"),
     ],
 )
 def test_bad_input_exits_2_with_a_message_and_no_traceback(folder, tmp_path, capsys, case, expected):

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from flax_train import lora_files
+from sdxl_common import lora_files
 from flax_train.demo.tiny import save_tiny_pipeline
 from lora_support import make_lora
 from test_xla_cli import cpu_args, exit_code_and_stderr
@@ -235,7 +235,7 @@ def test_cli_merges_loras_and_records_them(folder, loras, tmp_path, capsys):
 def test_cli_reads_a_lora_folder_from_cloud_storage(folder, loras, gcs_bucket, tmp_path):
     from PIL import Image
 
-    from flax_train import storage
+    from sdxl_common import storage
 
     url = f"{gcs_bucket}/{tmp_path.name}/lora_a"
     storage.copy_file(loras["a"] / lora_files.WEIGHT_NAME, f"{url}/{lora_files.WEIGHT_NAME}")

@@ -7,7 +7,7 @@ tests/test_xla_pipeline.py.
 import pytest
 import torch
 
-from flax_train import sdxl
+from sdxl_common import sdxl
 from xla_infer.schedulers import (
     SCHEDULER_NAMES,
     UnsupportedScheduler,

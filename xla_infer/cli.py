@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from flax_train import lora_files, storage
-from flax_train.errors import BadInput, report
+from sdxl_common import lora_files, storage
+from sdxl_common.png import png_bytes
+from sdxl_common.prompts import read_prompt_file
+from sdxl_common.errors import BadInput, report
 from xla_infer.schedulers import SCHEDULER_NAMES
 
 EXIT_BAD_INPUT = 2
@@ -113,28 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompt_file(path: Path) -> list[str]:
-    """Non-blank lines of a UTF-8 file; errors name the file and line."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise _BadInput(f"cannot read prompt file {path}: {err.strerror or err}") from None
-    prompts = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise _BadInput(
-                f"prompt file {path}, line {number}: not valid UTF-8 (byte {err.start + 1} of the line)"
-            ) from None
-        line = line.rstrip("\r").strip()
-        if line:
-            prompts.append(line.lstrip("\ufeff"))
-    if not prompts:
-        raise _BadInput(f"prompt file {path} is empty (no non-blank lines)")
-    return prompts
-
-
 def read_image(location: str, flag: str = "--image", mode: str = "RGB"):
     """The --image (or --mask) picture as a PIL image of `mode`; an unreadable file is the user's error."""
     from PIL import Image
@@ -145,19 +125,6 @@ def read_image(location: str, flag: str = "--image", mode: str = "RGB"):
             return image.convert(mode)
     except (OSError, ValueError, Image.DecompressionBombError) as err:  # missing, not an image, truncated
         raise _BadInput(f"cannot read {flag} {location}: {err}") from None
-
-
-def _png_bytes(image) -> bytes:
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in image.info.items():
-        # iTXt chunks hold UTF-8, so non-ASCII prompts survive; numbers and pairs are written as JSON.
-        info.add_itxt(key, value if isinstance(value, str) else json.dumps(value))
-    info.add_itxt("parameters", json.dumps(image.info, ensure_ascii=False))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -219,14 +186,14 @@ def run(args: argparse.Namespace) -> dict:
     entries = []
 
     def write(i: int, image) -> None:
-        # Each batch's files as soon as it is done, each written whole (see flax_train.storage): a
+        # Each batch's files as soon as it is done, each written whole (see sdxl_common.storage): a
         # killed run keeps the images it finished and leaves no truncated PNG.
         name = f"{i:05d}.png"
         if args.image is not None:
             image.info["image"] = args.image
         if args.mask is not None:
             image.info["mask"] = args.mask
-        storage.atomic_write_bytes(out / name, _png_bytes(image))
+        storage.atomic_write_bytes(out / name, png_bytes(image, image.info))
         entries.append({"file": name, **image.info})
 
     pipe(prompts, negative_prompts=args.negative_prompt, seeds=args.seed, guidance_scale=args.guidance,

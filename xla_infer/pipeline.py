@@ -39,8 +39,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from flax_train import lora_files, model_source, sdxl, storage  # these import neither JAX nor the trainer
-from flax_train.errors import BadInput, RunFailure, UserError
+from sdxl_common import lora_files, model_source, sdxl, storage  # these import neither JAX nor the trainer
+from sdxl_common.errors import BadInput, RunFailure, UserError
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_streams, make_sampler
 
 logger = logging.getLogger("xla_infer")
@@ -352,7 +352,7 @@ class Pipeline:
         sd_xl_base_1.0.safetensors), converted once into a cached diffusers folder with the configs
         of the pipeline `config` (folder or Hub id), or else the shipped SDXL base or refiner ones.
 
-        A Hub id or URL is fetched as the trainer fetches it (flax_train.model_source): the files
+        A Hub id or URL is fetched as the trainer fetches it (sdxl_common.model_source): the files
         the pipeline loads, at `revision` (Hub branch, tag or commit), with the `variant` ("fp16")
         weights. Weights are read from .safetensors only. `scheduler` is one of euler, euler_a,
         ddim, dpmpp_2m (default: the folder's own scheduler), configured from the folder's
@@ -475,7 +475,7 @@ class Pipeline:
         """Merge these LoRAs into the base model's weights, in place of those merged before.
 
         `loras`: (file or folder, scale) pairs, or bare paths (scale 1); a folder holds
-        pytorch_lora_weights.safetensors; local or gs://. Formats: those `flax_train.lora_files`
+        pytorch_lora_weights.safetensors; local or gs://. Formats: those `sdxl_common.lora_files`
         reads (diffusers / peft keys, alpha from the metadata or `.alpha` tensors; kohya keys). Each
         targeted Linear / Conv2d weight becomes ``base + sum_i scale_i * alpha_i / rank_i * up_i @
         down_i``, computed on the device outside the generation graphs, which then read the new

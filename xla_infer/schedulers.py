@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 
 SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m")
 

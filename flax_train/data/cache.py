@@ -46,11 +46,11 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
-from flax_train import model_source
+from sdxl_common import model_source
 from flax_train.data.images import PreprocessSpec, SourceSpec
-from flax_train.errors import BadInput, InputNotFound
-from flax_train import storage
-from flax_train.storage import atomic_write_bytes
+from sdxl_common.errors import BadInput, InputNotFound
+from sdxl_common import storage
+from sdxl_common.storage import atomic_write_bytes
 
 FORMAT = "sdxl-tpu latent cache"
 VERSION = 2  # 1: a tensor per array (four reads a sample); 2: a record per sample
@@ -143,7 +143,7 @@ def settings_differences(cached: Mapping[str, Any], expected: Mapping[str, Any])
 
 def _component_folder(path: str, component: str | None) -> Path:
     """``component``'s folder of the pipeline at ``path``, or, without ``component``, the separate
-    component folder at ``path``: local, or fetched as the trainer fetches it (flax_train.model_source)."""
+    component folder at ``path``: local, or fetched as the trainer fetches it (sdxl_common.model_source)."""
     if component:
         return model_source.local_folder(path) / component
     return model_source.local_folder(path, component=True)

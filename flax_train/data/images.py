@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol, Sequence, get_args
 
 import numpy as np
 from PIL import Image, ImageOps
-from flax_train.errors import BadInput, InputNotFound
+from sdxl_common.errors import BadInput, InputNotFound
 
 DataSource = Literal["imagefolder", "captions_txt", "hf", "webdataset"]
 

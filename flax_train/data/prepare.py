@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from flax_train.data import cache as cache_lib
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 from flax_train.data.cache import (
     CacheMissingError,
     MANIFEST,
@@ -65,8 +65,9 @@ from flax_train.data.images import (
     open_source,
     prepare_sample,
 )
-from flax_train import config as config_lib, models, sharding, sdxl
-from flax_train.storage import atomic_write_bytes
+from flax_train import config as config_lib, models, sharding
+from sdxl_common import sdxl
+from sdxl_common.storage import atomic_write_bytes
 from flax_train.models.clip import encode_prompts
 from flax_train.models.vae import sample_posterior
 

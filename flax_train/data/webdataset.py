@@ -23,9 +23,9 @@ import re
 import tarfile
 from typing import Iterator
 
-from flax_train import storage
+from sdxl_common import storage
 from flax_train.data.images import IMAGE_EXTENSIONS, RawSample
-from flax_train.errors import BadInput, InputNotFound
+from sdxl_common.errors import BadInput, InputNotFound
 
 TAR_STRIDE = 1 << 32  # more members than any tar holds
 _IMAGE_EXTENSIONS = {ext.lstrip(".") for ext in IMAGE_EXTENSIONS}

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from flax_train import sdxl
+from sdxl_common import sdxl
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"

@@ -25,7 +25,8 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flax_train import config as config_lib, models, sdxl
+from flax_train import config as config_lib, models
+from sdxl_common import sdxl
 from flax_train.data import prepare
 from flax_train.data.images import open_source, prepare_sample
 from flax_train.demo import CONFIG, synthetic, tiny

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import FrozenDict
 
-from flax_train import model_source
-from flax_train.errors import InputNotFound
+from sdxl_common import model_source
+from sdxl_common.errors import InputNotFound
 from flax_train.models import weights
 from flax_train.models.weights import WeightsError
 
@@ -94,7 +94,7 @@ def resolve_folder(
 ) -> Path:
     """A local component folder: ``subfolder`` of the pipeline at ``path``, or, without ``subfolder``,
     ``path`` itself as one component (a separate VAE). ``path`` is a folder, a Hub id or a URL
-    (see ``flax_train.model_source``)."""
+    (see ``sdxl_common.model_source``)."""
     if subfolder:
         local = model_source.local_folder(path, revision=revision, variant=variant) / subfolder
     else:
@@ -109,7 +109,7 @@ def resolve_pipeline(
 ) -> Path:
     """A whole diffusers pipeline folder (``model_index.json`` and one folder per component), local
     or fetched from a Hub id or URL, or converted from a single ``.safetensors`` file with the
-    configs of the pipeline ``config`` (see ``flax_train.model_source``)."""
+    configs of the pipeline ``config`` (see ``sdxl_common.model_source``)."""
     root = model_source.local_folder(path, revision=revision, variant=variant, config=config)
     if not (root / "model_index.json").is_file():
         raise InputNotFound(f"{root} is not a diffusers pipeline folder (no model_index.json)")

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 
 from flax_train.models import freeze_config
 from flax_train.models import layers

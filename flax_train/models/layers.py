@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 from flax_train.sharding import BATCH_AXES
 
 Dtype = jnp.dtype | type

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 
 from flax_train.models import freeze_config, layers
 from flax_train.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D

@@ -24,7 +24,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from flax_train.errors import BadInput
+from sdxl_common.errors import BadInput
 from flax_train.models import layers
 
 

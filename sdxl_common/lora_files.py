@@ -37,8 +37,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from flax_train import single_file, storage
-from flax_train.errors import BadInput, InputNotFound
+from sdxl_common import single_file, storage
+from sdxl_common.errors import BadInput, InputNotFound
 
 # The file diffusers' LoRA scripts write and `load_lora_weights` looks for in a folder.
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"

@@ -34,8 +34,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from flax_train import storage
-from flax_train.errors import BadInput
+from sdxl_common import storage
+from sdxl_common.errors import BadInput
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -12,7 +12,7 @@ A location is
   load from local folders only;
 - a single-file checkpoint (a local path or URL ending in ``.safetensors``, such as Stability's
   ``sd_xl_base_1.0.safetensors``): converted once into a diffusers folder in the same cache
-  (``flax_train.single_file``), with the configs of the ``config`` folder or else the shipped SDXL
+  (``sdxl_common.single_file``), with the configs of the ``config`` folder or else the shipped SDXL
   base or refiner configs.
 
 From a Hub repo or a URL only the files loading the model reads are fetched, chosen as diffusers'
@@ -40,9 +40,9 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from flax_train import storage
-from flax_train.errors import BadInput, InputNotFound, RunFailure
-from flax_train.storage import PathLike
+from sdxl_common import storage
+from sdxl_common.errors import BadInput, InputNotFound, RunFailure
+from sdxl_common.storage import PathLike
 
 # Where copies of remote folders go: $SDXL_TPU_MODEL_CACHE, or ~/.cache/sdxl-tpu/models.
 CACHE_ENV = "SDXL_TPU_MODEL_CACHE"
@@ -278,7 +278,7 @@ def _convert_single_file(location: str, *, config: PathLike | None, revision: st
     sizes, modification times), so a changed file or config is converted again. Built aside and
     renamed into place (``_build_once``), so a killed conversion leaves nothing that is used.
     """
-    from flax_train import single_file
+    from sdxl_common import single_file
 
     remote = storage.is_remote(location)
     source = storage.path(location) if remote else Path(os.path.expanduser(location))

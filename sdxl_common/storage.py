@@ -24,7 +24,7 @@ from pathlib import Path
 
 from etils import epath
 
-from flax_train import errors
+from sdxl_common import errors
 
 PathLike = str | os.PathLike
 

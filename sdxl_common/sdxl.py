@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from etils import epath
 
-from flax_train import storage
+from sdxl_common import storage
 
 # Both CLIP tokenizers pad and truncate every prompt to CLIP's context length.
 TOKEN_LENGTH = 77
