@@ -217,3 +217,21 @@ def test_a_multislice_tpu_estimate_prices_what_crosses_between_slices_at_the_net
     assert derived["dcn_seconds"] == pytest.approx(2.5e9 / 6.25e9)
     assert derived["ici_seconds"] == pytest.approx(12e9 / 600e9)
     assert derived["roofline_limited_by"] == "dcn" and derived["roofline_seconds"] == pytest.approx(0.4)
+
+
+def test_the_benchmarks_doc_shows_every_results_file(tmp_path):
+    from benchmarks import report
+
+    assert report.main(["--check"]) == 0, "run python -m benchmarks.report"
+    # A new results file shows up in the generated section, and only there.
+    (tmp_path / "loader_throughput_new.json").write_text(json.dumps({
+        "benchmark": "loader_throughput", "date": "2026-12-31", "host": "a host",
+        "runs": [{"source": "gs:// emulator", "delay_ms": 40, "samples_per_s": 1234.5, "requests_per_sample": 1.0,
+                  "bytes_read_per_sample": 100.0, "bytes_needed_per_sample": 100.0, "peak_rss_mib": 512}]}))
+    (tmp_path / "someday.json").write_text(json.dumps({"benchmark": "someday"}))
+    section = report.render(tmp_path)
+    assert "| gs:// emulator, 40 ms a request | 1,234.5 | 1.00 | 1.00 | 512 |" in section
+    assert "### someday" in section and "someday.json" in section
+    doc = "# Benchmarks\n\nprose\n\n" + report.render() + "\nafter\n"
+    new = report.updated(doc, section)
+    assert new.startswith("# Benchmarks\n\nprose\n\n") and new.endswith("\nafter\n") and "1,234.5" in new
