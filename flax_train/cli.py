@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 from etils import epath
 
-from flax_train import config as config_lib, lora, models, sharding, train
+from flax_train import config as config_lib, lora, models, schedulers, sharding, train
 from sdxl_common import errors, lora_files, storage
 from sdxl_common.errors import BadInput, report
 from sdxl_common.png import png_bytes
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="default: the model's unconditional input, as diffusers")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--scheduler", default="euler", choices=["euler", "ddim"])
+    p.add_argument("--scheduler", default="euler", choices=schedulers.SAMPLERS)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",

@@ -78,6 +78,7 @@ def sample_latents(
     neg_pooled_embeds: jax.Array,
     neg_time_ids: jax.Array,
     guidance_scale: float | jax.Array,
+    noise_keys: jax.Array | None = None,
 ) -> jax.Array:
     """Denoise `latents` with classifier-free guidance over all steps of `tables`.
 
@@ -88,9 +89,13 @@ def sample_latents(
     side by side (rows 2i and 2i+1: split over devices, an image and its twin stay on the same
     device, so guidance moves nothing between them), and combines the two predictions as
     uncond + guidance_scale * (cond - uncond). Returns the final latents (not divided by the VAE
-    scaling factor).
+    scaling factor). `noise_keys` (B,): a random key per image, for samplers that add noise at
+    every step (euler_a): step i draws from `fold_in(key, i + 1)`, so an image depends only on its
+    own key.
     """
     batch = latents.shape[0]
+    if tables.needs_step_noise and noise_keys is None:
+        raise ValueError(f"the {tables.name} sampler needs noise_keys")
 
     def pairs(negative: jax.Array, positive: jax.Array) -> jax.Array:
         negative, positive = _to_batch(negative, batch), _to_batch(positive, batch)
@@ -101,17 +106,23 @@ def sample_latents(
     all_time_ids = pairs(neg_time_ids, time_ids)
     timesteps = jnp.asarray(tables.timesteps, dtype=jnp.float32)
 
-    def denoise_step(i: jax.Array, x: jax.Array) -> jax.Array:
+    def denoise_step(i: jax.Array, carry: tuple[jax.Array, schedulers.State]) -> tuple[jax.Array, schedulers.State]:
+        x, state = carry
         model_input = schedulers.scale_model_input(tables, i, jnp.repeat(x, 2, axis=0))
         t = jnp.broadcast_to(timesteps[i], (2 * batch,))
         prediction = unet_fn(model_input, t, context, text_embeds=text_embeds, time_ids=all_time_ids)
         prediction = prediction.astype(jnp.float32).reshape(batch, 2, *x.shape[1:])
         uncond, cond = prediction[:, 0], prediction[:, 1]
         guided = uncond + guidance_scale * (cond - uncond)
-        return schedulers.step(tables, i, guided, x)
+        noise = None
+        if tables.needs_step_noise:
+            draw = lambda key: jax.random.normal(jax.random.fold_in(key, i + 1), x.shape[1:])
+            noise = jax.vmap(draw)(noise_keys)
+        return schedulers.step(tables, i, guided, x, state, noise)
 
     x = latents * jnp.asarray(tables.init_noise_sigma, latents.dtype)
-    return jax.lax.fori_loop(0, timesteps.shape[0], denoise_step, x)
+    carry = (x, schedulers.initial_state(tables, x))
+    return jax.lax.fori_loop(0, timesteps.shape[0], denoise_step, carry)[0]
 
 
 def decode_latents(vae: Any, latents: jax.Array, scaling_factor: float | None = None) -> jax.Array:
@@ -211,7 +222,7 @@ class Generator:
         return {"prompt_embeds": embeds, "pooled": pooled, "neg_prompt_embeds": neg_embeds, "neg_pooled": neg_pooled}
 
     @functools.partial(jax.jit, static_argnums=(0, 1, 3))
-    def _sample(self, unet_graph, unet_params, vae_graph, vae_state, embeds, latents, guidance_scale):
+    def _sample(self, unet_graph, unet_params, vae_graph, vae_state, embeds, latents, guidance_scale, keys):
         unet = nnx.merge(unet_graph, unet_params)
         vae = nnx.merge(vae_graph, vae_state)
         size = (self.resolution, self.resolution)
@@ -227,14 +238,21 @@ class Generator:
             embeds["neg_pooled"],
             time_ids,
             guidance_scale,
+            keys,
         )
         return decode_latents(vae, out.astype(jnp.float32))
 
+    @staticmethod
+    def seed_keys(count: int, seed: int) -> jax.Array:
+        """Image i's random key: that of seed + i, whatever the batch it is generated in."""
+        return jnp.stack([jax.random.PRNGKey(seed + i) for i in range(count)])
+
     def initial_latents(self, count: int, seed: int) -> jax.Array:
-        """Image i starts from the noise of seed + i, whatever the batch it is generated in."""
+        """Image i starts from the noise of its key (``seed_keys``); an ancestral sampler draws
+        its step noise from the same key (see ``sample_latents``)."""
         side = self.resolution // self.vae_scale
         shape = (self.latent_channels, side, side)
-        return jnp.stack([jax.random.normal(jax.random.PRNGKey(seed + i), shape) for i in range(count)])
+        return jax.vmap(lambda key: jax.random.normal(key, shape))(self.seed_keys(count, seed))
 
     def generate_from_embeds(
         self,
@@ -245,14 +263,18 @@ class Generator:
         seed: int = 0,
         guidance_scale: float = 5.0,
         latents: jax.Array | None = None,
+        keys: jax.Array | None = None,
     ) -> np.ndarray:
         """uint8 images (N, H, W, 3) for pre-encoded prompts, with the given UNet weights.
 
         ``latents`` (N, C, h, w) replaces the seeded initial noise, e.g. to reproduce another
-        implementation's images exactly."""
+        implementation's images exactly; ``keys`` (N,) the seeded keys of the step noise."""
+        count = embeds["prompt_embeds"].shape[0]
         if latents is None:
-            latents = self.initial_latents(embeds["prompt_embeds"].shape[0], seed)
-        images = self._sample(graphdef, params, *self._vae, embeds, latents, jnp.float32(guidance_scale))
+            latents = self.initial_latents(count, seed)
+        if keys is None:
+            keys = self.seed_keys(count, seed)
+        images = self._sample(graphdef, params, *self._vae, embeds, latents, jnp.float32(guidance_scale), keys)
         return sharding.to_host(images)
 
     def replicate_on(self, mesh: jax.sharding.Mesh) -> None:
@@ -317,7 +339,7 @@ class Validator:
             load_unet=False,
         )
         self.embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts))
-        self.latents = None
+        self.latents = self.keys = None
 
     def run(self, step: int, graphdef: nnx.GraphDef, params: nnx.State,
             text_encoders: tuple[nnx.GraphDef, nnx.State] | None = None) -> epath.Path:
@@ -329,7 +351,9 @@ class Validator:
             replicated = sharding.replicated(jax.tree.leaves(params)[0].sharding.mesh)
             self.generator.replicate_on(replicated.mesh)
             self.embeds = jax.device_put(sharding.to_host(self.embeds), replicated)
-            self.latents = jax.device_put(sharding.to_host(self.generator.initial_latents(len(v.prompts), v.seed)), replicated)
+            self.latents, self.keys = jax.device_put(
+                sharding.to_host((self.generator.initial_latents(len(v.prompts), v.seed),
+                                  self.generator.seed_keys(len(v.prompts), v.seed))), replicated)
         embeds = self.embeds
         if text_encoders is not None:
             embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts), text_encoders)
@@ -337,7 +361,7 @@ class Validator:
         # per device (splash attention's shard_map) read it from there, as in the train step.
         with jax.set_mesh(jax.tree.leaves(params)[0].sharding.mesh):
             images = self.generator.generate_from_embeds(
-                graphdef, params, embeds, guidance_scale=v.guidance_scale, latents=self.latents
+                graphdef, params, embeds, guidance_scale=v.guidance_scale, latents=self.latents, keys=self.keys
             )
         grid = image_grid(images)
         path = self.out / f"step_{step:07d}.png"

@@ -16,7 +16,7 @@ IMPORTS = {
     "xla_infer": ["xla_infer.cli", "xla_infer.pipeline", "xla_infer.schedulers"],
     "flax_train": ["flax_train.cli", "flax_train.train", "flax_train.sampling", "flax_train.export"],
     "sdxl_common": ["sdxl_common." + m for m in
-                    ("errors", "storage", "model_source", "sdxl", "single_file", "lora_files", "prompts", "png")],
+                    ("errors", "storage", "model_source", "sdxl", "single_file", "lora_files", "prompts", "samplers", "png")],
 }
 FORBIDDEN = {
     "xla_infer": {"jax", "flax", "optax", "orbax", "grain", "flax_train"},
@@ -48,3 +48,4 @@ def test_each_half_installs_its_own_stack():
     assert {"torch", "torch-xla", "diffusers"} <= extras["infer"]
     assert not extras["infer"] & {"jax", "flax", "optax", "orbax-checkpoint", "grain"}
     assert not extras[""] & {"jax", "flax", "torch", "torch-xla"}  # what every install gets
+

@@ -19,7 +19,8 @@ from flax_train import sampling, schedulers
 from flax_train.models import clip
 from flax_train.demo.tiny import build_tokenizer, tiny_component_configs
 
-from test_schedulers import SDXL_SCHEDULER_CONFIG, REFERENCE_CLASSES
+from sdxl_common.samplers import diffusers_scheduler
+from test_schedulers import SDXL_SCHEDULER_CONFIG
 
 LATENT_SIZE = 8
 
@@ -40,7 +41,7 @@ def pipeline(tmp_path_factory):
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=UNet2DConditionModel(**configs["unet"]).eval(),
-        scheduler=REFERENCE_CLASSES["euler"].from_config(SDXL_SCHEDULER_CONFIG),
+        scheduler=diffusers_scheduler("euler", SDXL_SCHEDULER_CONFIG),
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -84,6 +85,8 @@ SAMPLER_CASES = [
     ("euler", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 3, 2, False),
     ("ddim", {}, 4, 1, True),
     ("ddim", {"timestep_spacing": "trailing"}, 3, 2, False),
+    ("dpmpp_2m", {}, 4, 1, True),
+    ("dpmpp_2m", {"prediction_type": "v_prediction"}, 3, 2, False),
 ]
 
 
@@ -106,7 +109,7 @@ def test_sample_latents_matches_sdxl_pipeline(pipeline, case):
     neg_size, neg_crop, neg_target = ((48, 40), (0, 0), (64, 48)) if separate_negative else (size, crop, target)
     guidance = 5.0
 
-    pipeline.scheduler = REFERENCE_CLASSES[name].from_config(config)
+    pipeline.scheduler = diffusers_scheduler(name, config)
     expected = pipeline(
         prompt_embeds=torch.from_numpy(prompt_embeds),
         pooled_prompt_embeds=torch.from_numpy(pooled),
@@ -127,12 +130,12 @@ def test_sample_latents_matches_sdxl_pipeline(pipeline, case):
     ).images.numpy()
 
     tables = schedulers.make_scheduler(name, config, steps)
-    sample = jax.jit(functools.partial(sampling.sample_latents, _torch_unet_fn(pipeline.unet)))
+    sample = jax.jit(functools.partial(sampling.sample_latents, _torch_unet_fn(pipeline.unet), tables))
     time_ids = sampling.make_time_ids(size, crop, target, batch)
     neg_time_ids = sampling.make_time_ids(neg_size, neg_crop, neg_target, 1)  # batch 1 broadcasts
 
     def run(guidance_scale, neg_time_ids):
-        out = sample(tables, latents, prompt_embeds, pooled, time_ids, neg_prompt_embeds, neg_pooled, neg_time_ids,
+        out = sample(latents, prompt_embeds, pooled, time_ids, neg_prompt_embeds, neg_pooled, neg_time_ids,
                      guidance_scale)
         return np.asarray(out)
 

@@ -50,7 +50,10 @@ def test_images_match_diffusers_pipeline(folder, generator):
     assert diff <= 1.0
 
 
-def test_each_image_depends_only_on_its_own_seed(generator):
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a"])  # euler_a: step noise, from the seed too
+def test_each_image_depends_only_on_its_own_seed(folder, generator, scheduler):
+    if scheduler != "euler":
+        generator = Generator(folder, scheduler=scheduler, num_steps=STEPS)
     batch = generator(["a red circle on a blue background", "a black square on a white background"], seed=10)
     alone = generator(["a black square on a white background"], seed=11)
     assert np.array_equal(np.asarray(batch[1]), np.asarray(alone[0]))

@@ -40,7 +40,10 @@ def test_generates_pngs_with_parameters_and_a_manifest(folder, tmp_path, capsys)
     png = Image.open(out / "00001.png")
     assert png.size == (64, 64)
     assert png.text["prompt"] == "ünïcødé 日本語" and png.text["seed"] == "41"
-    assert png.text["negative_prompt"] == "blurry" and json.loads(png.text["parameters"])["steps"] == 2
+    assert png.text["negative_prompt"] == "blurry"
+    # The web UIs' "PNG info" layout: prompt, negative prompt, then the settings on one line.
+    assert png.text["parameters"].startswith(
+        "ünïcødé 日本語\nNegative prompt: blurry\nSteps: 2, Sampler: DPM++ 2M, CFG scale: 5.0, Seed: 41, Size: 64x64, Model: ")
     err = capsys.readouterr().err
     assert "s/image steady" in err and "images/s" in err and "warm-up" in err
 

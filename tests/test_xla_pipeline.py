@@ -14,7 +14,7 @@ from PIL import Image
 
 from flax_train.demo.tiny import save_tiny_pipeline
 from xla_infer import SCHEDULER_NAMES, InputError, Pipeline
-from xla_infer.schedulers import diffusers_scheduler
+from sdxl_common.samplers import diffusers_scheduler
 
 PROMPTS = ["a red circle", "a blue square on a green background"]
 NEGATIVES = [None, "blurry"]

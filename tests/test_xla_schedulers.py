@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from sdxl_common import sdxl
-from xla_infer.schedulers import (
-    SCHEDULER_NAMES,
-    UnsupportedScheduler,
-    canonical_name,
-    diffusers_scheduler,
-    draw_noise,
-    make_sampler,
-)
+from sdxl_common.samplers import SCHEDULER_NAMES, UnsupportedScheduler, canonical_name, diffusers_scheduler
+from xla_infer.schedulers import draw_noise, make_sampler
 
 SDXL_CONFIG = {**sdxl.SCHEDULER_CONFIG, **sdxl.SCHEDULER_EXTRA_KEYS}
 SHAPE = (4, 8, 8)
@@ -97,5 +91,5 @@ def test_names_and_errors():
         canonical_name("lms")
     with pytest.raises(UnsupportedScheduler, match="prediction_type"):
         make_sampler("euler", {**SDXL_CONFIG, "prediction_type": "sample"}, 4)
-    with pytest.raises(ValueError, match="steps must be positive"):
+    with pytest.raises(UnsupportedScheduler, match=r"num_inference_steps must be in \[1, 1000\], got 0"):
         make_sampler("euler", SDXL_CONFIG, 0)
