@@ -143,18 +143,6 @@ def measure_jax(model: str, args: argparse.Namespace) -> dict:
             "compilations_after_warmup": Generator._sample._cache_size() - compiled, **timed}
 
 
-# --unet medium: save_tiny_pipeline's random SDXL folder at 256px with train_throughput's medium UNet
-# (SDXL's blocks and 1/2/10 transformer layers at a fifth of the width), so that the UNet, not
-# overhead, dominates a CPU run.
-# The text encoders have SDXL's widths (768 and 1280, which the UNet's cross-attention and added
-# embeddings take) but 2 layers each, and the VAE (factor 8) a quarter of SDXL's channels: both run
-# once per image, the UNet twice per step.
-MEDIUM_SIZES = dict(
-    image_size=256, unet_channels=(64, 128, 256), unet_heads=(1, 2, 4), transformer_layers_per_block=(1, 2, 10),
-    layers_per_block=2, text_hidden=(768, 1280), text_layers=2, text_projection_dim=1280,
-    addition_time_embed_dim=256, norm_num_groups=32, vae_channels=(32, 64, 128, 128))
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -179,7 +167,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="SDXL diffusers folder; default: a random one (see --unet)")
     parser.add_argument("--unet", default="tiny", choices=["tiny", "medium"],
                         help="without --model: the tiny demo folder, or a 256px folder with train_throughput's "
-                             "medium UNet (see MEDIUM_SIZES)")
+                             "medium UNet (benchmarks/unets.py)")
     parser.add_argument("--devices", default="xla,cpu,diffusers,jax",
                         help="comma-separated runners, from xla, cpu, cuda, cpu-compile, cuda-compile, diffusers, "
                              "jax; the first is the baseline of the ratio")
@@ -211,6 +199,8 @@ def main() -> None:
         if model is None:
             from flax_train.demo.tiny import save_tiny_pipeline
 
+            from benchmarks.unets import MEDIUM_SIZES
+
             sizes = MEDIUM_SIZES if args.unet == "medium" else {}
             model = str(save_tiny_pipeline(Path(tmp) / f"{args.unet}_sdxl", seed=0, **sizes))
         runs = [measure(model, device, args) for device in devices]
@@ -236,7 +226,7 @@ def main() -> None:
         "benchmark": "infer_latency",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model": args.model or f"{args.unet} random SDXL (flax_train.demo.tiny.save_tiny_pipeline, seed 0"
-                               + (", benchmarks.infer_latency.MEDIUM_SIZES)" if args.unet == "medium" else ")"),
+                               + (", benchmarks.unets.MEDIUM_SIZES)" if args.unet == "medium" else ")"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model")},
         "host": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "load_average_1m": os.getloadavg()[0], "python": platform.python_version(),

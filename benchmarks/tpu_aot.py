@@ -68,6 +68,9 @@ os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 # chip, so two compiles (two benchmark runs) may share the host.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+from benchmarks.unets import unet_architecture  # noqa: E402 (after the environment above)
+from sdxl_common import chips  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 # Each compiled program's optimized HLO (gzip), kept out of git: tpu_aot --reanalyse reads them
@@ -81,30 +84,32 @@ NOTE = "compiler cost-model estimate, not a measurement"
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """A single-host TPU slice as libtpu names it, or several of them joined over the data-centre
-    network (multislice: the mesh's data axis spans them, mesh.slices)."""
+    network (multislice: the mesh's data axis spans them, mesh.slices). Each chip's limits are its
+    row of sdxl_common.chips."""
 
     topology: str  # libtpu topology name of one slice
     host_bounds: tuple[int, int, int]  # chips per host along x, y, z (one host holds the slice)
-    chip: str  # key of flax_train.config.CHIP_PEAK_TFLOPS
-    hbm_gib: float  # HBM per chip
-    hbm_gb_per_s: float  # HBM bandwidth per chip (Cloud TPU documentation)
-    ici_gb_per_s: float  # bidirectional inter-chip interconnect bandwidth per chip (same source)
+    chip: str  # key of sdxl_common.chips.CHIPS
     slices: int = 1
-    dcn_gb_per_s: float | None = None  # data-centre network bandwidth per chip (same source), for slices > 1
+    dcn_gb_per_s: float | None = None  # data-centre network bandwidth per chip (Cloud TPU documentation), for slices > 1
+
+    @property
+    def limits(self) -> chips.Chip:
+        return chips.CHIPS[self.chip]
 
 
 SLICES: dict[str, Slice] = {
-    "v5e-8": Slice("v5e:2x4", (2, 4, 1), "tpu_v5e", 16.0, 819.0, 400.0),
-    "v5e-4": Slice("v5e:2x2", (2, 2, 1), "tpu_v5e", 16.0, 819.0, 400.0),
+    "v5e-8": Slice("v5e:2x4", (2, 4, 1), "tpu_v5e"),
+    "v5e-4": Slice("v5e:2x2", (2, 2, 1), "tpu_v5e"),
     # v5p-8 is 4 chips (8 TensorCores, fused in pairs as megacores): JAX sees 4 devices.
-    "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0, 2765.0, 1200.0),
+    "v5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p"),
     # Two v5p-8 slices over the data-centre network: 50 Gbit/s per chip (the v5p page's table).
-    "2xv5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", 95.0, 2765.0, 1200.0, slices=2, dcn_gb_per_s=50 / 8),
-    "v6e-8": Slice("v6e:2x4", (2, 4, 1), "tpu_v6e", 32.0, 1640.0, 800.0),
-    "v6e-4": Slice("v6e:2x2", (2, 2, 1), "tpu_v6e", 32.0, 1640.0, 800.0),
+    "2xv5p-8": Slice("v5p:2x2x1", (2, 2, 1), "tpu_v5p", slices=2, dcn_gb_per_s=50 / 8),
+    "v6e-8": Slice("v6e:2x4", (2, 4, 1), "tpu_v6e"),
+    "v6e-4": Slice("v6e:2x2", (2, 2, 1), "tpu_v6e"),
     # One chip: what a Colab TPU runtime has.
-    "v5e-1": Slice("v5e:1x1", (1, 1, 1), "tpu_v5e", 16.0, 819.0, 400.0),
-    "v6e-1": Slice("v6e:1x1", (1, 1, 1), "tpu_v6e", 32.0, 1640.0, 800.0),
+    "v5e-1": Slice("v5e:1x1", (1, 1, 1), "tpu_v5e"),
+    "v6e-1": Slice("v6e:1x1", (1, 1, 1), "tpu_v6e"),
 }
 
 # Mesh layouts (flax_train.config.MeshConfig fields).
@@ -165,17 +170,6 @@ DEFAULT_SCENARIOS = (
 
 # --------------------------------------------------------------------------------------------
 # One compile (runs in a worker subprocess)
-
-
-def unet_architecture(unet: str, resolution: int, depth: int | None) -> dict[str, Any]:
-    from sdxl_common import sdxl
-    from flax_train.demo import tiny
-
-    architecture = dict(sdxl.UNET_CONFIG) if unet == "sdxl" else tiny.unet_config(resolution, **tiny.DEMO_SIZES)
-    if depth is not None:
-        layers = list(architecture["transformer_layers_per_block"])
-        architecture["transformer_layers_per_block"] = layers[:-1] + [depth]
-    return architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +298,7 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
     # cannot fit: the state alone, per chip, exceeds the HBM.
     result["state_gib_per_chip"] = state_bytes / 1024**3
     result["target_state_gib_per_chip"] = target_state_bytes / 1024**3
-    if not stand_in and target_state_bytes / 1024**3 > spec.hbm_gib:
+    if not stand_in and target_state_bytes / 1024**3 > spec.limits.hbm_gib:
         result.update(status="over_hbm", compile_s=0.0, error="the training state alone exceeds the chip's HBM")
         return result
 
@@ -536,13 +530,12 @@ DERIVED_FIELDS = {
 def derive(row: dict[str, Any]) -> dict[str, Any]:
     """Adds totals, the HBM check, the analytic FLOPs, the roofline and the cost model's throughput."""
     from flax_train import hlo_cost
-    from flax_train.metrics import CHIP_PEAK_TFLOPS
 
     spec = SLICES[row["slice"]]
-    row = {**{k: v for k, v in row.items() if k not in DERIVED_FIELDS}, "hbm_gib": spec.hbm_gib}
+    row = {**{k: v for k, v in row.items() if k not in DERIVED_FIELDS}, "hbm_gib": spec.limits.hbm_gib}
     if "temp_gib" in row:
         row["total_gib"] = row["argument_gib"] + row["output_gib"] + row["temp_gib"] + row["code_gib"] - row["alias_gib"]
-        row["fits_hbm"] = row["total_gib"] <= spec.hbm_gib
+        row["fits_hbm"] = row["total_gib"] <= spec.limits.hbm_gib
     forward = FORWARD_TFLOP_PER_IMAGE.get(row["resolution"])
     if row.get("task") == "inference" and forward:
         # Every step runs the UNet on the image and its unconditional twin (guidance).
@@ -558,7 +551,7 @@ def derive(row: dict[str, Any]) -> dict[str, Any]:
         row["analytic_executed_flops_per_step"] = executed
     if "hlo_flops_per_device" in row and "analytic_executed_flops_per_step" in row:
         row["hlo_vs_analytic_flops"] = row["hlo_flops_per_device"] * row["chips"] / row["analytic_executed_flops_per_step"]
-    peak = CHIP_PEAK_TFLOPS[spec.chip]
+    peak = spec.limits.peak_tflops
     row["peak_tflops_per_chip"] = peak
     if "collective_bytes_per_device" in row and "analytic_executed_flops_per_step" in row:
         # Each resource's time alone at its peak: the matrix units on the HLO's FLOPs (on the
@@ -570,10 +563,10 @@ def derive(row: dict[str, Any]) -> dict[str, Any]:
         if row.get("attention") == "splash":
             flops = row["analytic_executed_flops_per_step"] / row["chips"]
         row["compute_seconds"] = flops / (peak * 1e12)
-        row["hbm_seconds"] = row["hlo_hbm_bytes_per_device"] / (spec.hbm_gb_per_s * 1e9)
+        row["hbm_seconds"] = row["hlo_hbm_bytes_per_device"] / (spec.limits.hbm_gb_per_s * 1e9)
         terms = {"compute": row["compute_seconds"]}
         if row.get("hlo_accounting", 1) == hlo_cost.ACCOUNTING or not row["collective_bytes_per_device"]:
-            row["ici_seconds"] = terms["ici"] = row["collective_bytes_per_device"] / (spec.ici_gb_per_s / 2 * 1e9)
+            row["ici_seconds"] = terms["ici"] = row["collective_bytes_per_device"] / (spec.limits.ici_gb_per_s / 2 * 1e9)
             if spec.slices > 1:  # what crosses between slices, over the data-centre network
                 row["dcn_seconds"] = terms["dcn"] = row["dcn_bytes_per_device"] / (spec.dcn_gb_per_s * 1e9)
         else:  # counted by rules that over-counted collectives, and the HLO was not kept to count again

@@ -34,6 +34,8 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+from benchmarks.unets import unet_architecture  # noqa: E402 (after the environment above)
+
 START = time.perf_counter()
 
 
@@ -156,26 +158,10 @@ def time_diffusers_step(architecture: dict, args, torch_mode: str, device: str) 
     return warmup_s, timed(args.steps) / args.steps
 
 
-def unet_architecture(unet: str, resolution: int) -> dict:
-    """sdxl; medium: SDXL's layout (blocks, 1/2/10 transformer layers, 64-wide heads, both text
-    encoders' widths) at a fifth of its channels, 64/128/256, a CPU-sized step that is still
-    dominated by SDXL's kinds of work (26 GFLOP forward per image at 256px, 158M parameters; SDXL: 6.76 TFLOP
-    at 1024px); tiny: the demo's UNet."""
-    from sdxl_common import sdxl
-    from flax_train.demo import tiny
-
-    if unet == "tiny":
-        return tiny.unet_config(resolution, **tiny.DEMO_SIZES)
-    architecture = {**sdxl.UNET_CONFIG, "sample_size": resolution // 8}
-    if unet == "medium":
-        architecture.update(block_out_channels=[64, 128, 256], attention_head_dim=[1, 2, 4])
-    return architecture
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--unet", default="tiny", choices=["tiny", "medium", "sdxl"],
-                        help="medium: SDXL's layout at a fifth of its width (see unet_architecture)")
+                        help="medium: SDXL's layout at a fifth of its width (see benchmarks/unets.py)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--vae-factor", type=int, default=None, help="pixels per latent (default: 8 for sdxl, the demo VAE's for tiny)")
     parser.add_argument("--batch", type=int, default=16, help="global batch")

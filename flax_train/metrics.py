@@ -17,37 +17,16 @@ import jax
 import numpy as np
 from etils import epath
 
-from sdxl_common import storage
+from sdxl_common import chips, storage
 
-# Dense bf16 peak per chip, for MFU. None: no meaningful peak (MFU is reported only when
-# logging.peak_tflops is given).
-CHIP_PEAK_TFLOPS: dict[str, float | None] = {
-    "tpu_v4": 275.0,
-    "tpu_v5e": 197.0,
-    "tpu_v5p": 459.0,
-    "tpu_v6e": 918.0,
-    "h100": 989.0,
-    "cpu": None,
-}
+# Dense bf16 peak per chip, for MFU (sdxl_common.chips). None: no meaningful peak (MFU is
+# reported only when logging.peak_tflops is given).
+CHIP_PEAK_TFLOPS: dict[str, float | None] = {name: chip.peak_tflops for name, chip in chips.CHIPS.items()}
+
 
 def detect_chip(device: Any | None = None) -> str | None:
-    """Maps ``device_kind`` ("TPU v5 lite", "NVIDIA H100 80GB HBM3", ...) to a CHIP_PEAK_TFLOPS key."""
-    kind = (device or jax.devices()[0]).device_kind.lower()
-    table = [
-        ("v5 lite", "tpu_v5e"),
-        ("v5e", "tpu_v5e"),
-        ("v5p", "tpu_v5p"),
-        ("v5", "tpu_v5p"),
-        ("v6 lite", "tpu_v6e"),
-        ("v6e", "tpu_v6e"),
-        ("v4", "tpu_v4"),
-        ("h100", "h100"),
-        ("h200", "h100"),  # same compute dies as the H100; more memory
-    ]
-    for needle, chip in table:
-        if needle in kind:
-            return chip
-    return None
+    """The CHIP_PEAK_TFLOPS key of ``device`` (default: the first JAX device), or None."""
+    return chips.chip_of((device or jax.devices()[0]).device_kind)
 
 
 def memory_summary(compiled: Any) -> str:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.unets import MEDIUM_SIZES, unet_architecture
 from flax_train import hlo_cost
+from sdxl_common import sdxl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,16 +57,19 @@ def test_infer_latency_quick_runs_every_runner_once_compiled(tmp_path):
     assert report["runs"][0]["images_per_second_ratio_to_first"] == 1
 
 
-def test_the_medium_inference_folder_has_the_medium_training_unet():
-    """infer_latency --unet medium and train_throughput --unet medium time the same UNet."""
-    from benchmarks.infer_latency import MEDIUM_SIZES
-    from benchmarks.train_throughput import unet_architecture
+def test_the_benchmark_unets_are_the_models_they_are_named_after():
+    """medium is SDXL's UNet at a fifth of the width (infer_latency's folder and train_throughput's
+    step time the same one); depth changes only the last block's transformer layers."""
     from flax_train.demo.tiny import tiny_component_configs
 
-    folder_unet = tiny_component_configs(vocab_size=1, **MEDIUM_SIZES)["unet"]
-    trained = unet_architecture("medium", MEDIUM_SIZES["image_size"])
-    for key, value in folder_unet.items():
-        assert trained[key] == (list(value) if isinstance(value, tuple) else value), key
+    medium = unet_architecture("medium", 256)
+    assert medium == {"_class_name": "UNet2DConditionModel", **tiny_component_configs(vocab_size=1, **MEDIUM_SIZES)["unet"]}
+    narrowed = {**sdxl.UNET_CONFIG, "sample_size": 32, "block_out_channels": [64, 128, 256], "attention_head_dim": [1, 2, 4]}
+    for key, value in medium.items():
+        assert narrowed.get(key, value) == (list(value) if isinstance(value, tuple) else value), key
+    assert unet_architecture("sdxl", 1024, depth=2)["transformer_layers_per_block"] == [1, 2, 2]
+    with pytest.raises(ValueError, match="unknown UNet 'large'"):
+        unet_architecture("large", 256)
 
 
 def test_a_tpu_estimate_fitted_from_shallower_compiles_is_labelled_extrapolated():
@@ -98,7 +103,7 @@ def test_the_inference_estimate_compiles_the_sampler_with_every_step_counted():
 
     # One UNet call on a chip's doubled batch (its image and the unconditional twin), compiled and
     # counted by the same rule (a convolution's taps on zero padding are not counted).
-    architecture = tpu_aot.unet_architecture("tiny", 64, None)
+    architecture = unet_architecture("tiny", 64)
     graph, params = nnx.split(models.abstract(architecture, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
     text_width, tokens = architecture["cross_attention_dim"], 77
     pooled_width = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
