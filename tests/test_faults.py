@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ from train_support import (
     checkpoint_steps,
     cli_env,
     flip_bytes_in_the_largest_file,
+    host,
     make_config,
     make_workspace,
     overrides,
@@ -91,9 +93,9 @@ def metric_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill_9_at_random_moments_then_resume_is_bit_exact(workspace, tmp_path):
-    steps = 12
-    extra = (f"train.max_steps={steps}", "checkpoint.every_steps=3", "checkpoint.async_save=true")
+def test_kill_9_at_random_moments_then_resume_is_bit_exact(workspace, eight_steps, eight_steps_states, tmp_path):
+    uninterrupted, extra = eight_steps  # asynchronous saves (the default) at steps 2, 4, 6, 8
+    steps = 8
     run_dir = tmp_path / "killed"
     rng = random.Random(0)
     kills, during_save = 0, 0
@@ -126,11 +128,8 @@ def test_kill_9_at_random_moments_then_resume_is_bit_exact(workspace, tmp_path):
     assert final.wait(timeout=600) == 0, (tmp_path / "final.log").read_text()[-3000:]
     assert [row["step"] for row in metric_rows(run_dir)] == list(range(1, steps + 1))  # one row per step
 
-    reference = make_config(workspace, tmp_path / "uninterrupted", *extra)
-    train.train(reference)
-    _, expected = train.restore_checkpoint(reference)
     _, resumed = train.restore_checkpoint(make_config(workspace, run_dir, *extra))
-    assert_trees_equal(resumed, expected)  # parameters, optimizer state, EMA, step, RNG key
+    assert_trees_equal(resumed, eight_steps_states[8])  # parameters, optimizer state, EMA, step, RNG key
 
 
 def _delete_a_file(checkpoint: Path) -> None:
@@ -157,6 +156,14 @@ def eight_steps(workspace, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
     return run_dir, extra
 
 
+@pytest.fixture(scope="module")
+def eight_steps_states(workspace, eight_steps) -> dict[int, Any]:
+    """That run's states at steps 4 and 8 (host copies), restored once for every test comparing with them."""
+    run_dir, extra = eight_steps
+    cfg = make_config(workspace, run_dir, *extra)
+    return {step: host(train.restore_checkpoint(cfg, step=step)[1]) for step in (4, 8)}
+
+
 def stopped_at_6(eight_steps, tmp_path: Path) -> tuple[Path, Path, tuple[str, ...]]:
     """A copy of that run as a run stopped after step 6 leaves it."""
     source, extra = eight_steps
@@ -170,15 +177,14 @@ def stopped_at_6(eight_steps, tmp_path: Path) -> tuple[Path, Path, tuple[str, ..
     "damage", [_delete_a_file, _truncate_the_largest_file, flip_bytes_in_the_largest_file, _empty_the_metadata]
 )
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_restores(
-    workspace, eight_steps, tmp_path, damage, caplog
+    workspace, eight_steps, eight_steps_states, tmp_path, damage, caplog
 ):
-    source, run_dir, extra = stopped_at_6(eight_steps, tmp_path)
+    _, run_dir, extra = stopped_at_6(eight_steps, tmp_path)
     damage(run_dir / "checkpoints" / "6")
 
     _, state = train.restore_checkpoint(make_config(workspace, run_dir, *extra))
 
-    _, expected = train.restore_checkpoint(make_config(workspace, source, *extra), step=4)
-    assert_trees_equal(state, expected)
+    assert_trees_equal(state, eight_steps_states[4])
     assert f"checkpoint {run_dir / 'checkpoints' / '6'} cannot be restored" in caplog.text
     damaged = list((run_dir / "checkpoints" / "damaged").iterdir())
     assert len(damaged) == 1 and damaged[0].name.startswith("6-")  # kept, for whoever wants to look
@@ -207,17 +213,16 @@ def test_a_checksum_changes_with_any_one_element_and_not_with_the_sharding():
     assert checkpoint.checksums(other_key, {"epoch": 1})["['key']"] != sums["['key']"]
 
 
-def test_training_goes_on_past_a_damaged_checkpoint(workspace, eight_steps, tmp_path):
-    source, run_dir, extra = stopped_at_6(eight_steps, tmp_path)
+def test_training_goes_on_past_a_damaged_checkpoint(workspace, eight_steps, eight_steps_states, tmp_path):
+    _, run_dir, extra = stopped_at_6(eight_steps, tmp_path)
     _truncate_the_largest_file(run_dir / "checkpoints" / "6")
 
     result = train.train(make_config(workspace, run_dir, *extra))
 
     assert result.step == 8 and len(result.losses) == 4  # steps 5 to 8: resumed from step 4
     assert checkpoint_steps(run_dir) == [2, 4, 6, 8]  # step 6 saved again, the damaged one set aside
-    _, expected = train.restore_checkpoint(make_config(workspace, source, *extra))
     _, resumed = train.restore_checkpoint(make_config(workspace, run_dir, *extra))
-    assert_trees_equal(resumed, expected)
+    assert_trees_equal(resumed, eight_steps_states[8])
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(workspace, eight_steps, tmp_path):

@@ -41,6 +41,7 @@ import torch
 
 from sdxl_common import lora_files, model_source, sdxl, storage  # these import neither JAX nor the trainer
 from sdxl_common.errors import BadInput, RunFailure, UserError
+from xla_infer.batches import Batch, Conditioning, Continued, FromImage, FromNoise, Inpaint
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_streams, make_sampler
 
 logger = logging.getLogger("xla_infer")
@@ -783,10 +784,11 @@ class Pipeline:
             negative = (original, crops, target)
         return MicroConditioning(original, crops, target, *negative)
 
-    def _host_conditioning(self, prompts, prompts_2, negatives, negatives_2, guidance_scale,
-                           micro: MicroConditioning):
-        """Host tensors of one batch's conditioning, rows interleaved (neg, pos), and, per row, the
-        tokens each encoder's text lost (two lists, rows interleaved like the texts)."""
+    def host_conditioning(self, prompts, prompts_2, negatives, negatives_2, guidance_scale,
+                          micro: MicroConditioning) -> tuple[Conditioning, tuple[list[int], list[int]]]:
+        """One batch's conditioning for this model, rows interleaved (neg, pos), and, per row, the
+        tokens each encoder's text lost (two lists, rows interleaved like the texts). A base
+        pipeline asks its refiner for the refiner's own."""
         texts_1, texts_2, keep = [], [], []
         for prompt, prompt_2, negative, negative_2 in zip(prompts, prompts_2, negatives, negatives_2):
             texts_1 += [negative or "", prompt]
@@ -799,24 +801,25 @@ class Pipeline:
         # guidance <= 1 means no guidance in diffusers (the positive prediction alone); scale 1 gives that.
         scale = guidance_scale if guidance_scale > 1 else 1.0
         guidance = torch.full((len(prompts), 1, 1, 1), float(scale), dtype=torch.float32)
-        host = dict(ids_1=ids_1, ids_2=ids_2, keep=torch.tensor(keep), time_ids=time_ids, guidance=guidance)
-        return host, (dropped_1, dropped_2)
+        conditioning = Conditioning(ids_1, ids_2, torch.tensor(keep), time_ids, guidance)
+        return conditioning, (dropped_1, dropped_2)
 
     def _host_batch(self, prompts, prompts_2, negatives, negatives_2, seeds, guidance_scale,
                     micro: MicroConditioning, images: list[np.ndarray] | None = None, start: int = 0,
                     masks: list[np.ndarray] | None = None, full: bool = False, refiner=None):
-        """Host tensors for one batch of exactly `batch_size` rows, conditioning rows interleaved (neg, pos).
+        """The host side of one batch of exactly `batch_size` rows (see xla_infer.batches).
 
         `prompts_2` / `negatives_2` are the texts of the second text encoder, already resolved;
         `negatives` entries of None mark SDXL's zeroed negatives. With `images`, the batch starts
         from them at step `start` (image-to-image), and with `masks` too it inpaints (`full`:
         strength 1). `refiner` = (stop, refiner_start, refiner_micro): the base runs steps
-        [0, stop), the refiner [refiner_start, steps). Returns the tensors and, per row, the tokens
+        [0, stop), the refiner [refiner_start, steps). Returns the batch and, per row, the tokens
         each encoder's text lost.
         """
-        host, dropped = self._host_conditioning(prompts, prompts_2, negatives, negatives_2, guidance_scale, micro)
-        host["start"] = start
+        conditioning, dropped = self.host_conditioning(prompts, prompts_2, negatives, negatives_2, guidance_scale,
+                                                        micro)
         step_noise = self.sampler.needs_step_noise
+        stop, refiner_batch = self.steps, None
         segments = [(start, self.steps)] if step_noise else []
         if masks is not None:
             # Each generator's draws in diffusers' order: the image's posterior sample (not drawn when a
@@ -826,15 +829,14 @@ class Pipeline:
             firsts, noise = draw_streams(seeds, self.latent_shape, self.steps, 2 if skip_image else 3, segments)
             if skip_image:
                 firsts.insert(0, torch.zeros_like(firsts[0]))
-            host.update(pixels=torch.from_numpy(np.stack(images)), mask=torch.from_numpy(np.stack(masks))[:, None],
-                        posterior_noise=firsts[0], added_noise=firsts[1], masked_noise=firsts[2],
-                        full=torch.tensor([bool(full)]))
+            source = Inpaint(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks))[:, None],
+                             firsts[0], firsts[1], firsts[2], torch.tensor([bool(full)]))
         elif images is not None:
             firsts, noise = draw_streams(seeds, self.latent_shape, self.steps, 2, segments)
-            host.update(pixels=torch.from_numpy(np.stack(images)), posterior_noise=firsts[0], added_noise=firsts[1])
+            source = FromImage(torch.from_numpy(np.stack(images)), firsts[0], firsts[1])
         elif refiner is None:
             firsts, noise = draw_streams(seeds, self.latent_shape, self.steps, 1, segments)
-            host["latents"] = firsts[0] * self.sampler.init_noise_sigma
+            source = FromNoise(firsts[0] * self.sampler.init_noise_sigma)
         else:
             stop, refiner_start, refiner_micro = refiner
             segments = [(0, stop)] if step_noise else []
@@ -842,16 +844,16 @@ class Pipeline:
             if refiner_noise:  # the refiner's step noise comes next from the same generators
                 segments.append((refiner_start, self.steps))
             firsts, noise = draw_streams(seeds, self.latent_shape, self.steps, 1, segments)
-            host.update(latents=firsts[0] * self.sampler.init_noise_sigma, stop=stop)
+            source = FromNoise(firsts[0] * self.sampler.init_noise_sigma)
             # diffusers' encode_prompt zips [prompt, prompt_2] with the refiner's single tokenizer, so
             # its (second) encoder reads the first prompt and negative prompt; prompt_2 is not used.
-            refiner_host, _ = self.refiner._host_conditioning(
+            refiner_conditioning, _ = self.refiner.host_conditioning(
                 prompts, prompts, negatives, [negative or "" for negative in negatives], guidance_scale,
                 refiner_micro)
-            refiner_host.update(start=refiner_start, noise=noise.pop() if refiner_noise else None)
-            host["refiner"] = refiner_host
-        host["noise"] = noise[0] if step_noise else None
-        return host, dropped
+            refiner_batch = Batch(refiner_conditioning, Continued(), refiner_start, self.steps,
+                                  noise.pop() if refiner_noise else None)
+        batch = Batch(conditioning, source, start, stop, noise[0] if step_noise else None, refiner_batch)
+        return batch, dropped
 
     def switch_steps(self, fraction: float) -> tuple[int, int]:
         """Base + refiner: the steps the base runs (diffusers' denoising_end) and the refiner's first
@@ -870,50 +872,51 @@ class Pipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def _run_batch(self, host: dict[str, Any], progress=None, latents: torch.Tensor | None = None) -> torch.Tensor:
+    def run_batch(self, batch: Batch, progress=None, latents: torch.Tensor | None = None) -> torch.Tensor:
         """Dispatch one batch; returns the device tensor of images (B, 3, H, W) in [0, 1].
 
-        `latents`: device latents to continue from at `host["start"]` (the refiner after the base).
+        `latents`: the device latents a `Continued` batch starts from (the refiner after the base).
         """
-        ids_1 = None if host["ids_1"] is None else self._to_device(host["ids_1"])
-        embeds, pooled = self._encode_graph(ids_1, self._to_device(host["ids_2"]), self._to_device(host["keep"]))
-        time_ids = self._to_device(host["time_ids"])
-        guidance = self._to_device(host["guidance"])
-        noise = None if host["noise"] is None else self._to_device(host["noise"], batch_dim=1)
+        cond, start = batch.conditioning, batch.start
+        ids_1 = None if cond.ids_1 is None else self._to_device(cond.ids_1)
+        embeds, pooled = self._encode_graph(ids_1, self._to_device(cond.ids_2), self._to_device(cond.keep))
+        time_ids = self._to_device(cond.time_ids)
+        guidance = self._to_device(cond.guidance)
+        noise = None if batch.noise is None else self._to_device(batch.noise, batch_dim=1)
         # The first and last steps are loop bounds and a device counter: image-to-image and inpainting
         # start the counter later, base + refiner stops the base early and starts the refiner late,
         # each on the same step graph, so no strength or switch point compiles anything.
-        start, stop = host["start"], host.get("stop", self.steps)
-        step = self._to_device(torch.tensor([start], dtype=torch.long), batch_dim=None)
+        step = self._to_device(torch.tensor([batch.first_step], dtype=torch.long), batch_dim=None)
         inpaint = blend = None
-        if "mask" in host:
-            added_noise = self._to_device(host["added_noise"])
+        if isinstance(start, Inpaint):
+            added_noise = self._to_device(start.added_noise)
             outputs = self._inpaint_graph(
-                self._to_device(host["pixels"]), self._to_device(host["mask"]),
-                self._to_device(host["posterior_noise"]), added_noise, self._to_device(host["masked_noise"]), step,
-                self._to_device(host["full"], batch_dim=None),
+                self._to_device(start.pixels), self._to_device(start.mask), self._to_device(start.posterior_noise),
+                added_noise, self._to_device(start.masked_noise), step, self._to_device(start.full, batch_dim=None),
             )
             latents = outputs[0]
             if self.inpainting_unet:
                 inpaint = outputs[1]
             else:
                 blend = (outputs[2], outputs[1], added_noise)  # mask, image latents, their noise
-        elif "pixels" in host:
-            latents = self._image_graph(self._to_device(host["pixels"]), self._to_device(host["posterior_noise"]),
-                                        self._to_device(host["added_noise"]), step)
+        elif isinstance(start, FromImage):
+            latents = self._image_graph(self._to_device(start.pixels), self._to_device(start.posterior_noise),
+                                        self._to_device(start.added_noise), step)
+        elif isinstance(start, FromNoise):
+            latents = self._to_device(start.latents)
         elif latents is None:
-            latents = self._to_device(host["latents"])
-        template = torch.zeros((len(host["guidance"]), *self.latent_shape))
+            raise ValueError("a continued batch needs the latents it continues from")
+        template = torch.zeros((cond.batch_size, *self.latent_shape))
         state = {k: self._to_device(v) for k, v in self.sampler.initial_state(template).items()}
-        for _ in range(stop - start):
+        for _ in range(batch.stop - batch.first_step):
             latents, step, state = self._step_graph(latents, step, state, noise, embeds, pooled, time_ids, guidance,
                                                     inpaint)
             if blend is not None:
                 latents = self._blend_graph(latents, step, *blend)
             if progress is not None:
                 progress.update(1)
-        if "refiner" in host:  # hand the latents over on the device, as diffusers' output_type="latent"
-            return self.refiner._run_batch(host["refiner"], progress, latents=latents)
+        if batch.refiner is not None:  # hand the latents over on the device, as diffusers' output_type="latent"
+            return self.refiner.run_batch(batch.refiner, progress, latents=latents)
         return self._decode_graph(latents)
 
     def warmup(self, image: bool = False, mask: bool = False, refiner: bool = False) -> float:
@@ -935,21 +938,21 @@ class Pipeline:
         if not self.warmed_up:
             if self.inpainting_unet:
                 inpaint = self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]
-                self._run_batch(inpaint).cpu()
+                self.run_batch(inpaint).cpu()
                 self.mask_warmed_up = True
             else:
-                self._run_batch(self._host_batch(*texts)[0]).cpu()
+                self.run_batch(self._host_batch(*texts)[0]).cpu()
             self.warmed_up = True
         if image and not self.image_warmed_up and not self.inpainting_unet:  # (that UNet only inpaints)
-            self._run_batch(self._host_batch(*texts, images=blank, start=self.steps - 1)[0]).cpu()
+            self.run_batch(self._host_batch(*texts, images=blank, start=self.steps - 1)[0]).cpu()
             self.image_warmed_up = True
         if mask and not self.mask_warmed_up:
-            self._run_batch(self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]).cpu()
+            self.run_batch(self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]).cpu()
             self.mask_warmed_up = True
         if refiner and self.refiner is not None and not self.refiner_warmed_up:
             refiner_micro = self.refiner._micro_conditioning(None, None, None, None, None, None, image_to_image=True)
             switch = (1, self.steps - 1, refiner_micro)  # one base step, then the refiner's last
-            self._run_batch(self._host_batch(*texts, refiner=switch)[0]).cpu()
+            self.run_batch(self._host_batch(*texts, refiner=switch)[0]).cpu()
             self.refiner_warmed_up = True
         seconds = time.perf_counter() - start
         self.warmup_seconds = (self.warmup_seconds or 0.0) + seconds
@@ -1116,7 +1119,7 @@ class Pipeline:
             rows = slice(k * b, (k + 1) * b)
             real = len(prompts[rows])
             pad = b - real
-            host, dropped = self._host_batch(
+            batch, dropped = self._host_batch(
                 prompts[rows] + [""] * pad, prompts_2[rows] + [""] * pad, negatives[rows] + [None] * pad,
                 negatives_2[rows] + [""] * pad, seed_list[rows] + [0] * pad, float(guidance_scale), micro,
                 images=None if images is None else images[rows] + [np.zeros_like(images[0])] * pad, start=start,
@@ -1126,7 +1129,7 @@ class Pipeline:
             dropped = (dropped[0][: 2 * real], dropped[1][: 2 * real])
             self._warn_truncation(k * b, prompts[rows], prompts_2[rows], negatives[rows], negatives_2[rows], dropped)
             dropped_all += [(dropped[0][2 * i: 2 * i + 2], dropped[1][2 * i: 2 * i + 2]) for i in range(real)]
-            batch_images = self._run_batch(host, bar)
+            batch_images = self.run_batch(batch, bar)
             # Fetch the previous batch only now, so the device works on this one meanwhile.
             if pending is not None:
                 finished(_fetch(*pending))
