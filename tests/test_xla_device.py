@@ -156,13 +156,13 @@ def test_a_graph_leaking_into_the_loop_fails_the_compile_guard(xla_pipe, monkeyp
     # Simulates a regression that leaves an op pending on the device: the guidance scale computed
     # on the device instead of uploaded. torch_xla then compiles an extra graph, which the
     # pipeline's compile counter must report as an error after warm-up.
-    upload = xla_pipe._to_device
+    upload = xla_pipe.runtime.to_device
 
     def leaky_upload(tensor, batch_dim=0):
         on_device = upload(tensor, batch_dim)
         return on_device * 1.5 if tensor.dim() == 4 and tensor.shape[1:] == (1, 1, 1) else on_device
 
-    monkeypatch.setattr(xla_pipe, "_to_device", leaky_upload)
+    monkeypatch.setattr(xla_pipe.runtime, "to_device", leaky_upload)
     with pytest.raises(RecompilationError, match="1 unexpected compilation"):
         xla_pipe(["a red circle"], seeds=[1])
 

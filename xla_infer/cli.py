@@ -129,8 +129,8 @@ def read_image(location: str, flag: str = "--image", mode: str = "RGB"):
 
 def run(args: argparse.Namespace) -> dict:
     """Generate as the command line asks; returns the manifest it writes."""
-    from xla_infer.pipeline import (DEFAULT_HIGH_NOISE_FRAC, DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, Pipeline,
-                                    SizeError, first_step)
+    from xla_infer.checks import SizeError, first_step
+    from xla_infer.pipeline import DEFAULT_HIGH_NOISE_FRAC, DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, Pipeline
 
     if args.prompts is not None:
         prompts = read_prompt_file(args.prompts)

@@ -41,74 +41,23 @@ import torch
 
 from sdxl_common import lora_files, model_source, sdxl, storage  # these import neither JAX nor the trainer
 from sdxl_common.errors import BadInput, RunFailure, UserError
+from xla_infer import checks
+from xla_infer.checks import InputError, Size, SizeError
 from xla_infer.batches import Batch, Conditioning, Continued, FromImage, FromNoise, Inpaint
+from xla_infer.runtime import DEVICES, Runtime
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_streams, make_sampler
 
 logger = logging.getLogger("xla_infer")
 
-COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-DEVICES = ("xla", "cpu", "cuda")
 DEFAULT_STRENGTH = 0.3  # image-to-image, as diffusers' StableDiffusionXLImg2ImgPipeline
 DEFAULT_INPAINT_STRENGTH = 0.9999  # as StableDiffusionXLInpaintPipeline (it skips the first step)
 DEFAULT_GUIDANCE, DEFAULT_INPAINT_GUIDANCE = 5.0, 7.5  # as diffusers' SDXL pipelines
 DEFAULT_HIGH_NOISE_FRAC = 0.8  # base + refiner: the fraction the base denoises (diffusers' SDXL docs)
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's conditioning, diffusers' defaults
-Size = tuple[int, int]
-
-
-class InputError(BadInput):
-    """Bad user input: a missing model folder or component, an impossible size, a bad prompt list..."""
-
-
-class SizeError(InputError):
-    """A height or width the pipeline cannot generate (the CLI names the input image it came from)."""
 
 
 class RecompilationError(RuntimeError):
     """An XLA compilation happened after warm-up, where the fixed-shape design promises none."""
-
-
-def parse_dtype(value: str | torch.dtype) -> torch.dtype:
-    """torch dtype from "bf16" / "fp32" / "fp16" (or a torch.dtype)."""
-    if isinstance(value, torch.dtype):
-        if value not in DTYPES.values():
-            raise InputError(f"unsupported dtype {value}; use bf16, fp32 or fp16")
-        return value
-    try:
-        return DTYPES[str(value).lower()]
-    except KeyError:
-        raise InputError(f"unknown dtype {value!r}; use bf16 or fp32") from None
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[dtype]
-
-
-def _absent_components(index: dict[str, Any]) -> set[str]:
-    """Components model_index.json declares absent ([null, null]): the refiner's first text encoder and tokenizer."""
-    return {name for name in ("text_encoder", "tokenizer")
-            if isinstance(index.get(name), list) and index[name] and index[name][0] is None}
-
-
-def _check_local_folder(folder: Path, absent: set[str] = frozenset()) -> None:
-    if not folder.is_dir():
-        raise InputError(f"model folder {folder} does not exist (or is not a folder)")
-    needed = [name for name in COMPONENTS if name not in absent]
-    missing = [name for name in needed if not (folder / name).is_dir()]
-    if missing:
-        raise InputError(
-            f"model folder {folder} is not a complete SDXL diffusers folder: missing {', '.join(missing)} "
-            f"(needs {', '.join(needed)})"
-        )
-    for name, config in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                         ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json")):
-        if name not in absent and not (folder / name / config).is_file():
-            raise InputError(f"model folder {folder}: {name}/{config} is missing")
 
 
 @dataclass(frozen=True)
@@ -135,55 +84,6 @@ class MicroConditioning:
         positive = [*self.original_size, *self.crops_coords_top_left, *self.target_size]
         negative = [*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size]
         return negative, positive
-
-
-def first_step(steps: int, strength: float) -> int:
-    """The first of `steps` steps that image-to-image runs for `strength`, as diffusers' img2img
-    `get_timesteps` (without denoising_start): the last int(steps * strength) steps run."""
-    # 0 passes here, to be refused below with the number of steps it would need.
-    strength = _number(strength, "strength", "in (0, 1]", lambda v: 0.0 <= v <= 1.0)
-    # The samplers here are all of order 1 (one UNet call per step): no `* scheduler.order`.
-    init_steps = min(int(steps * strength), steps)
-    start = max(steps - init_steps, 0)
-    if start == steps:  # diffusers would fail on the empty schedule
-        raise InputError(f"strength {strength} of {steps} steps runs no denoising step; use at least {1 / steps:.4g}")
-    return start
-
-
-def _number(value: Any, name: str, allowed: str, ok: Callable[[float], bool]) -> float:
-    """``value`` as a float, refused in one line naming ``name`` and the ``allowed`` range unless ``ok``."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or not ok(number):
-        raise InputError(f"{name} must be {allowed}, got {repr(value) if number is None else number}")
-    return number
-
-
-def _check_fraction(value: Any) -> float:
-    # diffusers ignores values outside (0, 1); refusing says so.
-    return _number(value, "the high-noise fraction (denoising_end)", "in (0, 1)", lambda v: 0.0 < v < 1.0)
-
-
-def _blur_radius(value: Any) -> float:
-    return _number(value, "mask_blur", "a positive number", lambda v: v > 0)
-
-
-def _lora_pair(item: Any) -> tuple[Any, Any]:
-    try:
-        location, scale = item
-    except (TypeError, ValueError):
-        raise InputError(f"a LoRA is a path or a (path, scale) pair, got {item!r}") from None
-    return location, scale
-
-
-def _pair(value: Any, name: str) -> Size:
-    try:
-        a, b = value
-        return int(a), int(b)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a pair of integers, got {value!r}") from None
 
 
 class Pipeline:
@@ -228,25 +128,20 @@ class Pipeline:
             raise InputError("on_recompile must be 'raise' or 'warn'")
         self.device_kind = device
         self.model_name = model_name
-        self.dtype = parse_dtype(dtype)
+        self.dtype = checks.parse_dtype(dtype)
         self.vae_scale_factor = sdxl.vae_scale_factor(vae.config)
-        self.vae_dtype = parse_dtype(vae_dtype) if vae_dtype is not None else _vae_dtype_for(self.dtype, vae.config)
+        self.vae_dtype = checks.parse_dtype(vae_dtype) if vae_dtype is not None else _vae_dtype_for(self.dtype, vae.config)
         self.height = int(height or unet.config.sample_size * self.vae_scale_factor)
         self.width = int(width or unet.config.sample_size * self.vae_scale_factor)
         for name, value in (("height", self.height), ("width", self.width)):
-            if value <= 0 or value % self.vae_scale_factor:
-                raise SizeError(
-                    f"{name} {value} is not a positive multiple of the VAE factor {self.vae_scale_factor}"
-                )
-        if not isinstance(steps, int) or steps <= 0:
-            raise InputError(f"steps must be a positive integer, got {steps!r}")
-        self.steps = steps
+            checks.check_size(name, value, self.vae_scale_factor)
+        self.steps = checks.check_steps(steps)
         self.text_length = int(text_encoder_2.config.max_position_embeddings)
         # The refiner's layout: no first text encoder, aesthetic scores in the time ids.
         if (text_encoder is None) != (tokenizer is None):
             raise InputError("a model without its first text encoder must have no first tokenizer either")
         self.requires_aesthetics_score = bool(requires_aesthetics_score)
-        _check_sdxl_shapes(unet, text_encoder, text_encoder_2, 5 if self.requires_aesthetics_score else 6)
+        checks.check_sdxl_shapes(unet, text_encoder, text_encoder_2, 5 if self.requires_aesthetics_score else 6)
         self.inpainting_unet = unet.config.in_channels == 9  # latents + mask + masked-image latents
         latent_channels = int(getattr(vae.config, "latent_channels", 4))
         if unet.config.in_channels not in (latent_channels, 2 * latent_channels + 1):
@@ -260,18 +155,12 @@ class Pipeline:
         except UnsupportedScheduler as err:
             raise InputError(str(err)) from None
 
-        self.cache_status = "not requested"
-        self.mesh = None
-        self._xla_metrics = None
-        if device == "xla":
-            self.device, n_devices = self._setup_xla(cache_dir, data_parallel)
-        else:
-            if cache_dir is not None:
-                self.cache_status = f"not used: the persistent compilation cache is an XLA feature (device={device})"
-            if device == "cuda" and not torch.cuda.is_available():
-                raise InputError("device 'cuda' requested but torch sees no CUDA device")
-            self.device, n_devices = torch.device(device), 1
-        self.num_devices = n_devices if self.mesh is not None else 1
+        try:
+            self.runtime = Runtime(device, cache_dir=cache_dir, data_parallel=data_parallel,
+                                   torch_compile=torch_compile)
+        except BadInput as err:
+            raise InputError(str(err)) from None
+        self.device, self.mesh, self.num_devices = self.runtime.device, self.runtime.mesh, self.runtime.num_devices
         self.batch_size = int(batch_size or self.num_devices)
         if self.batch_size <= 0:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
@@ -300,14 +189,15 @@ class Pipeline:
 
         self.on_recompile = on_recompile
         self.torch_compile = torch_compile
-        self._encode_graph = self._wrap(self._encode, "sdxl_text_encode")
-        self._step_graph = self._wrap(self._denoise_step, "sdxl_denoise_step")
-        self._decode_graph = self._wrap(self._decode, "sdxl_vae_decode")
-        self._image_graph = self._wrap(self._encode_image, "sdxl_vae_encode")
-        self._inpaint_graph = self._wrap(self._encode_inpaint, "sdxl_vae_encode_inpaint")
-        self._blend_graph = self._wrap(self._blend, "sdxl_inpaint_blend")
+        graph = self.runtime.graph
+        self._encode_graph = graph(self._encode, "sdxl_text_encode")
+        self._step_graph = graph(self._denoise_step, "sdxl_denoise_step")
+        self._decode_graph = graph(self._decode, "sdxl_vae_decode")
+        self._image_graph = graph(self._encode_image, "sdxl_vae_encode")
+        self._inpaint_graph = graph(self._encode_inpaint, "sdxl_vae_encode_inpaint")
+        self._blend_graph = graph(self._blend, "sdxl_inpaint_blend")
         # Process-wide: the refiner's compilations count here too (building either compiles nothing).
-        self._compiles_at_start = self._raw_compile_count()
+        self._compiles_at_start = self.runtime.compilations()
         self.warmed_up = False
         self.image_warmed_up = False  # the image-encode graph is compiled on the first image-to-image use
         self.mask_warmed_up = False  # likewise the inpainting graphs, on the first inpainting use
@@ -370,9 +260,8 @@ class Pipeline:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        torch_dtype = parse_dtype(dtype)
-        if not isinstance(steps, int) or steps <= 0:
-            raise InputError(f"steps must be a positive integer, got {steps!r}")
+        torch_dtype = checks.parse_dtype(dtype)
+        checks.check_steps(steps)
         if scheduler is not None:
             try:
                 canonical_name(scheduler)
@@ -385,8 +274,8 @@ class Pipeline:
         except (OSError, ValueError) as err:
             raise InputError(f"could not fetch the model {model}: {err}") from None
         index = storage.read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
-        absent = _absent_components(index)
-        _check_local_folder(folder, absent)
+        absent = checks.absent_components(index)
+        checks.check_local_folder(folder, absent)
         source = str(folder)
         # A Hub id or URL names the model better than the cache folder it was fetched to.
         fetched = storage.is_remote(model) or model_source.is_hub_id(model) or str(model).endswith(".safetensors")
@@ -401,9 +290,9 @@ class Pipeline:
         vae_config = load("vae", AutoencoderKL.load_config)
         factor = sdxl.vae_scale_factor(vae_config)
         for name, value in (("height", height), ("width", width)):  # fail before loading any weights
-            if value is not None and (value <= 0 or value % factor):
-                raise SizeError(f"{name} {value} is not a positive multiple of the VAE factor {factor}")
-        vae_torch_dtype = parse_dtype(vae_dtype) if vae_dtype is not None else _vae_dtype_for(torch_dtype, vae_config)
+            if value is not None:
+                checks.check_size(name, value, factor)
+        vae_torch_dtype = checks.parse_dtype(vae_dtype) if vae_dtype is not None else _vae_dtype_for(torch_dtype, vae_config)
         weights = dict(use_safetensors=True, variant=variant)
         unet = load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=torch_dtype, **weights)
         refiner_pipe = None
@@ -434,42 +323,6 @@ class Pipeline:
             model_name=str(model) if fetched else source, loras=loras,
         )
 
-    def _setup_xla(self, cache_dir: str | Path | None, data_parallel: bool | None) -> tuple[torch.device, int]:
-        import torch_xla
-        import torch_xla.debug.metrics as metrics
-        import torch_xla.runtime as xr
-
-        self._xla_metrics = metrics
-        platform = xr.device_type()
-        if cache_dir is not None:
-            if platform != "TPU":
-                # Checked: on CPU torch_xla writes cache entries but cannot deserialize them
-                # ("Deserializing serialized executable not supported"), so a cache would only cost.
-                self.cache_status = (
-                    f"not used: torch_xla cannot load a persistent compilation cache back on {platform}; "
-                    "every process start compiles again"
-                )
-                logger.warning("--cache-dir: %s", self.cache_status)
-            elif torch_xla._XLAC._xla_computation_cache_is_initialized():
-                self.cache_status = "not used: XLA had already compiled in this process before the cache was set"
-                logger.warning("--cache-dir: %s", self.cache_status)
-            else:
-                Path(cache_dir).mkdir(parents=True, exist_ok=True)
-                xr.initialize_cache(str(cache_dir), readonly=False)
-                self.cache_status = f"enabled at {cache_dir}"
-        n_devices = xr.global_runtime_device_count()
-        if data_parallel is None:
-            data_parallel = n_devices > 1
-        if data_parallel and n_devices > 1:
-            import torch_xla.distributed.spmd as xs
-
-            # One process drives all local chips; the batch axis of every per-image input is split
-            # over them and the weights are replicated (see docs/xla_infer.md for why not one
-            # process per chip).
-            xr.use_spmd()
-            self.mesh = xs.Mesh(np.arange(n_devices), (n_devices,), ("data",))
-        return torch_xla.device(), n_devices
-
     # ------------------------------------------------------------------ LoRA
 
     def set_loras(self, loras: Sequence[tuple[str | Path, float] | str | Path]) -> None:
@@ -490,8 +343,8 @@ class Pipeline:
             raise InputError("loras must be a list of (path, scale) pairs, not one path")
         pairs = []
         for item in loras:
-            location, scale = (item, 1.0) if isinstance(item, (str, Path)) else _lora_pair(item)
-            pairs.append((str(location), _number(scale, f"the scale of LoRA {location}", "a finite number",
+            location, scale = (item, 1.0) if isinstance(item, (str, Path)) else checks.lora_pair(item)
+            pairs.append((str(location), checks.number(scale, f"the scale of LoRA {location}", "a finite number",
                                                  math.isfinite)))
         updates: dict[str, tuple[torch.nn.Module, list[tuple[lora_files.Factors, float]]]] = {}
         targets = self._lora_targets()
@@ -536,7 +389,7 @@ class Pipeline:
             import torch_xla
 
             sync = torch_xla.sync
-        before = self._raw_compile_count()
+        before = self.runtime.compilations()
         for key in [key for key in self._lora_base if key not in updates]:
             layer, base = self._lora_base.pop(key)
             layer.weight.data = base  # the loaded tensor itself: bit-equal
@@ -550,20 +403,9 @@ class Pipeline:
             layer.weight.data = (base.float() + delta).to(base.dtype)
             if sync is not None:
                 sync()
-        self.lora_compile_count += self._raw_compile_count() - before
+        self.lora_compile_count += self.runtime.compilations() - before
 
     # ------------------------------------------------------------------ graphs
-
-    def _wrap(self, fn, name: str):
-        if self.device_kind == "xla":
-            import torch_xla
-
-            # full_graph: any host read inside (an .item(), a data-dependent shape) is an error,
-            # not a silent graph break; max_different_graphs: a second traced variant is an error.
-            return torch_xla.compile(fn, full_graph=True, name=name, max_different_graphs=1)
-        if self.torch_compile:
-            return torch.compile(fn, dynamic=False)
-        return fn
 
     @torch.no_grad()
     def _encode(self, ids_1: torch.Tensor | None, ids_2: torch.Tensor, keep: torch.Tensor):
@@ -680,33 +522,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------ compile accounting
 
-    def _raw_compile_count(self) -> int:
-        if self._xla_metrics is not None:
-            data = self._xla_metrics.metric_data("CompileTime")
-            return 0 if data is None else int(data[0])
-        if self.torch_compile:
-            from torch._dynamo.utils import counters
-
-            return int(counters["stats"]["unique_graphs"])
-        return 0
-
     @property
     def compile_count(self) -> int:
         """Compilations in this process since the pipeline was built (XLA graphs, or torch.compile graphs)."""
-        return self._raw_compile_count() - self._compiles_at_start - self.lora_compile_count
+        return self.runtime.compilations() - self._compiles_at_start - self.lora_compile_count
 
-    def _compile_seconds_total(self) -> float:
-        if self._xla_metrics is None:
-            return 0.0
-        data = self._xla_metrics.metric_data("CompileTime")
-        return 0.0 if data is None else data[1] / 1e9
+    @property
+    def cache_status(self) -> str:
+        """What became of the persistent compilation cache asked for (see Runtime)."""
+        return self.runtime.cache_status
 
     @property
     def persistent_cache_hits(self) -> int:
-        """Graphs loaded from the persistent compilation cache instead of compiled (TPU only)."""
-        if self._xla_metrics is None:
-            return 0
-        return int(self._xla_metrics.counter_value("PersistentCacheHit") or 0)
+        return self.runtime.persistent_cache_hits
 
     def _guard(self, compiles_before: int, what: str) -> None:
         new = self.compile_count - compiles_before
@@ -721,15 +549,6 @@ class Pipeline:
         logger.warning(message)
 
     # ------------------------------------------------------------------ host-side preparation
-
-    def _to_device(self, tensor: torch.Tensor, batch_dim: int | None = 0) -> torch.Tensor:
-        tensor = tensor.to(self.device)
-        if self.mesh is not None and batch_dim is not None:
-            import torch_xla.distributed.spmd as xs
-
-            spec = tuple("data" if d == batch_dim else None for d in range(tensor.dim()))
-            xs.mark_sharding(tensor, self.mesh, spec)
-        return tensor
 
     def _tokenize(self, texts_1: list[str], texts_2: list[str]):
         """Ids of each text list for its tokeniser, padded/truncated to 77, and the tokens each text lost.
@@ -754,16 +573,16 @@ class Pipeline:
                             image_to_image: bool = False, aesthetic_score: float = AESTHETIC_SCORE,
                             negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE) -> MicroConditioning:
         size = (self.height, self.width)
-        original = _pair(original_size or size, "original_size")
-        crops = _pair(crops_coords_top_left or (0, 0), "crops_coords_top_left")
-        target = _pair(target_size or size, "target_size")
+        original = checks.pair(original_size or size, "original_size")
+        crops = checks.pair(crops_coords_top_left or (0, 0), "crops_coords_top_left")
+        target = checks.pair(target_size or size, "target_size")
         if self.requires_aesthetics_score:
             # As StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score (the refiner): the
             # scores take the target sizes' places, and in this branch the negative rows do take
             # negative_crops_coords_top_left.
-            negative = (_pair(negative_original_size or original, "negative_original_size"),
-                        _pair(negative_crops_coords_top_left or (0, 0), "negative_crops_coords_top_left"),
-                        _pair(negative_target_size or target, "negative_target_size"))
+            negative = (checks.pair(negative_original_size or original, "negative_original_size"),
+                        checks.pair(negative_crops_coords_top_left or (0, 0), "negative_crops_coords_top_left"),
+                        checks.pair(negative_target_size or target, "negative_target_size"))
             try:
                 scores = float(aesthetic_score), float(negative_aesthetic_score)
             except (TypeError, ValueError):
@@ -773,13 +592,13 @@ class Pipeline:
             # As StableDiffusionXLImg2ImgPipeline (without aesthetic score, as for the base model):
             # each negative size defaults to its positive one on its own, and the negative rows take
             # the positive crop corner (its _get_add_time_ids ignores negative_crops_coords_top_left).
-            negative = (_pair(negative_original_size or original, "negative_original_size"), crops,
-                        _pair(negative_target_size or target, "negative_target_size"))
+            negative = (checks.pair(negative_original_size or original, "negative_original_size"), crops,
+                        checks.pair(negative_target_size or target, "negative_target_size"))
         # As StableDiffusionXLPipeline: the negative rows get their own conditioning only when both sizes are given.
         elif negative_original_size is not None and negative_target_size is not None:
-            negative = (_pair(negative_original_size, "negative_original_size"),
-                        _pair(negative_crops_coords_top_left or (0, 0), "negative_crops_coords_top_left"),
-                        _pair(negative_target_size, "negative_target_size"))
+            negative = (checks.pair(negative_original_size, "negative_original_size"),
+                        checks.pair(negative_crops_coords_top_left or (0, 0), "negative_crops_coords_top_left"),
+                        checks.pair(negative_target_size, "negative_target_size"))
         else:
             negative = (original, crops, target)
         return MicroConditioning(original, crops, target, *negative)
@@ -878,21 +697,21 @@ class Pipeline:
         `latents`: the device latents a `Continued` batch starts from (the refiner after the base).
         """
         cond, start = batch.conditioning, batch.start
-        ids_1 = None if cond.ids_1 is None else self._to_device(cond.ids_1)
-        embeds, pooled = self._encode_graph(ids_1, self._to_device(cond.ids_2), self._to_device(cond.keep))
-        time_ids = self._to_device(cond.time_ids)
-        guidance = self._to_device(cond.guidance)
-        noise = None if batch.noise is None else self._to_device(batch.noise, batch_dim=1)
+        ids_1 = None if cond.ids_1 is None else self.runtime.to_device(cond.ids_1)
+        embeds, pooled = self._encode_graph(ids_1, self.runtime.to_device(cond.ids_2), self.runtime.to_device(cond.keep))
+        time_ids = self.runtime.to_device(cond.time_ids)
+        guidance = self.runtime.to_device(cond.guidance)
+        noise = None if batch.noise is None else self.runtime.to_device(batch.noise, batch_dim=1)
         # The first and last steps are loop bounds and a device counter: image-to-image and inpainting
         # start the counter later, base + refiner stops the base early and starts the refiner late,
         # each on the same step graph, so no strength or switch point compiles anything.
-        step = self._to_device(torch.tensor([batch.first_step], dtype=torch.long), batch_dim=None)
+        step = self.runtime.to_device(torch.tensor([batch.first_step], dtype=torch.long), batch_dim=None)
         inpaint = blend = None
         if isinstance(start, Inpaint):
-            added_noise = self._to_device(start.added_noise)
+            added_noise = self.runtime.to_device(start.added_noise)
             outputs = self._inpaint_graph(
-                self._to_device(start.pixels), self._to_device(start.mask), self._to_device(start.posterior_noise),
-                added_noise, self._to_device(start.masked_noise), step, self._to_device(start.full, batch_dim=None),
+                self.runtime.to_device(start.pixels), self.runtime.to_device(start.mask), self.runtime.to_device(start.posterior_noise),
+                added_noise, self.runtime.to_device(start.masked_noise), step, self.runtime.to_device(start.full, batch_dim=None),
             )
             latents = outputs[0]
             if self.inpainting_unet:
@@ -900,14 +719,14 @@ class Pipeline:
             else:
                 blend = (outputs[2], outputs[1], added_noise)  # mask, image latents, their noise
         elif isinstance(start, FromImage):
-            latents = self._image_graph(self._to_device(start.pixels), self._to_device(start.posterior_noise),
-                                        self._to_device(start.added_noise), step)
+            latents = self._image_graph(self.runtime.to_device(start.pixels), self.runtime.to_device(start.posterior_noise),
+                                        self.runtime.to_device(start.added_noise), step)
         elif isinstance(start, FromNoise):
-            latents = self._to_device(start.latents)
+            latents = self.runtime.to_device(start.latents)
         elif latents is None:
             raise ValueError("a continued batch needs the latents it continues from")
         template = torch.zeros((cond.batch_size, *self.latent_shape))
-        state = {k: self._to_device(v) for k, v in self.sampler.initial_state(template).items()}
+        state = {k: self.runtime.to_device(v) for k, v in self.sampler.initial_state(template).items()}
         for _ in range(batch.stop - batch.first_step):
             latents, step, state = self._step_graph(latents, step, state, noise, embeds, pooled, time_ids, guidance,
                                                     inpaint)
@@ -928,7 +747,7 @@ class Pipeline:
         Graphs already compiled are not run again; `warmup_seconds` and `compile_seconds` add up
         every warm-up of the pipeline.
         """
-        start, compile_start = time.perf_counter(), self._compile_seconds_total()
+        start, compile_start = time.perf_counter(), self.runtime.compile_seconds()
         micro = self._micro_conditioning(None, None, None, None, None, None)
         n = self.batch_size
         texts = ([""] * n, [""] * n, [None] * n, [""] * n, list(range(n)), 5.0, micro)
@@ -956,8 +775,8 @@ class Pipeline:
             self.refiner_warmed_up = True
         seconds = time.perf_counter() - start
         self.warmup_seconds = (self.warmup_seconds or 0.0) + seconds
-        if self._xla_metrics:
-            self.compile_seconds = (self.compile_seconds or 0.0) + self._compile_seconds_total() - compile_start
+        if compile_start is not None:
+            self.compile_seconds = (self.compile_seconds or 0.0) + self.runtime.compile_seconds() - compile_start
         logger.info("warm-up: %.1f s, %d compilation(s)", self.warmup_seconds, self.compile_count)
         return seconds
 
@@ -1021,10 +840,10 @@ class Pipeline:
         if not all(isinstance(p, str) for p in prompts):
             raise InputError("prompts must be strings")
         n = len(prompts)
-        negatives = _per_prompt(negative_prompts, n, "negative prompts")
+        negatives = checks.per_prompt(negative_prompts, n, "negative prompts")
         # diffusers: `prompt_2 or prompt`, `negative_prompt_2 or (negative_prompt or "")`.
-        prompts_2 = _second_texts(prompt_2, prompts, "prompt_2")
-        negatives_2 = _second_texts(negative_prompt_2, [neg or "" for neg in negatives], "negative_prompt_2")
+        prompts_2 = checks.second_texts(prompt_2, prompts, "prompt_2")
+        negatives_2 = checks.second_texts(negative_prompt_2, [neg or "" for neg in negatives], "negative_prompt_2")
         if seeds is None:
             base = secrets.randbelow(2**31)
             seed_list = [base + i for i in range(n)]
@@ -1049,7 +868,7 @@ class Pipeline:
                 raise InputError("this is a refiner model (requires_aesthetics_score): load it as refiner= of a base")
             images, start = None, 0
             if self.refiner is not None:
-                refiner_fraction = _check_fraction(DEFAULT_HIGH_NOISE_FRAC if denoising_end is None else denoising_end)
+                refiner_fraction = checks.check_fraction(DEFAULT_HIGH_NOISE_FRAC if denoising_end is None else denoising_end)
                 switch = self.switch_steps(refiner_fraction)
             elif denoising_end is not None:
                 raise InputError("denoising_end hands the latents over to a refiner: load the pipeline with refiner=")
@@ -1066,7 +885,7 @@ class Pipeline:
             else:
                 masks = self._per_image(mask_image, n, "masks", lambda one: self._mask_array(one, mask_blur))
                 strength = DEFAULT_INPAINT_STRENGTH if strength is None else strength
-            start = first_step(self.steps, strength)
+            start = checks.first_step(self.steps, strength)
             full = float(strength) == 1.0  # diffusers' is_strength_max: start from pure noise
         if guidance_scale is None:  # diffusers' defaults: 7.5 for its inpainting pipeline, 5 for the others
             guidance_scale = DEFAULT_INPAINT_GUIDANCE if masks is not None else DEFAULT_GUIDANCE
@@ -1169,7 +988,7 @@ class Pipeline:
         if isinstance(mask, Image.Image):
             mask = mask.convert("L")
             if blur is not None:
-                mask = mask.filter(ImageFilter.GaussianBlur(_blur_radius(blur)))
+                mask = mask.filter(ImageFilter.GaussianBlur(checks.blur_radius(blur)))
             values = np.asarray(mask).astype(np.float32) / 255.0
         elif isinstance(mask, np.ndarray) and mask.ndim == 2 and np.issubdtype(mask.dtype, np.floating):
             if blur is not None:
@@ -1242,7 +1061,7 @@ class Pipeline:
             "scheduler": self.scheduler_name,
             "width": self.width,
             "height": self.height,
-            "dtype": _dtype_name(self.dtype),
+            "dtype": checks.dtype_name(self.dtype),
             "model": self.model_name,
             "original_size": list(micro.original_size),
             "crops_coords_top_left": list(micro.crops_coords_top_left),
@@ -1258,11 +1077,11 @@ class Pipeline:
         return {
             "model": self.model_name,
             "device": self.device_kind,
-            "device_detail": _device_detail(self.device_kind),
+            "device_detail": self.runtime.detail(),
             "num_devices": self.num_devices,
             "data_parallel": self.mesh is not None,
-            "dtype": _dtype_name(self.dtype),
-            "vae_dtype": _dtype_name(self.vae_dtype),
+            "dtype": checks.dtype_name(self.dtype),
+            "vae_dtype": checks.dtype_name(self.vae_dtype),
             "batch_size": self.batch_size,
             "width": self.width,
             "height": self.height,
@@ -1316,24 +1135,6 @@ def _vae_dtype_for(dtype: torch.dtype, vae_config) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and force_upcast else dtype
 
 
-def _check_sdxl_shapes(unet, text_encoder, text_encoder_2, time_ids: int = 6) -> None:
-    cfg = unet.config
-    if cfg.addition_embed_type != "text_time":
-        raise InputError(f"the UNet is not SDXL-style (addition_embed_type={cfg.addition_embed_type!r})")
-    hidden = (0 if text_encoder is None else text_encoder.config.hidden_size) + text_encoder_2.config.hidden_size
-    if cfg.cross_attention_dim != hidden:
-        raise InputError(f"UNet cross_attention_dim {cfg.cross_attention_dim} != text hidden sizes summed {hidden}")
-    expected = unet.add_embedding.linear_1.in_features
-    passed = cfg.addition_time_embed_dim * time_ids + text_encoder_2.config.projection_dim
-    if expected != passed:
-        hint = " (requires_aesthetics_score in model_index.json decides 5 or 6 time ids)"
-        raise InputError(f"UNet expects {expected} added-embedding inputs, the text encoder and {time_ids} "
-                         f"time ids give {passed}{hint}")
-    if text_encoder is not None and \
-            text_encoder.config.max_position_embeddings != text_encoder_2.config.max_position_embeddings:
-        raise InputError("the two text encoders disagree on the token length")
-
-
 def _read_scheduler_config(source: str) -> dict[str, Any]:
     from diffusers import EulerDiscreteScheduler
 
@@ -1341,30 +1142,6 @@ def _read_scheduler_config(source: str) -> dict[str, Any]:
         return dict(EulerDiscreteScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError) as err:
         raise InputError(f"could not read the scheduler config of {source}: {err}") from None
-
-
-def _per_prompt(values, n: int, what: str) -> list:
-    """One value per prompt from a single value (or None) for all, or a list of n."""
-    if values is None or isinstance(values, str):
-        return [values] * n
-    values = list(values)
-    if len(values) != n:
-        raise InputError(f"{len(values)} {what} for {n} prompts")
-    return values
-
-
-def _second_texts(values, firsts: list[str], what: str) -> list[str]:
-    """The second text encoder's text per prompt, as diffusers' `prompt_2 = prompt_2 or prompt`.
-
-    A single string (or None) falls back to the first text when empty; a list is kept as given
-    (diffusers keeps "" entries of a list), except that entries of None fall back too.
-    """
-    if values is None or isinstance(values, str):
-        return [values or first for first in firsts]
-    values = _per_prompt(values, len(firsts), what)
-    if not all(v is None or isinstance(v, str) for v in values):
-        raise InputError(f"{what} must be strings")
-    return [first if v is None else v for v, first in zip(values, firsts)]
 
 
 def _fetch(images: torch.Tensor, real: int) -> np.ndarray:
@@ -1385,13 +1162,3 @@ def _progress_bar(total: int):
     return tqdm(total=total, unit="step", desc="denoising")
 
 
-def _device_detail(kind: str) -> str:
-    if kind == "xla":
-        import torch_xla.runtime as xr
-
-        return f"{xr.device_type()} x{xr.global_runtime_device_count()} (torch_xla)"
-    if kind == "cuda":
-        return torch.cuda.get_device_name()
-    import platform
-
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
