@@ -755,16 +755,16 @@ MARKDOWN_NOTES = """\
   downsampling convolutions and the embeddings); a LoRA step x2 (x3): its backward skips the frozen
   weights' gradients.
 - **compute / ICI s**: each resource's time per step alone at its peak, per chip: the HLO's FLOPs
-  (splash rows: the analytic FLOPs, which include attention) over the peak bf16 FLOP/s (197 v5e, 459
-  v5p, 918 v6e TFLOP/s); the bytes each chip receives in the program's collectives (FSDP's
+  (splash rows: the analytic FLOPs, which include attention) over the peak bf16 FLOP/s ({peaks}
+  TFLOP/s); the bytes each chip receives in the program's collectives (FSDP's
   all-gathers and reduce-scatters, which the TPU compiler runs as collective matmuls of
-  collective-permutes) over half the bidirectional interconnect bandwidth (400, 1200, 800 GB/s per
+  collective-permutes) over half the bidirectional interconnect bandwidth ({ici} GB/s per
   chip; Cloud TPU documentation). `not recounted`: the row's collectives were counted by an earlier
   `hlo_cost` that counted each of the TPU compiler's asynchronous collectives once per fusion
   printing it (a start, overlapped pieces and a done) and some hybrid meshes' groups as all the chips;
   that row's HLO was not kept to count again, so its roofline is the compute's time alone.
 - **HBM s**: the bytes every unfused instruction of the HLO reads and writes (a fusion its operands
-  and result; a scanned layer's slice, not the whole stack) over the HBM bandwidth (819, 2765, 1640
+  and result; a scanned layer's slice, not the whole stack) over the HBM bandwidth ({hbm}
   GB/s). An upper estimate: on a TPU it also counts the compiler's copies and slices between memory
   spaces, so it is shown and kept out of the roofline.
 - **roofline s**: the larger of compute and ICI, and which one it is: the step if the two overlapped
@@ -789,6 +789,17 @@ MARKDOWN_NOTES = """\
 - torch_xla: compiling SDXL can take about an hour on TPU (torch_xla docs); no published SDXL
   training throughput.
 """
+
+
+def markdown_notes() -> str:
+    """MARKDOWN_NOTES with the chips' figures from sdxl_common.chips (v5e, v5p, v6e, in that order)."""
+    rows = {name.removeprefix("tpu_"): chips.CHIPS[name] for name in ("tpu_v5e", "tpu_v5p", "tpu_v6e")}
+    return MARKDOWN_NOTES.format(
+        note=NOTE,
+        peaks=", ".join(f"{chip.peak_tflops:g} {name}" for name, chip in rows.items()),
+        ici=", ".join(f"{chip.ici_gb_per_s:g}" for chip in rows.values()),
+        hbm=", ".join(f"{chip.hbm_gb_per_s:g}" for chip in rows.values()),
+    )
 
 
 def write_results(rows: list[dict[str, Any]], analogs: list[dict[str, Any]], info: dict[str, Any],
@@ -887,7 +898,7 @@ def write_markdown(info: dict[str, Any], suffix: str) -> Path:
         md += ["## Compiles that failed", ""]
         md += [f"- `{r['scenario']}`: {r['status']} - {failure_reason(r)[:300]}" for r in failed]
         md.append("")
-    md += [f"Raw figures: {', '.join(paths)}.", "", MARKDOWN_NOTES.format(note=NOTE)]
+    md += [f"Raw figures: {', '.join(paths)}.", "", markdown_notes()]
     md_path = RESULTS / f"tpu_aot{suffix}.md"
     md_path.write_text("\n".join(md))
     return md_path

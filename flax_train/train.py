@@ -27,7 +27,20 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flax_train import checkpoint, config as config_lib, diffusion, export, flops as flops_lib, hlo_cost, lora, metrics, models, optim, sampling, sharding
+from flax_train import (
+    checkpoint,
+    config as config_lib,
+    diffusion,
+    export,
+    flops as flops_lib,
+    hlo_cost,
+    lora,
+    metrics,
+    models,
+    optim,
+    sampling,
+    sharding,
+)
 from sdxl_common import lora_files, sdxl, storage
 from flax_train.data import prepare
 from flax_train.models import clip, weights

@@ -106,10 +106,6 @@ class SamplerTables:
         """The Euler samplers divide the UNet input by sqrt(sigma^2 + 1)."""
         return self.name in ("euler", "euler_a")
 
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.reference.config.num_train_timesteps)
-
 
 def make_tables(name: str, scheduler_config: Mapping[str, Any], steps: int) -> SamplerTables:
     """The tables of sampler `name` (any spelling `canonical_name` accepts) for `steps` steps."""

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from sdxl_common import lora_files, model_source, sdxl, storage  # these import neither JAX nor the trainer
-from sdxl_common.errors import BadInput, RunFailure, UserError
+from sdxl_common.errors import RunFailure, UserError
 from xla_infer import checks
 from xla_infer.checks import InputError, Size, SizeError
 from xla_infer.batches import Batch, Conditioning, Continued, FromImage, FromNoise, Inpaint
@@ -155,11 +155,7 @@ class Pipeline:
         except UnsupportedScheduler as err:
             raise InputError(str(err)) from None
 
-        try:
-            self.runtime = Runtime(device, cache_dir=cache_dir, data_parallel=data_parallel,
-                                   torch_compile=torch_compile)
-        except BadInput as err:
-            raise InputError(str(err)) from None
+        self.runtime = Runtime(device, cache_dir=cache_dir, data_parallel=data_parallel, torch_compile=torch_compile)
         self.device, self.mesh, self.num_devices = self.runtime.device, self.runtime.mesh, self.runtime.num_devices
         self.batch_size = int(batch_size or self.num_devices)
         if self.batch_size <= 0:

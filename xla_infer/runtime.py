@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from sdxl_common.errors import BadInput
+from xla_infer.checks import InputError
 
 logger = logging.getLogger("xla_infer")
 
@@ -22,8 +22,7 @@ DEVICES = ("xla", "cpu", "cuda")
 class Runtime:
     def __init__(self, kind: str, *, cache_dir: str | Path | None = None, data_parallel: bool | None = None,
                  torch_compile: bool = False):
-        if kind not in DEVICES:
-            raise BadInput(f"unknown device {kind!r}; use one of {', '.join(DEVICES)}")
+        """``kind``: one of DEVICES (the pipeline checks it first, before any other input)."""
         self.kind = kind
         self.torch_compile = torch_compile
         self.cache_status = "not requested"
@@ -35,7 +34,7 @@ class Runtime:
             if cache_dir is not None:
                 self.cache_status = f"not used: the persistent compilation cache is an XLA feature (device={kind})"
             if kind == "cuda" and not torch.cuda.is_available():
-                raise BadInput("device 'cuda' requested but torch sees no CUDA device")
+                raise InputError("device 'cuda' requested but torch sees no CUDA device")
             self.device, devices = torch.device(kind), 1
         self.num_devices = devices if self.mesh is not None else 1
 
