@@ -219,9 +219,8 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
     scan_layers, lora_rank, attention = settings.scan_layers, settings.lora_rank, settings.attention
     import jax
     import numpy as np
-    from flax import nnx
 
-    from flax_train import checkpoint, config as config_lib, diffusion, lora, models, sharding, train
+    from flax_train import checkpoint, config as config_lib, diffusion, sharding, train
     from sdxl_common import sdxl
 
     spec = SLICES[scenario.slice]
@@ -249,13 +248,8 @@ def compile_scenario(scenario: Scenario, unet: str = "sdxl", depth: int | None =
     tx, lr = train.build_optimizer(cfg)
 
     def abstract_state_of(architecture: dict[str, Any]) -> tuple[Any, Any, Any, int]:
-        frozen = None
-        if lora_rank:  # trainable factors; the UNet's own weights frozen in the compute dtype
-            graphdef, params, _ = lora.split(nnx.eval_shape(lambda: train.lora_unet(cfg, architecture)))
-            frozen = nnx.split(models.abstract(architecture, **train.frozen_unet_options(cfg)), nnx.Param)[1]
-        else:
-            graphdef, params = nnx.split(models.abstract(architecture, **train.unet_options(cfg)), nnx.Param)
-        state = train.with_frozen(jax.eval_shape(train.initial_state_fn(cfg, tx), params), frozen)
+        # With LoRA: the trainable factors, and the UNet's own weights frozen in the compute dtype.
+        graphdef, state = train.abstract_state(cfg, architecture, frozen=True)
         shardings = sharding.tree_shardings(state, mesh, rules)
         # Bytes per chip of the state, from the shardings.
         shard_bytes = lambda x, s: int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize  # noqa: E731

@@ -22,7 +22,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from flax_train import config as config_lib, diffusion, export, lora, models, sharding, train
+from flax_train import checkpoint, config as config_lib, diffusion, export, lora, models, sharding, train
 from sdxl_common import errors, lora_files, sdxl
 from flax_train.data import prepare
 from flax_train.demo import CONFIG as DEMO_CONFIG
@@ -239,7 +239,7 @@ def saved_factor_arrays(run_dir: Path) -> list[str]:
 def resumed_state(cfg, full_cfg, full, monkeypatch):
     """``cfg``'s run stopped at step 2 and resumed to STEPS; checked to equal the uninterrupted
     run ``full`` (losses, and the restored state: factors, optimizer state, EMA, step, RNG key)."""
-    monkeypatch.setattr(train.checkpoint.PreemptionGuard, "stop", lambda self, step: step == 2)
+    monkeypatch.setattr(checkpoint.PreemptionGuard, "stop", lambda self, step: step == 2)
     first = train.train(cfg)
     monkeypatch.undo()
     assert first.stopped_by_preemption and first.step == 2 and first.losses == full.losses[:2]

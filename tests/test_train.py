@@ -30,7 +30,7 @@ import safetensors.numpy
 from flax import nnx
 from PIL import Image
 
-from flax_train import config as config_lib, diffusion, hlo_cost, models, sharding, train
+from flax_train import checkpoint, config as config_lib, diffusion, hlo_cost, models, sharding, train
 from sdxl_common import sdxl
 from flax_train.data import prepare
 from flax_train.data.cache import LatentCache, RecordLayout
@@ -270,7 +270,7 @@ def test_a_programs_hardware_flops_are_counted_once_and_kept_beside_the_compilat
     (record,) = (tmp_path / "hardware_flops").glob(f"*-1-v{hlo_cost.ACCOUNTING}.json")
     assert json.loads(record.read_text())["flops"] == counted
     # The same program again (a restarted run): the record answers, the text is not read.
-    monkeypatch.setattr(train.hlo_cost, "analyse", lambda *a: pytest.fail("counted again"))
+    monkeypatch.setattr(hlo_cost, "analyse", lambda *a: pytest.fail("counted again"))
     assert train.hardware_flops(jax.jit(scanned).lower(jnp.ones((24, 24))).compile(), 1) == counted
     # A damaged record is counted again.
     monkeypatch.undo()
@@ -332,7 +332,7 @@ def test_resume_after_preemption_is_bit_exact(workspace, full_run, monkeypatch):
     full_cfg, full = full_run
     cfg = make_config(workspace, workspace.root / "resumed")
     # A preemption notice at step 2 — a step that also saves a checkpoint.
-    monkeypatch.setattr(train.checkpoint.PreemptionGuard, "stop", lambda self, step: step == 2)
+    monkeypatch.setattr(checkpoint.PreemptionGuard, "stop", lambda self, step: step == 2)
     first = train.train(cfg)
     monkeypatch.undo()
     assert first.stopped_by_preemption and first.step == 2 and first.export_dir is None
