@@ -21,7 +21,9 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import tpu_aot
+from benchmarks.tpu.paths import RESULTS
+from benchmarks.tpu.scenarios import Settings
+from benchmarks.tpu.worker import host_info, run_in_subprocess
 
 VARIANTS = {"unrolled": False, "scanned": True}
 
@@ -30,8 +32,7 @@ def run_variant(name: str, unet: str, resolution: int, timeout_s: float) -> dict
     """One compile in a fresh ``tpu_aot`` worker, for one CPU device of this host."""
     # The scenario's slice only names the chip; the program is compiled for the CPU device.
     scenario = f"v5e-1_fsdp_full_{resolution}px_b1"
-    row = tpu_aot.run_in_subprocess(scenario, unet, None, timeout_s,
-                                    tpu_aot.Settings(scan_layers=VARIANTS[name], host_cpu=True))
+    row = run_in_subprocess(scenario, unet, None, timeout_s, Settings(scan_layers=VARIANTS[name], host_cpu=True))
     # host_cpu_s is the whole worker's (imports and tracing too): on a shared host the wall time
     # depends on the load, the CPU time does not.
     kept = ("status", "compile_s", "host_cpu_s", "host_peak_rss_gib", "unet_params", "error")
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: unrolled, scanned")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per compile")
     parser.add_argument("--quick", action="store_true", help="the tiny UNet at 64px: seconds")
-    parser.add_argument("--out", type=Path, default=tpu_aot.RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.unet, args.resolution = "tiny", 64
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python -m benchmarks.compile_time", *(sys.argv[1:] if argv is None else argv)]),
         "device": "cpu (1 device)",
-        "host": {k: v for k, v in tpu_aot.host_info().items() if k not in ("host", "libtpu")},
+        "host": {k: v for k, v in host_info().items() if k not in ("host", "libtpu")},
         "unet": args.unet,
         "resolution": args.resolution,
         "step": "configs/sdxl_base.yaml: AdamW, EMA, bf16 compute, remat full, 1 image",

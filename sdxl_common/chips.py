@@ -1,5 +1,5 @@
 """The accelerators the project knows, one row each: what the trainer's MFU divides by and what
-the TPU estimates (benchmarks/tpu_aot.py) take as each chip's limits.
+the TPU estimates (benchmarks/tpu/) take as each chip's limits.
 
 Figures per chip from the Cloud TPU system-architecture pages (v4, v5e, v5p, v6e) and NVIDIA's H100
 SXM datasheet (its peak only): dense bf16 peak, HBM capacity and bandwidth, and the bidirectional inter-chip

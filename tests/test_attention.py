@@ -207,17 +207,20 @@ def test_bad_combinations_are_one_line_errors(monkeypatch):
 
 
 def test_tpu_estimate_rows_of_splash_leave_the_cost_model_out_and_price_attention_analytically():
-    from benchmarks import tpu_aot
+    from benchmarks.tpu.compiled import without_kernel_costs
+    from benchmarks.tpu.results import table
+    from benchmarks.tpu.roofline import derive
+    from benchmarks.tpu.scenarios import Scenario
 
     row = dict(
-        scenario="v5e-8_fsdp_full_1024px_b1", **dataclasses.asdict(tpu_aot.Scenario.parse("v5e-8_fsdp_full_1024px_b1")),
+        scenario="v5e-8_fsdp_full_1024px_b1", **dataclasses.asdict(Scenario.parse("v5e-8_fsdp_full_1024px_b1")),
         unet="sdxl", depth=10, chips=8, global_batch=8, status="compiled", attention="splash",
         argument_gib=5.0, output_gib=5.0, alias_gib=5.0, temp_gib=3.0, code_gib=0.0,
         xla_flops_per_chip=1e13, xla_bytes_accessed_per_chip=1e12, optimal_seconds=1.0,
         hlo_flops_per_device=2.5e13, hlo_hbm_bytes_per_device=81.9e9, collective_bytes_per_device=100e9,
         hlo_accounting=hlo_cost.ACCOUNTING,
     )  # fmt: skip
-    shown = tpu_aot.derive(tpu_aot.without_kernel_costs(row))
+    shown = derive(without_kernel_costs(row))
     # XLA's cost model cannot see the kernels: no step time, images/s or MFU from it.
     assert shown["total_gib"] == 8.0 and shown["optimal_seconds_outside_kernels"] == 1.0
     assert not {"optimal_seconds", "images_per_s", "mfu"} & set(shown)
@@ -229,12 +232,12 @@ def test_tpu_estimate_rows_of_splash_leave_the_cost_model_out_and_price_attentio
     assert shown["ici_seconds"] == pytest.approx(0.5)
     assert shown["roofline_seconds"] == pytest.approx(0.5) and shown["roofline_limited_by"] == "ici"
     assert shown["roofline_mfu"] == pytest.approx(3 * 6.761 * 8 / (0.5 * 197 * 8))
-    line = tpu_aot.table([shown]).splitlines()[-1]
+    line = table([shown]).splitlines()[-1]
     assert line.startswith("| v5e-8_fsdp_full_1024px_b1, splash attention | compiled |")
     assert "| 8.0 / 16 | 200.0 (outside kernels) | 216.4 | 0.137 | 0.100 | 0.500 | - | 0.500 (ici) | 16.00 | 21% | - |" in line
     # Collectives counted by earlier, over-counting rules (the HLO not kept to count again) price
     # nothing: the roofline is the compute's alone, and the table says why.
-    stale = tpu_aot.derive(tpu_aot.without_kernel_costs({**row, "hlo_accounting": hlo_cost.ACCOUNTING - 1}))
+    stale = derive(without_kernel_costs({**row, "hlo_accounting": hlo_cost.ACCOUNTING - 1}))
     assert "ici_seconds" not in stale and stale["roofline_limited_by"] == "compute"
     assert stale["roofline_seconds"] == pytest.approx(4 * 6.761 / 197)
-    assert "| 0.137 | 0.100 | not recounted | - | 0.137 (compute) |" in tpu_aot.table([stale])
+    assert "| 0.137 | 0.100 | not recounted | - | 0.137 (compute) |" in table([stale])

@@ -73,7 +73,7 @@ def test_the_benchmark_unets_are_the_models_they_are_named_after():
 
 
 def test_a_tpu_estimate_fitted_from_shallower_compiles_is_labelled_extrapolated():
-    from benchmarks.tpu_aot import extrapolate
+    from benchmarks.tpu.roofline import extrapolate
 
     shallow = [{"scenario": "s", "depth": d, "status": "compiled", "unet_params": 100 + 10 * d, "temp_gib": 1.0 + d,
                 "compile_s": 5.0} for d in (1, 2)]
@@ -90,14 +90,14 @@ def test_the_inference_estimate_compiles_the_sampler_with_every_step_counted():
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks import tpu_aot
+    from benchmarks.tpu.inference import compile_inference
+    from benchmarks.tpu.scenarios import Scenario, Settings
     from flax_train import hlo_cost, models
 
-    scenario = tpu_aot.Scenario.parse("v5e-4_dp_none_64px_b1")
+    scenario = Scenario.parse("v5e-4_dp_none_64px_b1")
     row = {}
     for steps in (2, 4):
-        row[steps] = tpu_aot.compile_inference(scenario, tpu_aot.Settings(inference_steps=steps), "tiny",
-                                               devices=jax.devices()[:4])
+        row[steps] = compile_inference(scenario, Settings(inference_steps=steps), "tiny", devices=jax.devices()[:4])
     assert row[2]["status"] == "compiled" and row[2]["global_batch"] == 4 and row[2]["task"] == "inference"
     assert row[2]["collective_bytes_per_device"] == 0  # data parallel: nothing crosses chips
 
@@ -139,10 +139,10 @@ def test_tpu_aot_quick_compiles_the_tiny_step_and_sampler_end_to_end():
 def test_tpu_aot_results_keep_each_day_and_the_table_shows_every_days_latest_rows(tmp_path, monkeypatch):
     """Compiles of one settings suffix run over several days (each takes up to half an hour here):
     each day's JSON keeps that day's rows, the markdown gathers them, a scenario's latest row winning."""
-    from benchmarks import tpu_aot
+    from benchmarks.tpu import results
 
-    monkeypatch.setattr(tpu_aot, "RESULTS", tmp_path)
-    monkeypatch.setattr(tpu_aot, "REPO", tmp_path)
+    monkeypatch.setattr(results, "RESULTS", tmp_path)
+    monkeypatch.setattr(results, "REPO", tmp_path)
     info = {"cpu_count": 2, "memory_gib": 23.5, "platform": "test", "jax": "j", "libtpu": "l", "flax": "f"}
 
     def row(name, compile_s):
@@ -151,9 +151,9 @@ def test_tpu_aot_results_keep_each_day_and_the_table_shows_every_days_latest_row
                 "compile_s": compile_s, "argument_gib": 4.8, "output_gib": 4.8, "temp_gib": 3.2, "code_gib": 0.0,
                 "alias_gib": 4.8}
 
-    tpu_aot.write_results([row("v5e-8_fsdp_full_1024px_b1", 850.0), row("v5e-8_fsdp_full_1024px_b2", 1104.0)], [],
+    results.write_results([row("v5e-8_fsdp_full_1024px_b1", 850.0), row("v5e-8_fsdp_full_1024px_b2", 1104.0)], [],
                           info, "cmd a", "_scan_splash", "2026-12-02")
-    tpu_aot.write_results([row("v5e-8_fsdp_full_1024px_b2", 999.0)], [], info, "cmd b", "_scan_splash", "2026-12-03")
+    results.write_results([row("v5e-8_fsdp_full_1024px_b2", 999.0)], [], info, "cmd b", "_scan_splash", "2026-12-03")
     first = json.loads((tmp_path / "tpu_aot_2026-12-02_scan_splash.json").read_text())
     assert [r["compile_s"] for r in first["results"]] == [850.0, 1104.0]
     md = (tmp_path / "tpu_aot_scan_splash.md").read_text()
@@ -166,8 +166,8 @@ def test_tpu_aot_results_keep_each_day_and_the_table_shows_every_days_latest_row
 
     # A recompile that runs out of time, the same day or a later one, does not hide the compile.
     timed_out = {**row("v5e-8_fsdp_full_1024px_b2", 3300.0), "status": "timeout"}
-    tpu_aot.write_results([timed_out], [], info, "cmd c", "_scan_splash", "2026-12-03")
-    tpu_aot.write_results([{**timed_out, "scenario": "v5e-8_fsdp_full_1024px_b1"}], [], info, "cmd d", "_scan_splash",
+    results.write_results([timed_out], [], info, "cmd c", "_scan_splash", "2026-12-03")
+    results.write_results([{**timed_out, "scenario": "v5e-8_fsdp_full_1024px_b1"}], [], info, "cmd d", "_scan_splash",
                           "2026-12-04")
     third = json.loads((tmp_path / "tpu_aot_2026-12-03_scan_splash.json").read_text())
     assert [(r["status"], r["compile_s"]) for r in third["results"]] == [("compiled", 999.0)]
@@ -210,15 +210,16 @@ def test_loader_throughput_quick_measures_each_source_and_counts_what_is_read(tm
 def test_a_multislice_tpu_estimate_prices_what_crosses_between_slices_at_the_network_bandwidth():
     """Two v5p-8 slices: the bytes the HLO count says cross between slices take the time the data
     centre network's 50 Gbit/s per chip needs; the slices' own collectives, their interconnect's."""
-    from benchmarks import tpu_aot
+    from benchmarks.tpu.roofline import derive
+    from benchmarks.tpu.scenarios import SLICES, Scenario
 
-    scenario = tpu_aot.Scenario.parse("2xv5p-8_fsdp_dots_1024px_b4")
-    assert tpu_aot.SLICES[scenario.slice].slices == 2
+    scenario = Scenario.parse("2xv5p-8_fsdp_dots_1024px_b4")
+    assert SLICES[scenario.slice].slices == 2
     row = dict(scenario=scenario.name, **dataclasses.asdict(scenario), unet="sdxl", depth=10, chips=8, slices=2,
                global_batch=32, status="compiled", attention="xla", hlo_flops_per_device=80e12,
                hlo_hbm_bytes_per_device=1e9, collective_bytes_per_device=12e9, dcn_bytes_per_device=2.5e9,
                hlo_accounting=hlo_cost.ACCOUNTING)
-    derived = tpu_aot.derive(row)
+    derived = derive(row)
     assert derived["dcn_seconds"] == pytest.approx(2.5e9 / 6.25e9)
     assert derived["ici_seconds"] == pytest.approx(12e9 / 600e9)
     assert derived["roofline_limited_by"] == "dcn" and derived["roofline_seconds"] == pytest.approx(0.4)
