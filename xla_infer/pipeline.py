@@ -1,8 +1,11 @@
 """Fixed-shape SDXL generation on an XLA device, and on plain torch for comparison.
 
 The diffusers / transformers torch modules do the network work; this file owns the loop around
-them, built so that an XLA device compiles three graphs once (four with image-to-image) and reuses
-them for every later call of the same batch size and image size:
+them. PyTorch/XLA reuses a compiled graph only for the same operations on the same shapes and
+constants, and diffusers' pipelines change those with the step (a Python step counter, `nonzero()`)
+and the prompt (its length, an absent negative prompt); the loop here is built so that an XLA device
+compiles three graphs once (four with image-to-image) and reuses them for every later call of the
+same batch size and image size:
 
 - text encode: both tokenisers always pad/truncate to 77 tokens, and the negative prompt is always
   encoded (empty string when absent, zeroed by a per-row mask where SDXL's

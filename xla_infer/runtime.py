@@ -68,8 +68,10 @@ class Runtime:
             import torch_xla.distributed.spmd as xs
 
             # One process drives all local chips; the batch axis of every per-image input is split
-            # over them and the weights are replicated (see docs/xla_infer.md for why not one
-            # process per chip).
+            # over them and the weights are replicated. Not one process per chip (torch_xla.launch):
+            # that compiles the same graphs N times at once, racing on one cache directory, holds N
+            # copies of the weights in host memory while loading, and must split prompts, gather
+            # images and survive one worker failing. The price: batches of a multiple of N.
             xr.use_spmd()
             self.mesh = xs.Mesh(np.arange(n_devices), (n_devices,), ("data",))
         return torch_xla.device(), n_devices
