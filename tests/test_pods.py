@@ -47,13 +47,13 @@ REFERENCE_STEPS = 12
 @pytest.fixture(scope="module")
 def reference(workspace, tmp_path_factory) -> tuple[config_lib.Config, train.TrainResult]:
     cfg = make_config(workspace, tmp_path_factory.mktemp("reference") / "run", f"train.max_steps={REFERENCE_STEPS}",
-                      "checkpoint.keep=100")
+                      "checkpoint.every_steps=2", "checkpoint.keep=100")
     return cfg, train.train(cfg)
 
 
 def test_a_run_directory_on_cloud_storage(workspace, reference, gcs_bucket, tmp_path):
-    """prepare -> train with checkpoints -> stop -> resume -> export -> xla-infer, all through the
-    CLIs with every path in a bucket of a real Cloud Storage API (the emulator)."""
+    """prepare -> train with checkpoints -> stop -> resume -> export -> xla-infer (its prompt file
+    too), all through the CLIs with every path in a bucket of a real Cloud Storage API (the emulator)."""
     from etils import epath
 
     run_dir = f"{gcs_bucket}/runs/{tmp_path.name}"
@@ -81,7 +81,8 @@ def test_a_run_directory_on_cloud_storage(workspace, reference, gcs_bucket, tmp_
     _, local = train.restore_checkpoint(reference_cfg, step=4)
     assert_trees_equal(state, local)
 
-    run_cli("--model", f"{run_dir}/export", "--prompt", "a red circle on a blue background", "--steps", "2",
+    (run / "prompts.txt").write_text("a red circle on a blue background\n")
+    run_cli("--model", f"{run_dir}/export", "--prompts", f"{run_dir}/prompts.txt", "--steps", "2",
             "--out", f"{run_dir}/images", cwd=tmp_path, module="xla_infer.cli")
     assert sorted(p.name for p in (run / "images").iterdir()) == ["00000.png", "manifest.json"]
     # pathlib would have turned gs://b/x into a local folder gs:/b/x.
@@ -95,7 +96,7 @@ def test_two_processes_train_what_one_does_and_survive_sigterm_and_a_damaged_che
     run; validation images, the export at the end and sampling work across processes. (kill -9 at
     any moment, then a bit-exact resume: tests/test_faults.py, in one process.)"""
     run_dir = tmp_path / "run"
-    args = ["--config", str(DEMO_CONFIG), *overrides(workspace, run_dir, "train.max_steps=100000")]
+    args = ["--config", str(DEMO_CONFIG), *overrides(workspace, run_dir, "train.max_steps=100000", "checkpoint.every_steps=2")]
 
     # SIGTERM reaches process 1 only (a preemption notice on one host), after a first checkpoint.
     first = Processes(tmp_path, "first", "train", *args)

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", default=None, help='weights of that precision, e.g. "fp16" (*.fp16.safetensors)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
-    source.add_argument("--prompts", type=Path, help="UTF-8 text file, one prompt per line (blank lines skipped)")
+    source.add_argument("--prompts", help="UTF-8 text file, local or gs://, one prompt per line (blank lines skipped)")
     parser.add_argument("--prompt-2", default=None,
                         help="prompt of the second text encoder for every image (default: the first prompt)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
