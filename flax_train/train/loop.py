@@ -1,4 +1,4 @@
-"""The SDXL UNet trainer, top to bottom in pipeline order:
+"""A training run, top to bottom in pipeline order:
 
 mesh -> latent cache and loader -> UNet (sharded) and optimizer -> resume -> compiled step -> loop
 (metrics one step late, checkpoints, validation images, preemption) -> export.
