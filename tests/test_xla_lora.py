@@ -79,8 +79,8 @@ def test_swapping_and_rescaling_loras_compiles_nothing_and_matches_diffusers(fol
     pipe = Pipeline.from_pretrained(folder, device="xla", dtype="fp32", batch_size=2, steps=STEPS, scheduler="euler",
                                     loras=[(loras["a"], 1.0)])
     loaded = host_weights(pipe)
-    assert pipe._lora_base
-    for key, (_, base) in pipe._lora_base.items():  # the loaded weights LoRA A was merged into
+    assert pipe.merged_loras.loaded
+    for key, (_, base) in pipe.merged_loras.loaded.items():  # the loaded weights LoRA A was merged into
         assert not np.array_equal(loaded[key + ".weight"], base.cpu().numpy())
         loaded[key + ".weight"] = base.cpu().numpy().copy()
     pipe.warmup()
@@ -124,7 +124,7 @@ def test_swapping_and_rescaling_loras_compiles_nothing_and_matches_diffusers(fol
 
     pipe.set_loras([])
     base_image = generate()
-    assert pipe.compile_count == warm and pipe.loras == [] and not pipe._lora_base
+    assert pipe.compile_count == warm and pipe.loras == [] and not pipe.merged_loras.loaded
     np.testing.assert_allclose(base_image, diffusers_with(folder, pipe, []), rtol=0, atol=ATOL)
     weights = host_weights(pipe)
     assert weights.keys() == loaded.keys()
@@ -211,7 +211,7 @@ def test_bad_loras_are_refused_in_one_line_before_any_weight_changes(folder, lor
         assert "\n" not in str(caught.value)
     first_key = "unet." + next(iter(lora_files.read(wrong_shapes)["unet"]))
     assert first_key in str(caught.value)  # the first key that does not fit
-    assert pipe.loras == [] and not pipe._lora_base
+    assert pipe.loras == [] and not pipe.merged_loras.loaded
     after = host_weights(pipe)
     assert all(np.array_equal(after[key], value) for key, value in before.items())
 

@@ -1,11 +1,11 @@
 """Fixed-shape SDXL generation on an XLA device, and on plain torch for comparison.
 
-The diffusers / transformers torch modules do the network work; this file owns the loop around
+The diffusers / transformers torch modules do the network work; `Pipeline` owns the loop around
 them. PyTorch/XLA reuses a compiled graph only for the same operations on the same shapes and
 constants, and diffusers' pipelines change those with the step (a Python step counter, `nonzero()`)
 and the prompt (its length, an absent negative prompt); the loop here is built so that an XLA device
 compiles three graphs once (four with image-to-image) and reuses them for every later call of the
-same batch size and image size:
+same batch size and image size (the graph bodies are in xla_infer/graphs.py):
 
 - text encode: both tokenisers always pad/truncate to 77 tokens, and the negative prompt is always
   encoded (empty string when absent, zeroed by a per-row mask where SDXL's
@@ -28,6 +28,12 @@ Everything that varies between calls (token ids, masks, micro-conditioning, guid
 noise) enters as device data, never as a constant baked into a graph. A compile counter
 (torch_xla's CompileTime metric) guards the promise: after warm-up, a new compilation raises
 `RecompilationError` (or warns, with on_recompile="warn").
+
+This file is the orchestration; the rest of xla_infer is its parts: runtime.py (device, SPMD,
+compilation cache, graph wrapper, compile counter), graphs.py (the graph bodies), schedulers.py
+(the samplers on the device), batches.py (one batch's host inputs: tokens, micro-conditioning),
+images.py (input images and masks, output PIL images), lora.py (LoRA merging) and checks.py
+(input checks).
 """
 from __future__ import annotations
 
@@ -35,18 +41,21 @@ import logging
 import math
 import secrets
 import time
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from sdxl_common import lora_files, model_source, sdxl, storage  # these import neither JAX nor the trainer
+from sdxl_common import model_source, sdxl, storage  # these import neither JAX nor the trainer
 from sdxl_common.errors import RunFailure, UserError
-from xla_infer import checks
-from xla_infer.checks import InputError, Size, SizeError
-from xla_infer.batches import Batch, Conditioning, Continued, FromImage, FromNoise, Inpaint
+from xla_infer import checks, graphs
+from xla_infer.batches import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, Batch, Conditioning, Continued, FromImage,
+                               FromNoise, Inpaint, MicroConditioning, micro_conditioning, tokenize, warn_truncation)
+from xla_infer.checks import InputError, Size
+from xla_infer.images import fetch, image_array, mask_array, per_image, to_pil
+from xla_infer.lora import MergedLoras
 from xla_infer.runtime import DEVICES, Runtime
 from xla_infer.schedulers import UnsupportedScheduler, canonical_name, draw_streams, make_sampler
 
@@ -56,37 +65,10 @@ DEFAULT_STRENGTH = 0.3  # image-to-image, as diffusers' StableDiffusionXLImg2Img
 DEFAULT_INPAINT_STRENGTH = 0.9999  # as StableDiffusionXLInpaintPipeline (it skips the first step)
 DEFAULT_GUIDANCE, DEFAULT_INPAINT_GUIDANCE = 5.0, 7.5  # as diffusers' SDXL pipelines
 DEFAULT_HIGH_NOISE_FRAC = 0.8  # base + refiner: the fraction the base denoises (diffusers' SDXL docs)
-AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's conditioning, diffusers' defaults
 
 
 class RecompilationError(RuntimeError):
     """An XLA compilation happened after warm-up, where the fixed-shape design promises none."""
-
-
-@dataclass(frozen=True)
-class MicroConditioning:
-    """SDXL's size conditioning for one call: (height, width) pairs and the crop corner (top, left);
-    for a model with `requires_aesthetics_score` (the refiner), aesthetic scores instead of target sizes."""
-
-    original_size: Size
-    crops_coords_top_left: Size
-    target_size: Size
-    negative_original_size: Size
-    negative_crops_coords_top_left: Size
-    negative_target_size: Size
-    aesthetic_score: float | None = None
-    negative_aesthetic_score: float | None = None
-
-    def rows(self) -> tuple[list[float], list[float]]:
-        """The add_time_ids of a negative row and of a positive row: six, or five with aesthetic scores."""
-        if self.aesthetic_score is not None:
-            positive = [*self.original_size, *self.crops_coords_top_left, self.aesthetic_score]
-            negative = [*self.negative_original_size, *self.negative_crops_coords_top_left,
-                        self.negative_aesthetic_score]
-            return negative, positive
-        positive = [*self.original_size, *self.crops_coords_top_left, *self.target_size]
-        negative = [*self.negative_original_size, *self.negative_crops_coords_top_left, *self.negative_target_size]
-        return negative, positive
 
 
 class Pipeline:
@@ -175,7 +157,6 @@ class Pipeline:
         self.text_encoder_2 = _prepare_module(text_encoder_2, self.device, self.dtype)
         self.vae = _prepare_module(vae, self.device, self.vae_dtype)
         self.sampler.to(self.device)
-        self._init_sigma = self.sampler.init_noise_sigma.reshape(1).to(self.device)
         self.latent_shape = (latent_channels, self.height // self.vae_scale_factor, self.width // self.vae_scale_factor)
         if refiner is not None:
             if self.inpainting_unet or self.requires_aesthetics_score:
@@ -188,26 +169,28 @@ class Pipeline:
 
         self.on_recompile = on_recompile
         self.torch_compile = torch_compile
+        # The graph bodies (xla_infer/graphs.py) with this model's modules and settings bound.
         graph = self.runtime.graph
-        self._encode_graph = graph(self._encode, "sdxl_text_encode")
-        self._step_graph = graph(self._denoise_step, "sdxl_denoise_step")
-        self._decode_graph = graph(self._decode, "sdxl_vae_decode")
-        self._image_graph = graph(self._encode_image, "sdxl_vae_encode")
-        self._inpaint_graph = graph(self._encode_inpaint, "sdxl_vae_encode_inpaint")
-        self._blend_graph = graph(self._blend, "sdxl_inpaint_blend")
+        init_sigma = self.sampler.init_noise_sigma.reshape(1).to(self.device)
+        self._encode_graph = graph(partial(graphs.encode_text, self.text_encoder, self.text_encoder_2),
+                                   "sdxl_text_encode")
+        self._step_graph = graph(partial(graphs.denoise_step, self.unet, self.sampler, self.dtype), "sdxl_denoise_step")
+        self._decode_graph = graph(partial(graphs.decode, self.vae, self.vae_dtype), "sdxl_vae_decode")
+        self._image_graph = graph(partial(graphs.encode_image, self.vae, self.vae_dtype, self.sampler),
+                                  "sdxl_vae_encode")
+        self._inpaint_graph = graph(partial(graphs.encode_inpaint, self.vae, self.vae_dtype, self.sampler, init_sigma,
+                                            self.latent_shape[1:], self.inpainting_unet), "sdxl_vae_encode_inpaint")
+        self._blend_graph = graph(partial(graphs.blend, self.sampler), "sdxl_inpaint_blend")
         # Process-wide: the refiner's compilations count here too (building either compiles nothing).
         self._compiles_at_start = self.runtime.compilations()
-        self.warmed_up = False
-        self.image_warmed_up = False  # the image-encode graph is compiled on the first image-to-image use
-        self.mask_warmed_up = False  # likewise the inpainting graphs, on the first inpainting use
-        self.refiner_warmed_up = False  # and the refiner's, on the first base + refiner use
+        # The parts of `warmup` run so far: "generation" (text encode, denoising step, decode: the
+        # first warm-up), then "image", "mask" and "refiner" on their modes' first use.
+        self.warmed_up: set[str] = set()
         self.warmup_seconds: float | None = None
         self.compile_seconds: float | None = None
         self.last_call: dict[str, float] = {}
-        self.loras: list[tuple[str, float]] = []  # the LoRAs merged into the weights, with their scales
-        # "component.module" -> (its layer, its loaded weight tensor), for every layer a LoRA changed
-        self._lora_base: dict[str, tuple[torch.nn.Module, torch.Tensor]] = {}
-        self.lora_compile_count = 0  # the merges' own small graphs, not counted in compile_count
+        self.merged_loras = MergedLoras(
+            {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}, self.runtime)
         if loras:
             self.set_loras(loras)
 
@@ -338,186 +321,17 @@ class Pipeline:
         before any weight changes; a key the model has no Linear / Conv2d of that shape for is an
         InputError naming it.
         """
-        if isinstance(loras, (str, Path)):
-            raise InputError("loras must be a list of (path, scale) pairs, not one path")
-        pairs = []
-        for item in loras:
-            location, scale = (item, 1.0) if isinstance(item, (str, Path)) else checks.lora_pair(item)
-            pairs.append((str(location), checks.number(scale, f"the scale of LoRA {location}", "a finite number",
-                                                 math.isfinite)))
-        updates: dict[str, tuple[torch.nn.Module, list[tuple[lora_files.Factors, float]]]] = {}
-        targets = self._lora_targets()
-        # kohya names flatten module paths with "_", so such files are read against the model's own.
-        modules = {component: list(layers) for component, layers in targets.items()}
-        for location, scale in pairs:
-            try:
-                weights = lora_files.read(location, modules=modules, unet_config=dict(self.unet.config))
-            except UserError as err:  # a missing or unreadable file: already one line naming it
-                raise InputError(str(err)) from None
-            for component, by_path in weights.items():
-                for module_path, factors in by_path.items():
-                    key, layer = _lora_layer(targets, location, component, module_path, factors)
-                    updates.setdefault(key, (layer, []))[1].append((factors, scale))
-        self._merge_loras(updates)
-        self.loras = pairs
+        self.merged_loras.set(loras)
 
-    def _lora_targets(self) -> dict[str, dict[str, tuple[str, torch.nn.Module]]]:
-        """component -> module path as LoRA files name it -> ("component.module" as the model
-        names it, the Linear / Conv2d layer), for every layer a LoRA may adapt."""
-        models = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
-        targets = {}
-        for component, model in models.items():
-            if model is None:
-                continue
-            # transformers 5 flattened CLIPTextModel; LoRA files keep its older "text_model." paths
-            # (diffusers' loader strips the prefix the same way).
-            prefix = "" if component == "unet" or hasattr(model, "text_model") else "text_model."
-            targets[component] = {prefix + name: (f"{component}.{name}", layer) for name, layer in model.named_modules()
-                                  if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))}
-        return targets
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """The LoRAs merged into the weights, with their scales."""
+        return self.merged_loras.loras
 
-    @torch.no_grad()
-    def _merge_loras(self, updates: dict[str, tuple[torch.nn.Module, list[tuple[lora_files.Factors, float]]]]):
-        # All LoRAs of a module are one matmul: their factors concatenated along the rank, each
-        # down factor pre-scaled on the host (scale * alpha / rank, float32), so that the device
-        # computes base + up @ down. Per module one small graph, synced at once: its inputs are
-        # device data and its shape is (weight shape, summed rank), so a scale or another LoRA of
-        # the same ranks reuses it, and no pending merge leaks into the next generation graph.
-        sync = None
-        if self.device_kind == "xla":
-            import torch_xla
-
-            sync = torch_xla.sync
-        before = self.runtime.compilations()
-        for key in [key for key in self._lora_base if key not in updates]:
-            layer, base = self._lora_base.pop(key)
-            layer.weight.data = base  # the loaded tensor itself: bit-equal
-        for key, (layer, parts) in updates.items():
-            base = self._lora_base.setdefault(key, (layer, layer.weight.data))[1]
-            up = torch.cat([torch.tensor(f.up.reshape(f.up.shape[0], f.rank), dtype=torch.float32) for f, _ in parts],
-                           dim=1)
-            down = torch.cat([torch.tensor(f.down.reshape(f.rank, -1), dtype=torch.float32) * (scale * f.alpha / f.rank)
-                              for f, scale in parts])
-            delta = (up.to(self.device) @ down.to(self.device)).reshape(base.shape)
-            layer.weight.data = (base.float() + delta).to(base.dtype)
-            if sync is not None:
-                sync()
-        self.lora_compile_count += self.runtime.compilations() - before
-
-    # ------------------------------------------------------------------ graphs
-
-    @torch.no_grad()
-    def _encode(self, ids_1: torch.Tensor | None, ids_2: torch.Tensor, keep: torch.Tensor):
-        out_2 = self.text_encoder_2(ids_2, output_hidden_states=True)
-        # SDXL conditions on the penultimate layer of both encoders and the projected pooled output of
-        # the second; the refiner, which has no first encoder, on the second's alone.
-        embeds = out_2.hidden_states[-2]
-        if self.text_encoder is not None:
-            out_1 = self.text_encoder(ids_1, output_hidden_states=True)
-            embeds = torch.cat([out_1.hidden_states[-2], embeds], dim=-1)
-        pooled = out_2.text_embeds
-        keep = keep.to(embeds.dtype)
-        return embeds * keep[:, None, None], pooled * keep[:, None]
-
-    @torch.no_grad()
-    def _denoise_step(self, latents, step, state, noise, embeds, pooled, time_ids, guidance, inpaint=None):
-        """One step. `inpaint` (B, 5, h, w): the mask and masked-image latents an inpainting UNet
-        reads after the latents (a 9-channel UNet's pipeline always passes it: one graph)."""
-        sampler = self.sampler
-        model_input = sampler.scale_input(latents, step)
-        if inpaint is not None:
-            model_input = torch.cat([model_input, inpaint], dim=1)  # diffusers' order: scaled latents, mask, masked
-        model_input = model_input.repeat_interleave(2, dim=0).to(self.dtype)
-        out = self.unet(
-            model_input,
-            sampler.timestep(step),
-            encoder_hidden_states=embeds,
-            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-            return_dict=False,
-        )[0]
-        out = out.to(torch.float32).unflatten(0, (-1, 2))
-        uncond, cond = out[:, 0], out[:, 1]
-        guided = uncond + guidance * (cond - uncond)
-        step_noise = None if noise is None else noise.index_select(0, step)[0]
-        latents, state = sampler.step(latents, guided, step, state, step_noise)
-        return latents, step + 1, state
-
-    def _latent_stats(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The VAE config's per-channel latents mean and std, when it gives both (else None)."""
-        config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is None or std is None:
-            return None
-        channels = latents.shape[1]
-        mean_t = torch.tensor(mean, dtype=latents.dtype).view(1, channels, 1, 1).to(latents.device)
-        std_t = torch.tensor(std, dtype=latents.dtype).view(1, channels, 1, 1).to(latents.device)
-        return mean_t, std_t
-
-    @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        scaling, stats = self.vae.config.scaling_factor, self._latent_stats(latents)
-        if stats is not None:
-            latents = latents * stats[1] / scaling + stats[0]
-        else:
-            latents = latents / scaling
-        image = self.vae.decode(latents.to(self.vae_dtype), return_dict=False)[0]
-        return (image.to(torch.float32) * 0.5 + 0.5).clamp(0, 1)
-
-    def _vae_sample(self, image: torch.Tensor, posterior_noise: torch.Tensor, stats: bool = True) -> torch.Tensor:
-        """Scaled latents of a [-1, 1] image, sampled from the VAE posterior with host-drawn noise."""
-        posterior = self.vae.encode(image.to(self.vae_dtype)).latent_dist
-        # latent_dist.sample(generator) is mean + std * a Gaussian; the Gaussian comes from the host.
-        latents = (posterior.mean + posterior.std * posterior_noise.to(posterior.mean.dtype)).to(torch.float32)
-        scaling, latent_stats = self.vae.config.scaling_factor, self._latent_stats(latents) if stats else None
-        if latent_stats is not None:
-            return (latents - latent_stats[0]) * scaling / latent_stats[1]
-        return scaling * latents
-
-    @staticmethod
-    def _pixels(pixels: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1], as diffusers' VaeImageProcessor. Uint8 travels
-        to the device: a quarter of float32's bytes."""
-        image = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        return 2.0 * image - 1.0
-
-    @torch.no_grad()
-    def _encode_image(self, pixels, posterior_noise, noise, start):
-        """Image-to-image's starting latents, as StableDiffusionXLImg2ImgPipeline.prepare_latents.
-
-        `pixels` (B, H, W, 3) uint8; `posterior_noise` and `noise` (B, C, h, w) drawn on the host;
-        `start` (1,) the first step run.
-        """
-        latents = self._vae_sample(self._pixels(pixels), posterior_noise)
-        return self.sampler.add_noise(latents, noise, start)
-
-    @torch.no_grad()
-    def _encode_inpaint(self, pixels, mask, posterior_noise, noise, masked_noise, start, full):
-        """Inpainting's inputs, as StableDiffusionXLInpaintPipeline.prepare_latents / prepare_mask_latents.
-
-        `mask` (B, 1, H, W) float, already binarised (1 = repaint); `full` (1,) bool: strength 1,
-        where the start is pure noise instead of the noised image (a where, not a branch: one graph).
-        Returns the starting latents, and either the UNet's extra channels (9-channel UNet) or the
-        image latents and latent-size mask the blend after each step needs (4-channel UNet).
-        """
-        image = self._pixels(pixels)
-        # The inpainting pipeline scales the encoded latents without the VAE's latents_mean/std
-        # (unlike image-to-image); SDXL's VAE has none, but the pipeline is followed as written.
-        image_latents = self._vae_sample(image, posterior_noise, stats=False)
-        noised = self.sampler.add_noise(image_latents, noise, start)
-        latents = torch.where(full.reshape(1, 1, 1, 1), noise * self._init_sigma, noised)
-        # Nearest-neighbour to latent size, as diffusers' F.interpolate default.
-        small_mask = torch.nn.functional.interpolate(mask, size=self.latent_shape[1:])
-        if self.inpainting_unet:
-            masked_latents = self._vae_sample(image * (mask < 0.5), masked_noise, stats=False)
-            return latents, torch.cat([small_mask, masked_latents], dim=1)
-        return latents, image_latents, small_mask
-
-    @torch.no_grad()
-    def _blend(self, latents, step, small_mask, image_latents, noise):
-        """With a 4-channel UNet, after each step (`step` already counts it): the image noised to the
-        next step's level outside the mask (the clean image after the last step), as diffusers."""
-        proper = self.sampler.add_noise(image_latents, noise, step)
-        return (1 - small_mask) * proper + small_mask * latents
+    @property
+    def lora_compile_count(self) -> int:
+        """Compilations of the merges' own small graphs (set_loras), not counted in compile_count."""
+        return self.merged_loras.compile_count
 
     # ------------------------------------------------------------------ compile accounting
 
@@ -549,59 +363,6 @@ class Pipeline:
 
     # ------------------------------------------------------------------ host-side preparation
 
-    def _tokenize(self, texts_1: list[str], texts_2: list[str]):
-        """Ids of each text list for its tokeniser, padded/truncated to 77, and the tokens each text lost.
-
-        Without a first tokenizer (the refiner) its ids are None and its dropped counts the second's.
-        """
-        length = self.text_length
-        ids, dropped = [], []
-        for tokenizer, texts in ((self.tokenizer, texts_1), (self.tokenizer_2, texts_2)):
-            if tokenizer is None:
-                ids.append(None)
-                dropped.append(None)
-                continue
-            ids.append(tokenizer(texts, padding="max_length", max_length=length, truncation=True,
-                                 return_tensors="pt").input_ids)
-            full = tokenizer(texts, verbose=False).input_ids
-            dropped.append([max(0, len(f) - length) for f in full])
-        return ids[0], ids[1], dropped[1] if dropped[0] is None else dropped[0], dropped[1]
-
-    def _micro_conditioning(self, original_size, crops_coords_top_left, target_size, negative_original_size,
-                            negative_crops_coords_top_left, negative_target_size,
-                            image_to_image: bool = False, aesthetic_score: float = AESTHETIC_SCORE,
-                            negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE) -> MicroConditioning:
-        size = (self.height, self.width)
-        original = checks.pair(original_size or size, "original_size")
-        crops = checks.pair(crops_coords_top_left or (0, 0), "crops_coords_top_left")
-        target = checks.pair(target_size or size, "target_size")
-        if self.requires_aesthetics_score:
-            # As StableDiffusionXLImg2ImgPipeline with requires_aesthetics_score (the refiner): the
-            # scores take the target sizes' places, and in this branch the negative rows do take
-            # negative_crops_coords_top_left.
-            negative = (checks.pair(negative_original_size or original, "negative_original_size"),
-                        checks.pair(negative_crops_coords_top_left or (0, 0), "negative_crops_coords_top_left"),
-                        checks.pair(negative_target_size or target, "negative_target_size"))
-            try:
-                scores = float(aesthetic_score), float(negative_aesthetic_score)
-            except (TypeError, ValueError):
-                raise InputError("aesthetic_score and negative_aesthetic_score must be numbers") from None
-            return MicroConditioning(original, crops, target, *negative, *scores)
-        if image_to_image:
-            # As StableDiffusionXLImg2ImgPipeline (without aesthetic score, as for the base model):
-            # each negative size defaults to its positive one on its own, and the negative rows take
-            # the positive crop corner (its _get_add_time_ids ignores negative_crops_coords_top_left).
-            negative = (checks.pair(negative_original_size or original, "negative_original_size"), crops,
-                        checks.pair(negative_target_size or target, "negative_target_size"))
-        # As StableDiffusionXLPipeline: the negative rows get their own conditioning only when both sizes are given.
-        elif negative_original_size is not None and negative_target_size is not None:
-            negative = (checks.pair(negative_original_size, "negative_original_size"),
-                        checks.pair(negative_crops_coords_top_left or (0, 0), "negative_crops_coords_top_left"),
-                        checks.pair(negative_target_size, "negative_target_size"))
-        else:
-            negative = (original, crops, target)
-        return MicroConditioning(original, crops, target, *negative)
-
     def host_conditioning(self, prompts, prompts_2, negatives, negatives_2, guidance_scale,
                           micro: MicroConditioning) -> tuple[Conditioning, tuple[list[int], list[int]]]:
         """One batch's conditioning for this model, rows interleaved (neg, pos), and, per row, the
@@ -613,7 +374,8 @@ class Pipeline:
             texts_2 += [negative_2, prompt_2]
             zero_negative = negative is None and self.force_zeros_for_empty_prompt
             keep += [0.0 if zero_negative else 1.0, 1.0]
-        ids_1, ids_2, dropped_1, dropped_2 = self._tokenize(texts_1, texts_2)
+        ids_1, ids_2, dropped_1, dropped_2 = tokenize(self.tokenizer, self.tokenizer_2, self.text_length, texts_1,
+                                                      texts_2)
         negative_row, positive_row = micro.rows()
         time_ids = torch.tensor([negative_row, positive_row] * len(prompts), dtype=self.dtype)
         # guidance <= 1 means no guidance in diffusers (the positive prediction alone); scale 1 gives that.
@@ -747,31 +509,32 @@ class Pipeline:
         every warm-up of the pipeline.
         """
         start, compile_start = time.perf_counter(), self.runtime.compile_seconds()
-        micro = self._micro_conditioning(None, None, None, None, None, None)
+        micro = micro_conditioning((self.height, self.width), self.requires_aesthetics_score)
         n = self.batch_size
         texts = ([""] * n, [""] * n, [None] * n, [""] * n, list(range(n)), 5.0, micro)
         blank = [np.zeros((self.height, self.width, 3), dtype=np.uint8)] * n
         blank_masks = [np.zeros((self.height, self.width), dtype=np.float32)] * n
         # Each later mode runs one step from the last step: only its own graphs are new.
-        if not self.warmed_up:
+        if "generation" not in self.warmed_up:
             if self.inpainting_unet:
                 inpaint = self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]
                 self.run_batch(inpaint).cpu()
-                self.mask_warmed_up = True
+                self.warmed_up.add("mask")
             else:
                 self.run_batch(self._host_batch(*texts)[0]).cpu()
-            self.warmed_up = True
-        if image and not self.image_warmed_up and not self.inpainting_unet:  # (that UNet only inpaints)
+            self.warmed_up.add("generation")
+        if image and "image" not in self.warmed_up and not self.inpainting_unet:  # (that UNet only inpaints)
             self.run_batch(self._host_batch(*texts, images=blank, start=self.steps - 1)[0]).cpu()
-            self.image_warmed_up = True
-        if mask and not self.mask_warmed_up:
+            self.warmed_up.add("image")
+        if mask and "mask" not in self.warmed_up:
             self.run_batch(self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]).cpu()
-            self.mask_warmed_up = True
-        if refiner and self.refiner is not None and not self.refiner_warmed_up:
-            refiner_micro = self.refiner._micro_conditioning(None, None, None, None, None, None, image_to_image=True)
+            self.warmed_up.add("mask")
+        if refiner and self.refiner is not None and "refiner" not in self.warmed_up:
+            refiner_micro = micro_conditioning((self.refiner.height, self.refiner.width),
+                                               self.refiner.requires_aesthetics_score, image_to_image=True)
             switch = (1, self.steps - 1, refiner_micro)  # one base step, then the refiner's last
             self.run_batch(self._host_batch(*texts, refiner=switch)[0]).cpu()
-            self.refiner_warmed_up = True
+            self.warmed_up.add("refiner")
         seconds = time.perf_counter() - start
         self.warmup_seconds = (self.warmup_seconds or 0.0) + seconds
         if compile_start is not None:
@@ -874,7 +637,8 @@ class Pipeline:
         else:
             if denoising_end is not None:
                 raise InputError("denoising_end (base + refiner) is for text-to-image, not with an image")
-            images = self._per_image(image, n, "images", self._image_array)
+            images = per_image(image, n, "images",
+                               lambda one: image_array(one, self.height, self.width, self.vae_scale_factor))
             if mask_image is None:
                 if self.inpainting_unet:
                     raise InputError("this model's UNet is an inpainting UNet (9 input channels): give a mask_image")
@@ -882,27 +646,26 @@ class Pipeline:
                     raise InputError("mask_blur is for inpainting: give a mask_image too")
                 strength = DEFAULT_STRENGTH if strength is None else strength
             else:
-                masks = self._per_image(mask_image, n, "masks", lambda one: self._mask_array(one, mask_blur))
+                masks = per_image(mask_image, n, "masks", lambda one: mask_array(one, self.height, self.width, mask_blur))
                 strength = DEFAULT_INPAINT_STRENGTH if strength is None else strength
             start = checks.first_step(self.steps, strength)
             full = float(strength) == 1.0  # diffusers' is_strength_max: start from pure noise
         if guidance_scale is None:  # diffusers' defaults: 7.5 for its inpainting pipeline, 5 for the others
             guidance_scale = DEFAULT_INPAINT_GUIDANCE if masks is not None else DEFAULT_GUIDANCE
-        micro = self._micro_conditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
-                                         negative_crops_coords_top_left, negative_target_size,
-                                         image_to_image=images is not None, aesthetic_score=aesthetic_score,
-                                         negative_aesthetic_score=negative_aesthetic_score)
+        sizes = (original_size, crops_coords_top_left, target_size, negative_original_size,
+                 negative_crops_coords_top_left, negative_target_size)
+        scores = dict(aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+        micro = micro_conditioning((self.height, self.width), self.requires_aesthetics_score, *sizes,
+                                   image_to_image=images is not None, **scores)
         refiner = None
         if switch is not None:
             # The refiner's micro-conditioning is StableDiffusionXLImg2ImgPipeline's for the same sizes.
-            refiner_micro = self.refiner._micro_conditioning(
-                original_size, crops_coords_top_left, target_size, negative_original_size,
-                negative_crops_coords_top_left, negative_target_size, image_to_image=True,
-                aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+            refiner_micro = micro_conditioning((self.refiner.height, self.refiner.width),
+                                               self.refiner.requires_aesthetics_score, *sizes, image_to_image=True,
+                                               **scores)
             refiner = (*switch, refiner_micro)
         modes = dict(image=images is not None and masks is None, mask=masks is not None, refiner=switch is not None)
-        if (not self.warmed_up or (modes["image"] and not self.image_warmed_up)
-                or (modes["mask"] and not self.mask_warmed_up) or (modes["refiner"] and not self.refiner_warmed_up)):
+        if not {"generation", *(mode for mode, used in modes.items() if used)} <= self.warmed_up:
             self.warmup(**modes)
 
         start_time, compiles_before = time.perf_counter(), self.compile_count
@@ -914,7 +677,7 @@ class Pipeline:
         dropped_all: list[tuple[list[int], list[int]]] = []
         pending = None
 
-        def to_pil(i: int, pixels: np.ndarray):
+        def pil_image(i: int, pixels: np.ndarray):
             params = self._parameters(prompts[i], prompts_2[i], negatives[i], negatives_2[i], seed_list[i],
                                       guidance_scale, micro, [*dropped_all[i][0], *dropped_all[i][1]])
             if images is not None:
@@ -925,14 +688,14 @@ class Pipeline:
                 params.update(refiner=self.refiner.model_name, high_noise_frac=refiner_fraction,
                               base_steps=switch[0], refiner_steps=self.steps - switch[1],
                               aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
-            return _to_pil(pixels, params)
+            return to_pil(pixels, params)
 
         def finished(batch: np.ndarray) -> None:
             first = sum(len(a) for a in arrays)
             arrays.append(batch)
             if on_image is not None:
                 for i, pixels in enumerate(batch, start=first):
-                    on_image(i, to_pil(i, pixels))
+                    on_image(i, pil_image(i, pixels))
         for k in range(batches):
             rows = slice(k * b, (k + 1) * b)
             real = len(prompts[rows])
@@ -945,14 +708,15 @@ class Pipeline:
                 refiner=refiner,
             )
             dropped = (dropped[0][: 2 * real], dropped[1][: 2 * real])
-            self._warn_truncation(k * b, prompts[rows], prompts_2[rows], negatives[rows], negatives_2[rows], dropped)
+            warn_truncation(k * b, self.text_length, prompts[rows], prompts_2[rows], negatives[rows], negatives_2[rows],
+                            dropped)
             dropped_all += [(dropped[0][2 * i: 2 * i + 2], dropped[1][2 * i: 2 * i + 2]) for i in range(real)]
             batch_images = self.run_batch(batch, bar)
             # Fetch the previous batch only now, so the device works on this one meanwhile.
             if pending is not None:
-                finished(_fetch(*pending))
+                finished(fetch(*pending))
             pending = (batch_images, real)
-        finished(_fetch(*pending))
+        finished(fetch(*pending))
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - start_time
@@ -963,88 +727,7 @@ class Pipeline:
         pixels = np.concatenate(arrays)
         if output_type == "np":
             return pixels
-        return [to_pil(i, pixels[i]) for i in range(n)]
-
-    @staticmethod
-    def _per_image(value: Any, n: int, what: str, convert: Callable[[Any], np.ndarray]) -> list[np.ndarray]:
-        """One array per prompt from one value for all of them or a list of n."""
-        if isinstance(value, (list, tuple)):
-            if len(value) != n:
-                raise InputError(f"{len(value)} {what} for {n} prompts")
-            return [convert(one) for one in value]
-        return [convert(value)] * n
-
-    def _mask_array(self, mask: Any, blur: float | None = None) -> np.ndarray:
-        """An inpainting mask as the (H, W) float32 array of 0 and 1 (1: repaint) that the graph takes.
-
-        As diffusers' mask processor: grayscale ("L"), scaled to [0, 1] (uint8 / 255), binarised at
-        0.5. `blur` first applies PIL's GaussianBlur(blur) to the 8-bit mask, as VaeImageProcessor.blur.
-        """
-        from PIL import Image, ImageFilter
-
-        if isinstance(mask, np.ndarray) and mask.ndim == 2 and mask.dtype == np.uint8:
-            mask = Image.fromarray(mask)  # mode "L"
-        if isinstance(mask, Image.Image):
-            mask = mask.convert("L")
-            if blur is not None:
-                mask = mask.filter(ImageFilter.GaussianBlur(checks.blur_radius(blur)))
-            values = np.asarray(mask).astype(np.float32) / 255.0
-        elif isinstance(mask, np.ndarray) and mask.ndim == 2 and np.issubdtype(mask.dtype, np.floating):
-            if blur is not None:
-                raise InputError("mask_blur blurs an 8-bit mask: give a PIL image or a uint8 array")
-            values = mask.astype(np.float32)
-        else:
-            shape = getattr(mask, "shape", None)
-            raise InputError(f"mask_image must be a PIL image or an (H, W) uint8 or float array, got "
-                             f"{type(mask).__name__}{'' if shape is None else f' {shape} {mask.dtype}'}")
-        height, width = values.shape
-        if (height, width) != (self.height, self.width):
-            raise SizeError(f"the mask is {width}x{height} pixels but the pipeline generates "
-                            f"{self.width}x{self.height} (the image's size)")
-        return (values >= 0.5).astype(np.float32)
-
-    def _image_array(self, image: Any) -> np.ndarray:
-        """An input image as the (H, W, 3) uint8 array of the pipeline's size that the graph takes."""
-        from PIL import Image
-
-        if isinstance(image, Image.Image):
-            array = np.asarray(image.convert("RGB"))
-        elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise InputError(f"an image array must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-            array = image
-        else:
-            raise InputError(f"image must be a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
-        height, width = array.shape[:2]
-        factor = self.vae_scale_factor
-        if height % factor or width % factor:
-            raise SizeError(f"the image is {width}x{height} pixels, not a multiple of the VAE factor {factor}")
-        if (height, width) != (self.height, self.width):
-            raise SizeError(
-                f"the image is {width}x{height} pixels but the pipeline generates {self.width}x{self.height} "
-                "(the size its graphs are compiled for)"
-            )
-        return array
-
-    def _warn_truncation(self, offset, prompts, prompts_2, negatives, negatives_2, dropped):
-        dropped_1, dropped_2 = dropped
-        for i in range(len(prompts)):
-            rows = (
-                (negatives[i] or "", negatives_2[i], 2 * i, "negative prompt"),
-                (prompts[i], prompts_2[i], 2 * i + 1, "prompt"),
-            )
-            for text_1, text_2, row, kind in rows:
-                # One warning when both encoders read the same text, else one per encoder's text.
-                if text_1 == text_2:
-                    texts = ((text_1, max(dropped_1[row], dropped_2[row]), kind),)
-                else:
-                    texts = ((text_1, dropped_1[row], kind), (text_2, dropped_2[row], f"{kind} 2"))
-                for text, lost, name in texts:
-                    if lost > 0:
-                        logger.warning(
-                            "%s %d is longer than CLIP's %d tokens: the last %d token(s) were dropped (%.60r...)",
-                            name, offset + i, self.text_length, lost, text,
-                        )
+        return [pil_image(i, pixels[i]) for i in range(n)]
 
     def _parameters(self, prompt, prompt_2, negative, negative_2, seed, guidance_scale, micro,
                     dropped) -> dict[str, Any]:
@@ -1102,24 +785,6 @@ class Pipeline:
 # ---------------------------------------------------------------------- helpers
 
 
-def _lora_layer(targets: dict[str, dict[str, tuple[str, torch.nn.Module]]], location: str, component: str,
-                module_path: str, factors: lora_files.Factors) -> tuple[str, torch.nn.Module]:
-    """("component.module", the Linear / Conv2d) that a LoRA's module key names (see
-    `Pipeline._lora_targets`), checked to fit its factors."""
-    key = f"{component}.{module_path}"
-    if component not in targets:
-        raise InputError(f"LoRA {location} adapts the {component} ({key}), which this model does not have")
-    if module_path not in targets[component]:
-        raise InputError(f"LoRA {location}: {key} is not a Linear or Conv2d layer of this model")
-    name, layer = targets[component][module_path]
-    shape = tuple(layer.weight.shape)
-    update = (factors.up.shape[0], *factors.down.shape[1:])
-    if update != shape or factors.up.shape[2:] not in ((), (1, 1)):
-        raise InputError(f"LoRA {location}: {key} has factors {list(factors.down.shape)} and "
-                         f"{list(factors.up.shape)}, which do not fit this model's weight {list(shape)}")
-    return name, layer
-
-
 def _prepare_module(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     if next(module.parameters()).dtype != dtype:  # from_pretrained already loaded the right dtype
         module = module.to(dtype)
@@ -1141,18 +806,6 @@ def _read_scheduler_config(source: str) -> dict[str, Any]:
         return dict(EulerDiscreteScheduler.load_config(source, subfolder="scheduler"))
     except (OSError, ValueError) as err:
         raise InputError(f"could not read the scheduler config of {source}: {err}") from None
-
-
-def _fetch(images: torch.Tensor, real: int) -> np.ndarray:
-    return images.cpu()[:real].permute(0, 2, 3, 1).numpy()
-
-
-def _to_pil(pixels: np.ndarray, info: dict[str, Any]):
-    from PIL import Image
-
-    image = Image.fromarray((pixels * 255).round().astype("uint8"))
-    image.info.update(info)
-    return image
 
 
 def _progress_bar(total: int):
