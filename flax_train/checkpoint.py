@@ -105,19 +105,30 @@ class Checkpointer:
         the steps after that one and can save them again.
         """
         if step is not None:
-            return self._restore(step, abstract_state)
+            state, data_state, saved = self._read(step, abstract_state)
+            self._verify(state, data_state, saved)
+            return state, data_state
         for candidate in sorted(self.manager.all_steps(), reverse=True):
+            # Each process reads its own part, so a damaged file may fail the read on one process
+            # only: all agree on the reads before the checksums, whose program is a collective
+            # that every process must run (a process that skipped it would meet the others in the
+            # next collective with the wrong data, and the pod would crash instead of going on).
             try:
-                restored = self._restore(candidate, abstract_state)
-                failure = None
+                (state, data_state, saved), failure = self._read(candidate, abstract_state), None
             except Exception as error:  # whatever orbax or tensorstore raise on damaged files
                 failure = error
             if self._everywhere(failure is None):
-                return restored
+                try:  # the same verdict on every process: the sums are computed over the global arrays
+                    self._verify(state, data_state, saved)
+                    return state, data_state
+                except DamagedCheckpoint as error:
+                    failure = error
             self._set_aside(candidate, failure)
         raise errors.InputNotFound(f"no checkpoint in {self.manager.directory} restores")
 
-    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    def _read(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """(state, data state, the checksums saved with them) of checkpoint ``step``, this
+        process's part read from its files."""
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -128,15 +139,18 @@ class Checkpointer:
                 checksums=ocp.args.JsonRestore(),
             ),
         )
-        data_state = dict(restored.data or {})
-        saved, found = dict(restored.checksums or {}), checksums(restored.state, data_state)
+        return restored.state, dict(restored.data or {}), dict(restored.checksums or {})
+
+    @staticmethod
+    def _verify(state: Any, data_state: dict, saved: dict) -> None:
+        """Raises DamagedCheckpoint unless the values read are those ``saved`` checksums describe."""
+        found = checksums(state, data_state)
         wrong = [name for name in found if saved.get(name) != found[name]]
         if wrong or saved.keys() != found.keys():
             raise DamagedCheckpoint(
                 f"restored values differ from those saved in {len(wrong) or 'its list of'} arrays "
                 f"({', '.join(wrong[:3]) or 'names'}{', ...' if len(wrong) > 3 else ''})"
             )
-        return restored.state, data_state
 
     @staticmethod
     def _everywhere(ok: bool) -> bool:
