@@ -4,7 +4,7 @@ without a traceback)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -155,6 +155,32 @@ def second_texts(values, firsts: list[str], what: str) -> list[str]:
     if not all(v is None or isinstance(v, str) for v in values):
         raise InputError(f"{what} must be strings")
     return [first if v is None else v for v, first in zip(values, firsts)]
+
+
+def prompt_texts(prompts, negative_prompts, prompt_2, negative_prompt_2) -> tuple[list, list, list, list]:
+    """(prompts, negatives, second prompts, second negatives), one of each per prompt; a negative
+    of None stays None (SDXL's zeroed negative conditioning). As diffusers: `prompt_2 or prompt`,
+    `negative_prompt_2 or (negative_prompt or "")`."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise InputError("no prompts given")
+    if not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompts must be strings")
+    negatives = per_prompt(negative_prompts, len(prompts), "negative prompts")
+    prompts_2 = second_texts(prompt_2, prompts, "prompt_2")
+    negatives_2 = second_texts(negative_prompt_2, [neg or "" for neg in negatives], "negative_prompt_2")
+    return prompts, negatives, prompts_2, negatives_2
+
+
+def seed_list(seeds: int | Sequence[int] | None, n: int, draw: Callable[[], int]) -> list[int]:
+    """One seed per prompt: as given, or s, s+1, ... from an int s, or from ``draw()`` when absent."""
+    if seeds is None or isinstance(seeds, int):
+        first = draw() if seeds is None else seeds
+        return [first + i for i in range(n)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise InputError(f"{len(seeds)} seeds for {n} prompts")
+    return seeds
 
 
 def check_steps(steps: Any) -> int:

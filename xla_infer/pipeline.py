@@ -37,6 +37,7 @@ images.py (input images and masks, output PIL images), lora.py (LoRA merging) an
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -69,6 +70,44 @@ DEFAULT_HIGH_NOISE_FRAC = 0.8  # base + refiner: the fraction the base denoises 
 
 class RecompilationError(RuntimeError):
     """An XLA compilation happened after warm-up, where the fixed-shape design promises none."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """What one call asks for, checked (``Pipeline._job``): its images and masks for image-to-image
+    and inpainting, the step its denoising starts from, and the base + refiner switch."""
+
+    images: list[np.ndarray] | None = None  # image-to-image and inpainting: one per prompt
+    masks: list[np.ndarray] | None = None  # inpainting: one per prompt
+    mask_blur: float | None = None
+    strength: float | None = None
+    start: int = 0  # the first of the steps that runs
+    full: bool = False  # strength 1: from pure noise, as diffusers' is_strength_max
+    switch: tuple[int, int] | None = None  # base + refiner: base steps run, the refiner's first step
+    refiner_fraction: float | None = None
+    aesthetic_scores: tuple[float, float] = (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE)
+
+    @property
+    def modes(self) -> dict[str, bool]:
+        """The graphs beyond text-to-image's that the job needs (``Pipeline.warmup``'s arguments)."""
+        return dict(image=self.images is not None and self.masks is None, mask=self.masks is not None,
+                    refiner=self.switch is not None)
+
+    def steps_run(self, steps: int) -> int:
+        return steps - self.start if self.switch is None else self.switch[0] + steps - self.switch[1]
+
+    def parameters(self, steps: int, refiner: str | None) -> dict[str, Any]:
+        """What an image's PNG records of the mode, beside the settings every image has."""
+        params: dict[str, Any] = {}
+        if self.images is not None:
+            params.update(strength=self.strength, denoising_steps=steps - self.start)
+        if self.masks is not None:
+            params.update(inpainting=True, mask_blur=self.mask_blur)
+        if self.switch is not None:
+            params.update(refiner=refiner, high_noise_frac=self.refiner_fraction, base_steps=self.switch[0],
+                          refiner_steps=steps - self.switch[1], aesthetic_score=self.aesthetic_scores[0],
+                          negative_aesthetic_score=self.aesthetic_scores[1])
+        return params
 
 
 class Pipeline:
@@ -596,83 +635,35 @@ class Pipeline:
         `on_image(i, pil_image)` is called for each image as soon as its batch is back on the host,
         in order (the CLI writes each file then, so a long job killed midway keeps what it made).
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise InputError("no prompts given")
-        if not all(isinstance(p, str) for p in prompts):
-            raise InputError("prompts must be strings")
+        prompts, negatives, prompts_2, negatives_2 = checks.prompt_texts(prompts, negative_prompts, prompt_2,
+                                                                         negative_prompt_2)
         n = len(prompts)
-        negatives = checks.per_prompt(negative_prompts, n, "negative prompts")
-        # diffusers: `prompt_2 or prompt`, `negative_prompt_2 or (negative_prompt or "")`.
-        prompts_2 = checks.second_texts(prompt_2, prompts, "prompt_2")
-        negatives_2 = checks.second_texts(negative_prompt_2, [neg or "" for neg in negatives], "negative_prompt_2")
-        if seeds is None:
-            base = secrets.randbelow(2**31)
-            seed_list = [base + i for i in range(n)]
-        elif isinstance(seeds, int):
-            seed_list = [seeds + i for i in range(n)]
-        else:
-            seed_list = [int(s) for s in seeds]
-            if len(seed_list) != n:
-                raise InputError(f"{len(seed_list)} seeds for {n} prompts")
+        seed_list = checks.seed_list(seeds, n, lambda: secrets.randbelow(2**31))
         if output_type not in ("pil", "np"):
             raise InputError("output_type must be 'pil' or 'np'")
-        masks, switch, full = None, None, False
-        if image is None:
-            if strength is not None:
-                raise InputError("strength is for image-to-image and inpainting: give an image too")
-            if mask_image is not None or mask_blur is not None:
-                raise InputError("mask_image and mask_blur are for inpainting: give an image too")
-            if self.inpainting_unet:
-                raise InputError("this model's UNet is an inpainting UNet (9 input channels): "
-                                 "give image and mask_image")
-            if self.requires_aesthetics_score:  # diffusers has no text-to-image with aesthetic scores
-                raise InputError("this is a refiner model (requires_aesthetics_score): load it as refiner= of a base")
-            images, start = None, 0
-            if self.refiner is not None:
-                refiner_fraction = checks.check_fraction(DEFAULT_HIGH_NOISE_FRAC if denoising_end is None else denoising_end)
-                switch = self.switch_steps(refiner_fraction)
-            elif denoising_end is not None:
-                raise InputError("denoising_end hands the latents over to a refiner: load the pipeline with refiner=")
-        else:
-            if denoising_end is not None:
-                raise InputError("denoising_end (base + refiner) is for text-to-image, not with an image")
-            images = per_image(image, n, "images",
-                               lambda one: image_array(one, self.height, self.width, self.vae_scale_factor))
-            if mask_image is None:
-                if self.inpainting_unet:
-                    raise InputError("this model's UNet is an inpainting UNet (9 input channels): give a mask_image")
-                if mask_blur is not None:
-                    raise InputError("mask_blur is for inpainting: give a mask_image too")
-                strength = DEFAULT_STRENGTH if strength is None else strength
-            else:
-                masks = per_image(mask_image, n, "masks", lambda one: mask_array(one, self.height, self.width, mask_blur))
-                strength = DEFAULT_INPAINT_STRENGTH if strength is None else strength
-            start = checks.first_step(self.steps, strength)
-            full = float(strength) == 1.0  # diffusers' is_strength_max: start from pure noise
+        job = self._job(n, image, mask_image, strength, mask_blur, denoising_end, aesthetic_score,
+                        negative_aesthetic_score)
         if guidance_scale is None:  # diffusers' defaults: 7.5 for its inpainting pipeline, 5 for the others
-            guidance_scale = DEFAULT_INPAINT_GUIDANCE if masks is not None else DEFAULT_GUIDANCE
+            guidance_scale = DEFAULT_INPAINT_GUIDANCE if job.masks is not None else DEFAULT_GUIDANCE
         sizes = (original_size, crops_coords_top_left, target_size, negative_original_size,
                  negative_crops_coords_top_left, negative_target_size)
         scores = dict(aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
         micro = micro_conditioning((self.height, self.width), self.requires_aesthetics_score, *sizes,
-                                   image_to_image=images is not None, **scores)
+                                   image_to_image=job.images is not None, **scores)
         refiner = None
-        if switch is not None:
+        if job.switch is not None:
             # The refiner's micro-conditioning is StableDiffusionXLImg2ImgPipeline's for the same sizes.
             refiner_micro = micro_conditioning((self.refiner.height, self.refiner.width),
                                                self.refiner.requires_aesthetics_score, *sizes, image_to_image=True,
                                                **scores)
-            refiner = (*switch, refiner_micro)
-        modes = dict(image=images is not None and masks is None, mask=masks is not None, refiner=switch is not None)
-        if not {"generation", *(mode for mode, used in modes.items() if used)} <= self.warmed_up:
-            self.warmup(**modes)
+            refiner = (*job.switch, refiner_micro)
+        if not {"generation", *(mode for mode, used in job.modes.items() if used)} <= self.warmed_up:
+            self.warmup(**job.modes)
 
         start_time, compiles_before = time.perf_counter(), self.compile_count
         b = self.batch_size
         batches = math.ceil(n / b)
-        steps_run = self.steps - start if switch is None else switch[0] + self.steps - switch[1]
-        bar = _progress_bar(batches * steps_run) if progress else None
+        bar = _progress_bar(batches * job.steps_run(self.steps)) if progress else None
         arrays: list[np.ndarray] = []
         dropped_all: list[tuple[list[int], list[int]]] = []
         pending = None
@@ -680,14 +671,7 @@ class Pipeline:
         def pil_image(i: int, pixels: np.ndarray):
             params = self._parameters(prompts[i], prompts_2[i], negatives[i], negatives_2[i], seed_list[i],
                                       guidance_scale, micro, [*dropped_all[i][0], *dropped_all[i][1]])
-            if images is not None:
-                params.update(strength=strength, denoising_steps=self.steps - start)
-            if masks is not None:
-                params.update(inpainting=True, mask_blur=mask_blur)
-            if switch is not None:
-                params.update(refiner=self.refiner.model_name, high_noise_frac=refiner_fraction,
-                              base_steps=switch[0], refiner_steps=self.steps - switch[1],
-                              aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+            params.update(job.parameters(self.steps, self.refiner.model_name if self.refiner is not None else None))
             return to_pil(pixels, params)
 
         def finished(batch: np.ndarray) -> None:
@@ -703,9 +687,9 @@ class Pipeline:
             batch, dropped = self._host_batch(
                 prompts[rows] + [""] * pad, prompts_2[rows] + [""] * pad, negatives[rows] + [None] * pad,
                 negatives_2[rows] + [""] * pad, seed_list[rows] + [0] * pad, float(guidance_scale), micro,
-                images=None if images is None else images[rows] + [np.zeros_like(images[0])] * pad, start=start,
-                masks=None if masks is None else masks[rows] + [np.zeros_like(masks[0])] * pad, full=full,
-                refiner=refiner,
+                images=None if job.images is None else job.images[rows] + [np.zeros_like(job.images[0])] * pad,
+                start=job.start, full=job.full, refiner=refiner,
+                masks=None if job.masks is None else job.masks[rows] + [np.zeros_like(job.masks[0])] * pad,
             )
             dropped = (dropped[0][: 2 * real], dropped[1][: 2 * real])
             warn_truncation(k * b, self.text_length, prompts[rows], prompts_2[rows], negatives[rows], negatives_2[rows],
@@ -728,6 +712,43 @@ class Pipeline:
         if output_type == "np":
             return pixels
         return [pil_image(i, pixels[i]) for i in range(n)]
+
+    def _job(self, n: int, image, mask_image, strength, mask_blur, denoising_end, aesthetic_score: float,
+             negative_aesthetic_score: float) -> Job:
+        """The mode a call asks for (text-to-image, base + refiner, image-to-image, inpainting), its
+        inputs checked against this pipeline's model and size."""
+        scores = (aesthetic_score, negative_aesthetic_score)
+        if image is None:
+            if strength is not None:
+                raise InputError("strength is for image-to-image and inpainting: give an image too")
+            if mask_image is not None or mask_blur is not None:
+                raise InputError("mask_image and mask_blur are for inpainting: give an image too")
+            if self.inpainting_unet:
+                raise InputError("this model's UNet is an inpainting UNet (9 input channels): "
+                                 "give image and mask_image")
+            if self.requires_aesthetics_score:  # diffusers has no text-to-image with aesthetic scores
+                raise InputError("this is a refiner model (requires_aesthetics_score): load it as refiner= of a base")
+            if self.refiner is None:
+                if denoising_end is not None:
+                    raise InputError("denoising_end hands the latents over to a refiner: load the pipeline with refiner=")
+                return Job(aesthetic_scores=scores)
+            fraction = checks.check_fraction(DEFAULT_HIGH_NOISE_FRAC if denoising_end is None else denoising_end)
+            return Job(switch=self.switch_steps(fraction), refiner_fraction=fraction, aesthetic_scores=scores)
+        if denoising_end is not None:
+            raise InputError("denoising_end (base + refiner) is for text-to-image, not with an image")
+        images = per_image(image, n, "images", lambda one: image_array(one, self.height, self.width, self.vae_scale_factor))
+        masks = None
+        if mask_image is None:
+            if self.inpainting_unet:
+                raise InputError("this model's UNet is an inpainting UNet (9 input channels): give a mask_image")
+            if mask_blur is not None:
+                raise InputError("mask_blur is for inpainting: give a mask_image too")
+            strength = DEFAULT_STRENGTH if strength is None else strength
+        else:
+            masks = per_image(mask_image, n, "masks", lambda one: mask_array(one, self.height, self.width, mask_blur))
+            strength = DEFAULT_INPAINT_STRENGTH if strength is None else strength
+        return Job(images=images, masks=masks, mask_blur=mask_blur, strength=strength,
+                   start=checks.first_step(self.steps, strength), full=float(strength) == 1.0, aesthetic_scores=scores)
 
     def _parameters(self, prompt, prompt_2, negative, negative_2, seed, guidance_scale, micro,
                     dropped) -> dict[str, Any]:
