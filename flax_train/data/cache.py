@@ -101,12 +101,13 @@ class CacheSettings:
     def to_json(self) -> dict[str, Any]:
         settings = {
             "source": self.source.to_json(),
-            "preprocess": dataclasses.asdict(self.preprocess),
+            "preprocess": {k: v for k, v in dataclasses.asdict(self.preprocess).items() if k != "buckets" or v},
             "model": dict(self.model),
             "latent_source": self.latent_source,
             "dtype": self.dtype,
         }
-        if self.token_ids:  # only when set: caches made before the setting existed still match
+        # Buckets and token_ids only when set: caches made before those settings existed still match.
+        if self.token_ids:
             settings["token_ids"] = True
         return _jsonable(settings)
 
