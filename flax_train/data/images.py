@@ -257,6 +257,8 @@ class PreprocessSpec:
     buckets: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
+        # Sizes read back from JSON are lists: kept as tuples, so that specs compare and hash alike.
+        object.__setattr__(self, "buckets", tuple(tuple(int(d) for d in size) for size in self.buckets))
         if self.resolution <= 0 or self.resolution % 8:
             raise BadInput(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.max_pixels <= 0:
