@@ -56,11 +56,10 @@ def write_cache(folder: Path, samples: int, shard_size: int, row: dict) -> None:
             "prompt_embeds": rng.standard_normal((n, *row["prompt"]), np.float32).astype(bf16),
             "pooled_prompt_embeds": rng.standard_normal((n, *row["pooled"]), np.float32).astype(bf16),
             "add_time_ids": np.tile(np.array([1024, 1024, 0, 0, 1024, 1024], np.int32), (n, 1)),
-            "index": index,
         }
         metadata = {"shard": k, "keys": [f"{i:08d}.jpg" for i in index], "captions": [f"caption {i}" for i in index],
                     "skipped": []}
-        atomic_write_bytes(cache_lib.shard_path(folder, k), cache_lib.encode_shard(arrays, metadata))
+        atomic_write_bytes(cache_lib.shard_path(folder, k), cache_lib.encode_shard(index, {None: arrays}, metadata))
     settings = cache_lib.CacheSettings(SourceSpec("imagefolder", "/synthetic"), PreprocessSpec(resolution=1024),
                                        model={"vae": "0" * 64}, dtype="bfloat16")
     plan = {"settings": settings.to_json(), "layout": {"shard_size": shard_size, "num_items": samples, "num_shards": shards}}

@@ -24,7 +24,7 @@ import jax
 from etils import epath
 
 from flax_train import config as config_lib, lora, models, schedulers, sharding, train
-from sdxl_common import errors, lora_files, storage
+from sdxl_common import buckets, errors, lora_files, storage
 from sdxl_common.errors import BadInput, report
 from sdxl_common.png import png_bytes
 from sdxl_common.prompts import read_prompt_file
@@ -78,7 +78,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     generator = Generator(
         args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution, loras=loras
     )
-    images = generator(prompts, negative_prompt=args.negative_prompt, seed=args.seed, guidance_scale=args.guidance)
+    images = generator(prompts, negative_prompt=args.negative_prompt, seed=args.seed, guidance_scale=args.guidance,
+                       size=args.size)
     # Every process generated the same images (the models are not sharded here); one writes them.
     if jax.process_index() == 0:
         write_samples(out, prompts, images, args)
@@ -112,6 +113,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return buckets.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flax-train", description="Fine-tune SDXL with JAX/Flax on TPU, GPU or CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--scheduler", default="euler", choices=schedulers.SAMPLERS)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--resolution", type=int, default=None, help="square images of this side (default: the UNet's)")
+    p.add_argument("--size", type=_size, default=None, metavar="WIDTHxHEIGHT",
+                   help="any size the VAE's factor divides, e.g. 1216x832 (SDXL's buckets: sdxl_common/buckets.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA file or folder (diffusers or kohya format) merged at SCALE (default 1); repeatable")

@@ -34,6 +34,7 @@ from etils import epath
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from sdxl_common import buckets
 from flax_train import lora, metrics, sharding
 from flax_train.data.cache import READS_IN_FLIGHT
 from flax_train.data.images import DataSource
@@ -181,6 +182,10 @@ class DataConfig:
     # waits tens of ms, it reads about reads_in_flight / latency samples per second per process.
     reads_in_flight: int = READS_IN_FLIGHT
     max_pixels: int = 89_478_485  # larger source images are refused (decompression bombs)
+    # Aspect-ratio buckets: [] crops every image to the square of `resolution`; [sdxl] uses SDXL's
+    # list (its paper's appendix I) scaled to `resolution`; or sizes as "WIDTHxHEIGHT" strings.
+    # Each image goes to the bucket nearest its aspect ratio (sdxl_common/buckets.py).
+    buckets: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +288,9 @@ class ValidationConfig:
     scheduler: Sampler = "euler"
     seed: int = 0
     resolution: int | None = None  # null: data.resolution
+    # Sizes ("WIDTHxHEIGHT") to draw the prompts at, one grid each (e.g. a bucket of each aspect);
+    # empty: one square grid of `resolution`.
+    sizes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -589,6 +597,19 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     check(d.cache_shard_size > 0, f"data.cache_shard_size must be positive, got {d.cache_shard_size}")
     check(d.reads_in_flight > 0, f"data.reads_in_flight must be positive, got {d.reads_in_flight}")
     check(bool(d.caption_column), "data.caption_column must not be empty")
+    check(d.buckets != ("sdxl",) or d.resolution % 32 == 0,
+          f"data.buckets [sdxl] scales SDXL's sizes to data.resolution, which must then be a multiple of 32, got {d.resolution}")
+    for size in config.validation.sizes:
+        try:
+            buckets.parse_size(size)
+        except ValueError as error:
+            check(False, f"validation.sizes: {error}")
+    for size in d.buckets if d.buckets != ("sdxl",) else ():
+        try:
+            h, w = buckets.parse_size(size)
+            check(h % 8 == 0 and w % 8 == 0, f"data.buckets: {size}: both sides must be multiples of 8 (the VAE's factor)")
+        except ValueError as error:
+            check(False, f"data.buckets: {error}" + ("; [sdxl] stands alone" if size == "sdxl" else ""))
     check(bool(d.image_column), "data.image_column must not be empty")
 
     t = config.train

@@ -34,7 +34,7 @@ from flax import nnx
 from PIL import Image
 
 from flax_train import lora, models, schedulers, sharding
-from sdxl_common import lora_files, sdxl, storage
+from sdxl_common import buckets, lora_files, sdxl, storage
 from sdxl_common.errors import BadInput
 from sdxl_common.png import png_bytes
 from flax_train.models import clip
@@ -225,7 +225,7 @@ class Generator:
     def _sample(self, unet_graph, unet_params, vae_graph, vae_state, embeds, latents, guidance_scale, keys):
         unet = nnx.merge(unet_graph, unet_params)
         vae = nnx.merge(vae_graph, vae_state)
-        size = (self.resolution, self.resolution)
+        size = (latents.shape[2] * self.vae_scale, latents.shape[3] * self.vae_scale)  # the image's (h, w)
         time_ids = make_time_ids(size, (0, 0), size, latents.shape[0])
         out = sample_latents(
             unet,
@@ -247,11 +247,15 @@ class Generator:
         """Image i's random key: that of seed + i, whatever the batch it is generated in."""
         return jnp.stack([jax.random.PRNGKey(seed + i) for i in range(count)])
 
-    def initial_latents(self, count: int, seed: int) -> jax.Array:
+    def initial_latents(self, count: int, seed: int, size: tuple[int, int] | None = None) -> jax.Array:
         """Image i starts from the noise of its key (``seed_keys``); an ancestral sampler draws
-        its step noise from the same key (see ``sample_latents``)."""
-        side = self.resolution // self.vae_scale
-        shape = (self.latent_channels, side, side)
+        its step noise from the same key (see ``sample_latents``). ``size``: the images' (height,
+        width), each a multiple of the VAE's factor; by default the square of ``resolution``. Each
+        size compiles the sampler once."""
+        height, width = size or (self.resolution, self.resolution)
+        if height % self.vae_scale or width % self.vae_scale or min(height, width) <= 0:
+            raise BadInput(f"size {width}x{height}: both sides must be positive multiples of the VAE's factor {self.vae_scale}")
+        shape = (self.latent_channels, height // self.vae_scale, width // self.vae_scale)
         return jax.vmap(lambda key: jax.random.normal(key, shape))(self.seed_keys(count, seed))
 
     def generate_from_embeds(
@@ -264,14 +268,16 @@ class Generator:
         guidance_scale: float = 5.0,
         latents: jax.Array | None = None,
         keys: jax.Array | None = None,
+        size: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """uint8 images (N, H, W, 3) for pre-encoded prompts, with the given UNet weights.
 
         ``latents`` (N, C, h, w) replaces the seeded initial noise, e.g. to reproduce another
-        implementation's images exactly; ``keys`` (N,) the seeded keys of the step noise."""
+        implementation's images exactly; ``keys`` (N,) the seeded keys of the step noise;
+        ``size`` the images' (height, width) (see ``initial_latents``)."""
         count = embeds["prompt_embeds"].shape[0]
         if latents is None:
-            latents = self.initial_latents(count, seed)
+            latents = self.initial_latents(count, seed, size)
         if keys is None:
             keys = self.seed_keys(count, seed)
         images = self._sample(graphdef, params, *self._vae, embeds, latents, jnp.float32(guidance_scale), keys)
@@ -291,13 +297,14 @@ class Generator:
         seed: int = 0,
         guidance_scale: float = 5.0,
         latents: jax.Array | None = None,
+        size: tuple[int, int] | None = None,
     ) -> list[Image.Image]:
         if self.unet is None:
             raise ValueError("this Generator was built without a UNet; use generate_from_embeds")
         embeds = self.encode(prompts, [negative_prompt] * len(prompts))
         graphdef, params = nnx.split(self.unet)
         images = self.generate_from_embeds(
-            graphdef, params, embeds, seed=seed, guidance_scale=guidance_scale, latents=latents
+            graphdef, params, embeds, seed=seed, guidance_scale=guidance_scale, latents=latents, size=size
         )
         return [Image.fromarray(image) for image in images]
 
@@ -339,6 +346,8 @@ class Validator:
             load_unet=False,
         )
         self.embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts))
+        # (height, width) of each grid, and its name in the file; one square grid without sizes.
+        self.sizes = {buckets.size_text(buckets.parse_size(text)): buckets.parse_size(text) for text in v.sizes} or {"": None}
         self.latents = self.keys = None
 
     def run(self, step: int, graphdef: nnx.GraphDef, params: nnx.State,
@@ -351,22 +360,24 @@ class Validator:
             replicated = sharding.replicated(jax.tree.leaves(params)[0].sharding.mesh)
             self.generator.replicate_on(replicated.mesh)
             self.embeds = jax.device_put(sharding.to_host(self.embeds), replicated)
-            self.latents, self.keys = jax.device_put(
-                sharding.to_host((self.generator.initial_latents(len(v.prompts), v.seed),
-                                  self.generator.seed_keys(len(v.prompts), v.seed))), replicated)
+            self.latents, self.keys = jax.device_put(sharding.to_host((
+                {name: self.generator.initial_latents(len(v.prompts), v.seed, size) for name, size in self.sizes.items()},
+                self.generator.seed_keys(len(v.prompts), v.seed))), replicated)
         embeds = self.embeds
         if text_encoders is not None:
             embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts), text_encoders)
-        # The UNet's mesh as the ambient one while the sampler is traced: kernels that must run
-        # per device (splash attention's shard_map) read it from there, as in the train step.
-        with jax.set_mesh(jax.tree.leaves(params)[0].sharding.mesh):
-            images = self.generator.generate_from_embeds(
-                graphdef, params, embeds, guidance_scale=v.guidance_scale, latents=self.latents, keys=self.keys
-            )
-        grid = image_grid(images)
-        path = self.out / f"step_{step:07d}.png"
-        if jax.process_index() == 0:
-            storage.atomic_write_bytes(path, png_bytes(grid))
-            self.writer.image(step, "validation", grid)
+        paths = []
+        for name in self.sizes:
+            # The UNet's mesh as the ambient one while the sampler is traced: kernels that must run
+            # per device (splash attention's shard_map) read it from there, as in the train step.
+            with jax.set_mesh(jax.tree.leaves(params)[0].sharding.mesh):
+                images = self.generator.generate_from_embeds(
+                    graphdef, params, embeds, guidance_scale=v.guidance_scale, latents=self.latents[name], keys=self.keys
+                )
+            grid = image_grid(images)
+            paths.append(self.out / (f"step_{step:07d}_{name}.png" if name else f"step_{step:07d}.png"))
+            if jax.process_index() == 0:
+                storage.atomic_write_bytes(paths[-1], png_bytes(grid))
+                self.writer.image(step, f"validation/{name}" if name else "validation", grid)
         sharding.sync("validation")
-        return path
+        return paths[0]

@@ -28,37 +28,38 @@ def source_x(red: np.ndarray, width: int) -> np.ndarray:
     return red.astype(np.float64) / 255 * (width - 1)
 
 
-def check_crop_matches_ids(image: Image.Image, pixels: np.ndarray, time_ids: np.ndarray, res: int, flipped: bool):
+def check_crop_matches_ids(image: Image.Image, pixels: np.ndarray, time_ids: np.ndarray, target: tuple[int, int],
+                           flipped: bool):
     """The pixels at the crop's centre column/row come from where the recorded corner says."""
     orig_h, orig_w, top, left, target_h, target_w = time_ids.tolist()
     assert (orig_h, orig_w) == (image.height, image.width)
-    assert (target_h, target_w) == (res, res)
-    scale = res / min(orig_h, orig_w)
-    resized_w = max(res, round(orig_w * scale))
-    unflipped_left = resized_w - left - res if flipped else left
-    mid = res // 2
-    column = mid if not flipped else res - 1 - mid
+    assert (target_h, target_w) == target and pixels.shape == (*target, 3)
+    scale = max(target_h / orig_h, target_w / orig_w)  # the resize that covers the target
+    resized_w = max(target_w, round(orig_w * scale))
+    unflipped_left = resized_w - left - target_w if flipped else left
+    row, mid = target_h // 2, target_w // 2
+    column = mid if not flipped else target_w - 1 - mid
     expected_x = (unflipped_left + column + 0.5) / scale - 0.5  # pixel centres, as in resampling
-    measured_x = source_x(pixels[mid, mid, 0], orig_w)
+    measured_x = source_x(pixels[row, mid, 0], orig_w)
     assert abs(measured_x - expected_x) < 1.5 / scale + 1.0, (measured_x, expected_x, time_ids)
-    expected_y = (top + mid + 0.5) / scale - 0.5
-    measured_y = source_x(pixels[mid, mid, 1], orig_h)
+    expected_y = (top + row + 0.5) / scale - 0.5
+    measured_y = source_x(pixels[row, mid, 1], orig_h)
     assert abs(measured_y - expected_y) < 1.5 / scale + 1.0, (measured_y, expected_y, time_ids)
     # A flip shows red falling left to right.
-    assert (pixels[mid, -4, 0] < pixels[mid, 3, 0]) == flipped
+    assert (pixels[row, -4, 0] < pixels[row, 3, 0]) == flipped
 
 
 @pytest.mark.parametrize("size", [(200, 100), (100, 200), (64, 64), (40, 30)])
 def test_center_crop_records_original_size_and_corner(size):
     image = ramp_image(*size)
     spec = PreprocessSpec(resolution=64, center_crop=True)
-    pixels, time_ids = resize_and_crop(image, spec, index=0)
+    pixels, time_ids = resize_and_crop(image, (64, 64), spec, index=0)
     assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
     width, height = size
     scale = 64 / min(width, height)
     resized = (max(64, round(width * scale)), max(64, round(height * scale)))
     assert time_ids.tolist() == [height, width, (resized[1] - 64) // 2, (resized[0] - 64) // 2, 64, 64]
-    check_crop_matches_ids(image, pixels, time_ids, 64, flipped=False)
+    check_crop_matches_ids(image, pixels, time_ids, (64, 64), flipped=False)
 
 
 def test_random_crop_corner_is_recorded_and_deterministic():
@@ -66,16 +67,16 @@ def test_random_crop_corner_is_recorded_and_deterministic():
     spec = PreprocessSpec(resolution=64, center_crop=False, seed=3)
     corners = set()
     for index in range(12):
-        pixels, time_ids = resize_and_crop(image, spec, index)
+        pixels, time_ids = resize_and_crop(image, (64, 64), spec, index)
         assert time_ids[2] == 0 and 0 <= time_ids[3] <= 160 - 64
-        check_crop_matches_ids(image, pixels, time_ids, 64, flipped=False)
-        again, again_ids = resize_and_crop(image, spec, index)
+        check_crop_matches_ids(image, pixels, time_ids, (64, 64), flipped=False)
+        again, again_ids = resize_and_crop(image, (64, 64), spec, index)
         np.testing.assert_array_equal(again, pixels)
         np.testing.assert_array_equal(again_ids, time_ids)
         corners.add(int(time_ids[3]))
     assert len(corners) > 6  # corners differ between samples
-    other_seed = [int(resize_and_crop(image, PreprocessSpec(64, False, seed=4), i)[1][3]) for i in range(12)]
-    assert other_seed != [int(resize_and_crop(image, spec, i)[1][3]) for i in range(12)]
+    other_seed = [int(resize_and_crop(image, (64, 64), PreprocessSpec(64, False, seed=4), i)[1][3]) for i in range(12)]
+    assert other_seed != [int(resize_and_crop(image, (64, 64), spec, i)[1][3]) for i in range(12)]
 
 
 @pytest.mark.parametrize("center_crop", [True, False])
@@ -85,8 +86,8 @@ def test_flip_mirrors_pixels_and_the_recorded_corner(center_crop):
     plain = PreprocessSpec(resolution=64, center_crop=center_crop, random_flip=False, seed=1)
     flips = 0
     for index in range(16):
-        pixels, time_ids = resize_and_crop(image, flipping, index)
-        base_pixels, base_ids = resize_and_crop(image, plain, index)
+        pixels, time_ids = resize_and_crop(image, (64, 64), flipping, index)
+        base_pixels, base_ids = resize_and_crop(image, (64, 64), plain, index)
         flipped = not np.array_equal(pixels, base_pixels)
         if flipped:
             flips += 1
@@ -96,7 +97,7 @@ def test_flip_mirrors_pixels_and_the_recorded_corner(center_crop):
             assert time_ids[2] == base_ids[2]
         else:
             np.testing.assert_array_equal(time_ids, base_ids)
-        check_crop_matches_ids(image, pixels, time_ids, 64, flipped=flipped)
+        check_crop_matches_ids(image, pixels, time_ids, (64, 64), flipped=flipped)
     assert 3 <= flips <= 13
 
 

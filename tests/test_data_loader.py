@@ -38,14 +38,13 @@ def write_cache(path, shard_counts, dtype=np.float32, settings=SETTINGS, token_i
             "prompt_embeds": np.broadcast_to(index[:, None, None] + 0.5, (count, 77, 8)).astype(dtype),
             "pooled_prompt_embeds": np.broadcast_to(index[:, None] + 0.25, (count, 4)).astype(dtype),
             "add_time_ids": np.stack([index, index + 1, index % 3, index % 5, 16 + 0 * index, 16 + 0 * index], 1).astype(np.int32),
-            "index": index * 2,
         }
         if token_ids:
             arrays.update(input_ids=np.broadcast_to(index[:, None], (count, 77)).astype(np.int32),
                           input_ids_2=np.broadcast_to(-index[:, None], (count, 77)).astype(np.int32))
         metadata = {"shard": k, "keys": [f"img{i}.png" for i in index], "captions": [f"caption {i}" for i in index],
                     "skipped": [[f"bad{k}.png", "unreadable image"]]}
-        storage.atomic_write_bytes(cache_lib.shard_path(cache_dir, k), cache_lib.encode_shard(arrays, metadata))
+        storage.atomic_write_bytes(cache_lib.shard_path(cache_dir, k), cache_lib.encode_shard(index * 2, {None: arrays}, metadata))
         n += count
     plan = {"settings": settings.to_json(), "layout": {"shard_size": 10, "num_items": 2 * n, "num_shards": len(shard_counts)}}
     cache_lib.write_manifest(cache_dir, plan, rejected=[("../x.png", "path outside dataset folder")])

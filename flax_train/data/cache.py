@@ -15,7 +15,10 @@ to back (`latents` [4, h, w], `add_time_ids` [6] int32, `pooled_prompt_embeds` [
 `prompt_embeds` [77, 2048]; with the `token_ids` setting also `input_ids` and `input_ids_2` [77]
 int32, both tokenizers' ids of the caption), `index` [n] the source item; the safetensors metadata
 holds the captions, keys, skipped entries and the record layout. A shard is written in one piece
-(temporary file + rename), so a shard file that exists is complete.
+(temporary file + rename), so a shard file that exists is complete. With aspect-ratio buckets
+(`PreprocessSpec.buckets`) the samples of a shard are stored bucket by bucket, a records tensor for
+each bucket present (`records.WxH`: its latents are of that size), and the manifest lists each
+bucket with its count and where its records sit in every shard.
 
 A record rather than a tensor per array, because on Cloud Storage every request costs tens of
 milliseconds before its first byte: what a training run reads of a sample is one contiguous span
@@ -31,6 +34,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import struct
@@ -46,11 +50,13 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
-from sdxl_common import model_source
+from sdxl_common import buckets, model_source
 from flax_train.data.images import PreprocessSpec, SourceSpec
 from sdxl_common.errors import BadInput, InputNotFound
 from sdxl_common import storage
 from sdxl_common.storage import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 FORMAT = "sdxl-tpu latent cache"
 VERSION = 2  # 1: a tensor per array (four reads a sample); 2: a record per sample
@@ -101,12 +107,13 @@ class CacheSettings:
     def to_json(self) -> dict[str, Any]:
         settings = {
             "source": self.source.to_json(),
-            "preprocess": dataclasses.asdict(self.preprocess),
+            "preprocess": {k: v for k, v in dataclasses.asdict(self.preprocess).items() if k != "buckets" or v},
             "model": dict(self.model),
             "latent_source": self.latent_source,
             "dtype": self.dtype,
         }
-        if self.token_ids:  # only when set: caches made before the setting existed still match
+        # Buckets and token_ids only when set: caches made before those settings existed still match.
+        if self.token_ids:
             settings["token_ids"] = True
         return _jsonable(settings)
 
@@ -250,39 +257,54 @@ def dtype_named(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def encode_shard(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, Any]) -> bytes:
-    """A shard file's bytes: `arrays` holds `index` [n] and each per-sample array [n, ...], packed
-    into one record per sample; metadata values are stored as JSON strings."""
-    samples = {name: a for name, a in arrays.items() if name != "index"}
-    layout = RecordLayout.of({name: (a.dtype, a.shape[1:]) for name, a in samples.items()})
-    n = len(arrays["index"])
-    records = np.empty((n, layout.record_bytes), np.uint8)
-    for name, field in layout.fields.items():
-        column = np.ascontiguousarray(samples[name], dtype=field.dtype).reshape(n, math.prod(field.shape))
-        records[:, field.offset:field.offset + field.nbytes] = column.view(np.uint8)
-    return safetensors.numpy.save(
-        {"records": records, "index": np.ascontiguousarray(arrays["index"], dtype=np.int64)},
-        metadata={key: json.dumps(value) for key, value in {**metadata, "record": layout.to_json()}.items()},
-    )
+def records_tensor(bucket: str | None) -> str:
+    """The shard tensor that holds a bucket's records ("records" in a cache without buckets)."""
+    return "records" if bucket is None else f"records.{bucket}"
+
+
+def encode_shard(index: np.ndarray, groups: Mapping[str | None, Mapping[str, np.ndarray]],
+                 metadata: Mapping[str, Any]) -> bytes:
+    """A shard file's bytes. ``groups``: per bucket (its "WxH" name; None in a cache without
+    buckets) its samples' arrays, each [n_b, ...], packed into one record per sample; ``index``
+    [n] holds the source item of every sample, group after group in the order of ``groups``.
+    Metadata values are stored as JSON strings; with buckets, ``metadata["buckets"]`` gets each
+    group's count and record layout, in order."""
+    tensors, layouts = {}, {}
+    for bucket, arrays in groups.items():
+        layout = RecordLayout.of({name: (a.dtype, a.shape[1:]) for name, a in arrays.items()})
+        n = len(next(iter(arrays.values()))) if arrays else 0
+        records = np.empty((n, layout.record_bytes), np.uint8)
+        for name, field in layout.fields.items():
+            column = np.ascontiguousarray(arrays[name], dtype=field.dtype).reshape(n, math.prod(field.shape))
+            records[:, field.offset:field.offset + field.nbytes] = column.view(np.uint8)
+        tensors[records_tensor(bucket)], layouts[bucket] = records, (n, layout)
+    tensors["index"] = np.ascontiguousarray(index, dtype=np.int64)
+    if list(groups) == [None]:
+        described = {"record": layouts[None][1].to_json()}
+    else:
+        described = {"buckets": {bucket: {"count": n, "record": layout.to_json()} for bucket, (n, layout) in layouts.items()}}
+    return safetensors.numpy.save(tensors, metadata={key: json.dumps(value) for key, value in {**metadata, **described}.items()})
 
 
 @dataclass(frozen=True)
 class ShardHeader:
     num_samples: int
-    records_offset: int  # where the records tensor starts in the file
+    records: dict[str | None, tuple[int, int]]  # bucket (None: no buckets) -> (samples, where its records start)
     index_offset: int  # where the index tensor starts
     metadata: dict[str, Any]
 
 
 def read_shard_header(path: str | os.PathLike) -> ShardHeader:
-    """The record table and metadata of a shard, without reading its records."""
+    """The record tables and metadata of a shard, without reading its records."""
     (prefix,) = storage.read_ranges([(path, 0, 8)])
     (length,) = struct.unpack("<Q", prefix)
     (raw,) = storage.read_ranges([(path, 8, 8 + length)])
     header = json.loads(raw)
     metadata = {key: json.loads(value) for key, value in header.pop("__metadata__", {}).items()}
-    return ShardHeader(header["records"]["shape"][0], 8 + length + header["records"]["data_offsets"][0],
-                       8 + length + header["index"]["data_offsets"][0], metadata)
+    names = list(metadata["buckets"]) if "buckets" in metadata else [None]
+    records = {b: (header[records_tensor(b)]["shape"][0], 8 + length + header[records_tensor(b)]["data_offsets"][0])
+               for b in names}
+    return ShardHeader(header["index"]["shape"][0], records, 8 + length + header["index"]["data_offsets"][0], metadata)
 
 
 def write_manifest(
@@ -309,6 +331,24 @@ def write_manifest(
     for h in headers:
         skipped += [tuple(entry) for entry in h.metadata["skipped"]]
     num_samples = sum(h.num_samples for h in headers)
+    # Columns, not a list of objects: a cache of millions of samples keeps a small manifest.
+    shards: dict[str, Any] = {"num_samples": [h.num_samples for h in headers]}
+    tables: dict[str, Any] = {}
+    bucket_sizes = plan["settings"]["preprocess"].get("buckets")
+    if bucket_sizes:
+        tables["buckets"] = []
+        for h_w in bucket_sizes:
+            name = buckets.size_text(tuple(h_w))
+            found = [h.records.get(name, (0, 0)) for h in headers]
+            layouts = [h.metadata["buckets"][name]["record"] for h in headers if name in h.metadata["buckets"]]
+            tables["buckets"].append({
+                "size": name, "height": h_w[0], "width": h_w[1], "num_samples": sum(n for n, _ in found),
+                "record": layouts[0] if layouts else None,
+                "shards": {"num_samples": [n for n, _ in found], "records_offset": [o for _, o in found]},
+            })
+    else:
+        shards["records_offset"] = [h.records[None][1] for h in headers]
+        tables["record"] = headers[0].metadata["record"] if headers else RecordLayout({}, 0).to_json()
     write_json(cache_dir / SKIPPED, [list(s) for s in skipped])
     write_json(
         cache_dir / MANIFEST,
@@ -320,12 +360,8 @@ def write_manifest(
             "num_samples": num_samples,
             "num_skipped": len(skipped),
             "skipped_by_reason": dict(collections.Counter(reason for _, reason in skipped)),
-            "record": headers[0].metadata["record"] if headers else RecordLayout({}, 0).to_json(),
-            # Columns, not a list of objects: a cache of millions of samples keeps a small manifest.
-            "shards": {
-                "num_samples": [h.num_samples for h in headers],
-                "records_offset": [h.records_offset for h in headers],
-            },
+            **tables,
+            "shards": shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
@@ -372,56 +408,113 @@ def verify_cache(cache_dir: str | os.PathLike, expected: CacheSettings) -> dict[
     return manifest
 
 
+@dataclass(frozen=True)
+class CacheBucket:
+    """The samples of one bucket (one image size): cache indices [first, first + len), stored
+    shard after shard (``starts``: the bucket's samples before each shard, and the total)."""
+
+    name: str | None  # "WxH"; None in a cache without buckets
+    size: tuple[int, int]  # (height, width) of its images
+    layout: RecordLayout
+    first: int
+    starts: np.ndarray  # int64 [shards + 1]
+    records_offset: np.ndarray  # int64 [shards]: where the bucket's records start in each shard file
+    rows_before: np.ndarray  # int64 [shards]: samples of earlier buckets in each shard (they come first)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+
+def cache_buckets(manifest: Mapping[str, Any]) -> list[CacheBucket]:
+    """The buckets of a cache, from its manifest; a cache without buckets is one bucket."""
+    shard_counts = np.asarray(manifest["shards"]["num_samples"], np.int64)
+    if "buckets" not in manifest:
+        resolution = manifest["settings"]["preprocess"]["resolution"]
+        tables = [(None, (resolution, resolution), manifest["record"], manifest["shards"])]
+    else:
+        tables = [(b["size"], (b["height"], b["width"]), b["record"], b["shards"]) for b in manifest["buckets"]]
+    out, first, rows_before = [], 0, np.zeros(len(shard_counts), np.int64)
+    for name, size, record, shards in tables:
+        counts = np.asarray(shards["num_samples"], np.int64)
+        layout = RecordLayout.from_json(record) if record else RecordLayout({}, 0)
+        out.append(CacheBucket(name, size, layout, first, np.concatenate([[0], np.cumsum(counts)]),
+                               np.asarray(shards["records_offset"], np.int64), rows_before.copy()))
+        first += int(counts.sum())
+        rows_before += counts
+    return out
+
+
 class LatentCache:
     """Random access to the samples of a finished cache: `cache[i]` is a dict of numpy arrays, and
-    `cache.read_batch(indices)` the same arrays for many samples, stacked.
+    `cache.read_batch(indices)` the same arrays for many samples of one bucket, stacked.
 
     This is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`). `expected` settings, when
     given, are checked against the manifest first, and decide which arrays a sample has (token ids
     or embeddings). A sample is read where it is, local or remote (`gs://...`): one ranged read of
     its record, never a copy of the cache to local disk; the reads of a batch are in flight
     together. Opening a cache reads only its manifest (a few bytes per shard), whatever its size.
+    With aspect-ratio buckets the samples are numbered bucket after bucket (`buckets`).
     """
 
     def __init__(self, cache_dir: str | os.PathLike, expected: CacheSettings | None = None):
         self.cache_dir = epath.Path(cache_dir)
         self.manifest = verify_cache(cache_dir, expected) if expected is not None else read_manifest(cache_dir)
         self.arrays = TOKEN_SAMPLE_ARRAYS if expected is not None and expected.token_ids else SAMPLE_ARRAYS
-        self.layout = RecordLayout.from_json(self.manifest["record"])
-        shards = self.manifest["shards"]
-        self._starts = np.concatenate([[0], np.cumsum(shards["num_samples"], dtype=np.int64)])
-        self._records_offset = np.asarray(shards["records_offset"], np.int64)
-        self._span = self.layout.span(self.arrays) if len(self) else (0, 0)
+        self.buckets = cache_buckets(self.manifest)
+        self._firsts = np.array([b.first for b in self.buckets] + [len(self)], np.int64)
+        self._spans = [b.layout.span(self.arrays) if len(b) else (0, 0) for b in self.buckets]
         # A string per shard, not an epath per shard: a million shards cost tens of MB as objects.
         self._shards_prefix = str(shard_path(self.cache_dir, 0))[: -len("00000.safetensors")]
 
+    @property
+    def layout(self) -> RecordLayout:
+        """The record layout of a cache without buckets."""
+        (bucket,) = self.buckets
+        return bucket.layout
+
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return int(sum(len(b) for b in self.buckets))
 
     def __repr__(self) -> str:
-        return f"LatentCache({str(self.cache_dir)!r}, {len(self)} samples in {len(self._starts) - 1} shards)"
+        return f"LatentCache({str(self.cache_dir)!r}, {len(self)} samples in {len(self.buckets[0].records_offset)} shards)"
 
-    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(shard, row in the shard) of each sample index."""
+    def _bucket_rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bucket, shard, row among the bucket's samples in the shard) of each sample index."""
         indices = np.asarray(indices, np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sample {int(indices.max() if indices.max() >= len(self) else indices.min())} is "
                              f"outside the cache's {len(self)} samples")
-        shards = np.searchsorted(self._starts, indices, side="right") - 1
-        return shards, indices - self._starts[shards]
+        which = np.searchsorted(self._firsts, indices, side="right") - 1
+        shards, rows = np.empty_like(indices), np.empty_like(indices)
+        for b in np.unique(which):
+            bucket, here = self.buckets[b], which == b
+            within = indices[here] - bucket.first
+            shards[here] = np.searchsorted(bucket.starts, within, side="right") - 1
+            rows[here] = within - bucket.starts[shards[here]]
+        return which, shards, rows
+
+    def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row in the shard) of each sample index."""
+        which, shards, rows = self._bucket_rows(indices)
+        rows_before = np.array([self.buckets[b].rows_before[k] for b, k in zip(which, shards)], np.int64)
+        return shards, rows + rows_before.reshape(rows.shape)
 
     def _file(self, shard: int) -> str:
         return f"{self._shards_prefix}{shard:05d}.safetensors"
 
     def read_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """The samples `indices`, each array stacked along a new first axis; one ranged read per sample."""
-        shards, rows = self.locate(indices)
-        start, end = self._span
-        offsets = self._records_offset[shards] + rows * self.layout.record_bytes + start
+        """The samples `indices` (of one bucket), each array stacked along a new first axis; one
+        ranged read per sample."""
+        which, shards, rows = self._bucket_rows(indices)
+        if len(set(which.tolist())) > 1:
+            raise ValueError(f"samples of buckets {sorted({self.buckets[b].name for b in which})} in one batch")
+        bucket = self.buckets[int(which[0])] if which.size else self.buckets[0]
+        start, end = self._spans[int(which[0])] if which.size else (0, 0)
+        offsets = bucket.records_offset[shards] + rows * bucket.layout.record_bytes + start
         chunks = storage.read_ranges([(self._file(int(k)), int(o), int(o) + end - start) for k, o in zip(shards, offsets)])
         out = {}
         for name in self.arrays:  # one copy of each array out of each record
-            field = self.layout.fields[name]
+            field = bucket.layout.fields[name]
             out[name] = column = np.empty((len(chunks), *field.shape), field.dtype)
             for row, chunk in zip(column, chunks):
                 row[...] = np.frombuffer(chunk, field.dtype, math.prod(field.shape), field.offset - start).reshape(field.shape)
@@ -474,6 +567,17 @@ class LatentCache:
 # batches the first one would have yielded next. The state is the same on every process (they
 # advance in lockstep), so the checkpoint keeps one.
 
+# With aspect-ratio buckets every batch comes from one bucket (its images share a size), and each
+# step's bucket and samples are a function of the seed and the step alone, so every process of a
+# pod computes the same without talking (`BucketBatches`). Each bucket's samples form an endless
+# stream, reshuffled every time it is used up (grain's index shuffle, as above), cut into global
+# batches. Epoch e of the cache holds floor((e + 1) n_b / B) - floor(e n_b / B) batches of bucket
+# b (n_b samples, global batch B): every bucket in proportion to its size, every sample once an
+# epoch give or take a batch (one bucket's batch may hold the end of its stream's pass and the
+# start of the next), every batch full. The epoch's batches are shuffled, from the seed and the
+# epoch, to decide which bucket each step takes. A bucket of fewer samples than a batch repeats
+# samples within a batch (the loader warns; merge such buckets when preparing).
+
 # Enough to hide a 40 ms latency until a process's CPU is the limit: one process read 1,087 SDXL
 # samples/s at 40 ms a read and 1,002 with none (docs/loader.md).
 READS_IN_FLIGHT = 512
@@ -489,6 +593,64 @@ def batch_indices(num_samples: int, local_batch_size: int, seed: int, process_in
         .repeat()  # each epoch shuffled anew: grain folds the epoch into the seed
         .batch(local_batch_size, drop_remainder=True)
     )[process_index::process_count]
+
+
+_BUCKET_ORDER_STREAM = 0xB0C  # any constant: the stream of the epochs' bucket orders under the seed
+
+
+class BucketBatches:
+    """This process's sample indices of each step's batch, for a cache with several buckets (see
+    the comment above); ``bucket_of(step)`` names its bucket. Indexed by the step, like
+    ``batch_indices``."""
+
+    def __init__(self, cache_buckets: Sequence[CacheBucket], global_batch_size: int, seed: int,
+                 process_index: int, process_count: int):
+        self.buckets = [b for b in cache_buckets if len(b)]
+        self.counts = np.array([len(b) for b in self.buckets], np.int64)
+        self.global_batch, self.seed = global_batch_size, seed
+        self.rows = slice(process_index * global_batch_size // process_count,
+                          (process_index + 1) * global_batch_size // process_count)
+        # Each bucket's stream, reshuffled at every pass, from a seed of its own.
+        seeds = np.random.SeedSequence(seed % 2**32).generate_state(len(self.buckets))
+        self.streams = [grain.MapDataset.range(len(b)).shuffle(seed=int(k)).repeat() for b, k in zip(self.buckets, seeds)]
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, the bucket of each of its batches)
+
+    def _batches_before(self, epoch: int) -> np.ndarray:
+        """Per bucket, its batches in the epochs before ``epoch``."""
+        return epoch * self.counts // self.global_batch
+
+    def _epoch_of(self, step: int) -> int:
+        # Epoch e starts after at least e N / B - (number of buckets) batches: `high` starts after step.
+        low, high = 0, (step + len(self.buckets) + 1) * self.global_batch // int(self.counts.sum()) + 2
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if self._batches_before(mid).sum() <= step else (low, mid)
+        return low
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            per_bucket = self._batches_before(epoch + 1) - self._batches_before(epoch)
+            order = np.repeat(np.arange(len(self.buckets)), per_bucket)
+            np.random.default_rng([self.seed % 2**32, epoch, _BUCKET_ORDER_STREAM]).shuffle(order)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def _where(self, step: int) -> tuple[int, int]:
+        """(bucket, its batch number) at ``step``."""
+        epoch = self._epoch_of(step)
+        position = step - int(self._batches_before(epoch).sum())
+        order = self._epoch_order(epoch)
+        bucket = int(order[position])
+        return bucket, int(self._batches_before(epoch)[bucket]) + int(np.count_nonzero(order[:position] == bucket))
+
+    def bucket_of(self, step: int) -> CacheBucket:
+        return self.buckets[self._where(step)[0]]
+
+    def __getitem__(self, step: int) -> np.ndarray:
+        bucket, number = self._where(step)
+        positions = range(number * self.global_batch + self.rows.start, number * self.global_batch + self.rows.stop)
+        stream = self.streams[bucket]
+        return self.buckets[bucket].first + np.array([stream[i] for i in positions], np.int64)
 
 
 class Loader:
@@ -572,5 +734,12 @@ def make_loader(
         raise BadInput(f"the cache holds {len(cache)} samples: fewer than one global batch of {global_batch_size}")
     local_batch_size = global_batch_size // process_count
     threads = min(MAX_READER_THREADS, math.ceil(reads_in_flight / local_batch_size))
-    indices = batch_indices(len(cache), local_batch_size, seed, process_index, process_count)
+    if len([b for b in cache.buckets if len(b)]) > 1:
+        small = [f"{b.name} ({len(b)})" for b in cache.buckets if 0 < len(b) < global_batch_size]
+        if small:
+            log.warning("buckets with fewer samples than a global batch of %d repeat samples within a batch: %s",
+                        global_batch_size, ", ".join(small))
+        indices = BucketBatches(cache.buckets, global_batch_size, seed, process_index, process_count)
+    else:
+        indices = batch_indices(len(cache), local_batch_size, seed, process_index, process_count)
     return Loader(cache.read_batch, indices, threads=threads, read_ahead=2 * threads, num_batches=num_batches)

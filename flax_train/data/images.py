@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol, Sequence, get_args
 
 import numpy as np
 from PIL import Image, ImageOps
+from sdxl_common import buckets
 from sdxl_common.errors import BadInput, InputNotFound
 
 DataSource = Literal["imagefolder", "captions_txt", "hf", "webdataset"]
@@ -251,19 +252,31 @@ class PreprocessSpec:
     random_flip: bool = False
     max_pixels: int = 89_478_485  # larger images are skipped before their pixels are decoded (PIL's limit)
     seed: int = 0
+    # Aspect-ratio buckets, (height, width) each (sdxl_common.buckets): an image is cropped to the
+    # one nearest its aspect ratio. Empty: every image to the square of `resolution`.
+    buckets: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
+        # Sizes read back from JSON are lists: kept as tuples, so that specs compare and hash alike.
+        object.__setattr__(self, "buckets", tuple(tuple(int(d) for d in size) for size in self.buckets))
         if self.resolution <= 0 or self.resolution % 8:
             raise BadInput(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.max_pixels <= 0:
             raise BadInput(f"max_pixels must be positive, got {self.max_pixels}")
+        bad = [size for size in self.buckets if min(size) <= 0 or size[0] % 8 or size[1] % 8]
+        if bad:
+            raise BadInput(f"bucket {buckets.size_text(bad[0])}: both sides must be positive multiples of 8")
+
+    def target(self, size: buckets.Size) -> buckets.Size:
+        """The (height, width) an image of ``size`` (height, width) is cropped to."""
+        return buckets.nearest(size, self.buckets) if self.buckets else (self.resolution, self.resolution)
 
 
 @dataclass(frozen=True)
 class PreparedSample:
     index: int
     key: str
-    pixels: np.ndarray  # uint8 [resolution, resolution, 3]
+    pixels: np.ndarray  # uint8 [height, width, 3] of its target size (spec.target)
     time_ids: np.ndarray  # int32 [6]: orig_h, orig_w, crop_top, crop_left, target_h, target_w
     caption: str
 
@@ -327,33 +340,35 @@ def pick_caption(caption: str | Sequence[str] | None, seed: int, index: int) -> 
     return candidates[int(sample_rng(seed, index, _CAPTION_STREAM).integers(len(candidates)))]
 
 
-def resize_and_crop(image: Image.Image, spec: PreprocessSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pixels uint8 [r, r, 3], time_ids int32 [6]) for one decoded image.
+def resize_and_crop(image: Image.Image, target: buckets.Size, spec: PreprocessSpec, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels uint8 [h, w, 3], time_ids int32 [6]) for one decoded image and its ``target`` (h, w).
 
-    The short side is resized to the resolution, then a square is cropped (centre or random) and
-    optionally mirrored. The recorded corner is where the crop sits in the picture the model sees:
-    after a flip, the left edge of the crop is measured from the mirrored side.
+    The image is resized to the smallest size that covers the target (its aspect ratio kept; for a
+    square target, the short side to the target's), then the target is cropped (centre or random)
+    and optionally mirrored. SDXL's micro-conditioning (its paper, section 2.2 and 2.3) is
+    `[orig_h, orig_w, crop_top, crop_left, target_h, target_w]`: the size before any resize, the
+    crop's top-left corner in the resized image, and the target. After a flip the corner is where
+    the crop sits in the mirrored picture, which is the one the model sees: its left edge is
+    measured from the other side.
     """
     orig_w, orig_h = image.size
-    res = spec.resolution
-    if orig_w <= orig_h:
-        new_w, new_h = res, max(res, round(orig_h * res / orig_w))
-    else:
-        new_w, new_h = max(res, round(orig_w * res / orig_h)), res
+    target_h, target_w = target
+    scale = max(target_h / orig_h, target_w / orig_w)
+    new_h, new_w = max(target_h, round(orig_h * scale)), max(target_w, round(orig_w * scale))
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
 
     if spec.center_crop:
-        top, left = int(round((new_h - res) / 2.0)), int(round((new_w - res) / 2.0))
+        top, left = int(round((new_h - target_h) / 2.0)), int(round((new_w - target_w) / 2.0))
     else:
         rng = sample_rng(spec.seed, index, _CROP_STREAM)
-        top, left = int(rng.integers(new_h - res + 1)), int(rng.integers(new_w - res + 1))
-    image = image.crop((left, top, left + res, top + res))
+        top, left = int(rng.integers(new_h - target_h + 1)), int(rng.integers(new_w - target_w + 1))
+    image = image.crop((left, top, left + target_w, top + target_h))
 
     if spec.random_flip and sample_rng(spec.seed, index, _FLIP_STREAM).random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = new_w - left - res
-    time_ids = np.array([orig_h, orig_w, top, left, res, res], dtype=np.int32)
+        left = new_w - left - target_w
+    time_ids = np.array([orig_h, orig_w, top, left, target_h, target_w], dtype=np.int32)
     return np.asarray(image, dtype=np.uint8), time_ids
 
 
@@ -361,5 +376,5 @@ def prepare_sample(raw: RawSample, index: int, spec: PreprocessSpec) -> Prepared
     """Caption, decode, resize, crop, flip one source sample; raises SkippedSample if unusable."""
     caption = pick_caption(raw.caption, spec.seed, index)
     image = decode_image(raw.image, spec.max_pixels)
-    pixels, time_ids = resize_and_crop(image, spec, index)
+    pixels, time_ids = resize_and_crop(image, spec.target((image.height, image.width)), spec, index)
     return PreparedSample(index=index, key=raw.key, pixels=pixels, time_ids=time_ids, caption=caption)

@@ -3,7 +3,9 @@
 Images are decoded and preprocessed on the host by a thread pool, a fixed-size batch at a time;
 the VAE encoder and both text encoders run in one jitted function, the batch split over every
 device (all processes of a pod), weights replicated. The last batch is padded, so nothing
-recompiles; a slot whose image was skipped is padding too.
+recompiles. With aspect-ratio buckets a batch holds one bucket's images: each process queues its
+samples by bucket, and at each step every process encodes the same bucket (`_next_size`), so the
+encoders compile once per bucket.
 
 Shard k holds the usable samples of source items [k * shard_size, (k + 1) * shard_size), or, for a
 WebDataset, those of tar k (read front to back: flax_train.data.webdataset); process p of P encodes
@@ -66,7 +68,7 @@ from flax_train.data.images import (
     prepare_sample,
 )
 from flax_train import config as config_lib, models, sharding
-from sdxl_common import sdxl
+from sdxl_common import buckets, sdxl
 from sdxl_common.storage import atomic_write_bytes
 from flax_train.models.clip import encode_prompts
 from flax_train.models.vae import sample_posterior
@@ -187,6 +189,7 @@ class PrepareReport:
     seconds: float = 0.0  # encoding loop (the slowest process)
     images_per_second: float = 0.0  # source items per second, all processes together, after compilation
     already_done: bool = False
+    buckets: dict[str, int] | None = None  # "WxH" -> samples, with aspect-ratio buckets
 
     @property
     def skipped_by_reason(self) -> dict[str, int]:
@@ -201,6 +204,8 @@ class PrepareReport:
                 f"({self.shards_written} shards written, {self.shards_reused} kept from an earlier run)",
                 f"prepare throughput: {self.images_per_second:.1f} images/s ({self.seconds:.1f} s encoding)",
             ]
+        if self.buckets:
+            lines.append("buckets (width x height: samples): " + ", ".join(f"{name}: {n}" for name, n in self.buckets.items()))
         if self.skipped:
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped_by_reason.items()))
             lines.append(f"skipped {len(self.skipped)} of {self.num_items}: {reasons} (all listed in {SKIPPED})")
@@ -250,13 +255,15 @@ def _prefetched(fn: Callable[..., Any], items: Iterable[tuple], workers: int, lo
 
 class _ShardAssembler:
     """Collects the encoded samples and skips of each pending shard; writes a shard once all its
-    items have arrived (in any order: rows are sorted by item index) and their number is known
-    (`expect`: at the start for a source with random access, at a tar's end for a WebDataset)."""
+    items have arrived (in any order: rows are sorted by bucket, then item index) and their number
+    is known (`expect`: at the start for a source with random access, at a tar's end for a
+    WebDataset). ``sizes``: the buckets of a cache with buckets, in order."""
 
     def __init__(self, cache_dir: epath.Path, shards: list[int], stride: int, storage: np.dtype,
-                 row_shapes: dict[str, tuple]):
+                 row_shapes: dict[str, tuple], sizes: Sequence[tuple[int, int]] = ()):
         # Item i belongs to shard i // stride.
         self.cache_dir, self.stride, self.storage, self.row_shapes = cache_dir, stride, storage, row_shapes
+        self.bucket_order = {tuple(size): k for k, size in enumerate(sizes)} if sizes else None
         self.expected: dict[int, int | None] = {k: None for k in shards}
         self.samples: dict[int, list[tuple[PreparedSample, dict[str, np.ndarray]]]] = {k: [] for k in shards}
         self.skips: dict[int, list[_Skip]] = {k: [] for k in shards}
@@ -277,30 +284,37 @@ class _ShardAssembler:
 
     def _write_if_complete(self, shard: int) -> None:
         if len(self.samples[shard]) + len(self.skips[shard]) == self.expected[shard]:
-            atomic_write_bytes(shard_path(self.cache_dir, shard), self._encode(shard, self.row_shapes))
+            atomic_write_bytes(shard_path(self.cache_dir, shard), self._encode(shard))
             del self.samples[shard], self.skips[shard], self.expected[shard]
             self.written += 1
 
-    def _encode(self, shard: int, row_shapes: dict[str, tuple]) -> bytes:
-        entries = sorted(self.samples[shard], key=lambda entry: entry[0].index)
+    def _bucket(self, sample: PreparedSample) -> tuple[int, int] | None:
+        return None if self.bucket_order is None else tuple(int(d) for d in sample.time_ids[4:6])
+
+    def _arrays(self, members: list[tuple[PreparedSample, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+        def column(name: str, shape: tuple) -> np.ndarray:
+            # Token ids stay integers; everything else is stored in the cache's dtype.
+            dtype = np.dtype(np.int32) if name in cache_lib.TOKEN_ARRAYS else self.storage
+            return np.stack([row[name] for _, row in members]).astype(dtype) if members else np.zeros((0, *shape), dtype)
+
+        time_ids = np.stack([sample.time_ids for sample, _ in members]) if members else np.zeros((0, 6), np.int32)
+        return {**{name: column(name, shape) for name, shape in self.row_shapes.items()}, "add_time_ids": time_ids}
+
+    def _encode(self, shard: int) -> bytes:
+        order = self.bucket_order
+        entries = sorted(self.samples[shard], key=lambda e: (order[self._bucket(e[0])] if order else 0, e[0].index))
+        groups = {None if size is None else buckets.size_text(size): self._arrays(list(members))
+                  for size, members in itertools.groupby(entries, key=lambda e: self._bucket(e[0]))}
+        if order is None and not groups:  # a shard without samples still has its (empty) table
+            groups[None] = self._arrays([])
         samples = [sample for sample, _ in entries]
-
-        def stack(name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
-            rows = [row[name] for _, row in entries]
-            return np.stack(rows).astype(dtype) if rows else np.zeros((0, *shape), dtype)
-
-        # Token ids stay integers; everything else is stored in the cache's dtype.
-        arrays = {name: stack(name, np.dtype(np.int32) if name in cache_lib.TOKEN_ARRAYS else self.storage,
-                              row_shapes[name]) for name in row_shapes}
-        arrays["add_time_ids"] = np.stack([s.time_ids for s in samples]) if samples else np.zeros((0, 6), np.int32)
-        arrays["index"] = np.array([s.index for s in samples], dtype=np.int64)
         metadata = {
             "shard": shard,
             "keys": [s.key for s in samples],
             "captions": [s.caption for s in samples],
             "skipped": [[s.key, s.reason] for s in sorted(self.skips[shard], key=lambda s: s.index)],
         }
-        return encode_shard(arrays, metadata)
+        return encode_shard(np.array([s.index for s in samples], np.int64), groups, metadata)
 
     @property
     def unfinished(self) -> list[int]:
@@ -339,11 +353,19 @@ def _tar_items(source: TarSource, pending: list[int], assembler: _ShardAssembler
         assembler.expect(k, count)
 
 
-def _any_process_has(results: list) -> bool:
-    """Whether this process, or another one of the pod, has items for a step."""
-    if jax.process_count() == 1:
-        return bool(results)
-    return bool(np.max(multihost_utils.process_allgather(np.array(len(results)))) > 0)
+def _bucket_counts(manifest: dict[str, Any]) -> dict[str, int] | None:
+    return {b["size"]: b["num_samples"] for b in manifest["buckets"]} if "buckets" in manifest else None
+
+
+def _next_size(queued: list[int], sizes: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The size every process encodes next: the one with the most samples queued on all processes
+    together (of equals, the first), or None when no process has any left. Each process queues
+    until one of its sizes fills a batch or its share is read, so every step has a full batch on
+    at least one process until the end."""
+    if jax.process_count() > 1:  # every process takes part in each encoding step, so all decide alike
+        queued = multihost_utils.process_allgather(np.array(queued, np.int64)).sum(axis=0).tolist()
+    best = int(np.argmax(queued))
+    return sizes[best] if queued[best] > 0 else None
 
 
 def prepare_cache(
@@ -393,7 +415,7 @@ def prepare_cache(
         manifest = read_json(cache_dir / MANIFEST)
         skipped = [tuple(s) for s in read_json(cache_dir / SKIPPED)]
         return PrepareReport(str(cache_dir), manifest["num_samples"] + len(skipped), manifest["num_samples"], skipped,
-                             already_done=True)
+                             already_done=True, buckets=_bucket_counts(manifest))
     process, num_processes = jax.process_index(), jax.process_count()
     if process == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -418,10 +440,10 @@ def prepare_cache(
                                                  "pooled_prompt_embeds": empty["pooled_prompt_embeds"][0].astype(storage)})
 
     if isinstance(source, TarSource):
-        assembler = _ShardAssembler(cache_dir, pending, webdataset.TAR_STRIDE, storage, row_shapes)
+        assembler = _ShardAssembler(cache_dir, pending, webdataset.TAR_STRIDE, storage, row_shapes, preprocess.buckets)
         work, total = _tar_items(source, pending, assembler), None
     else:
-        assembler = _ShardAssembler(cache_dir, pending, shard_size, storage, row_shapes)
+        assembler = _ShardAssembler(cache_dir, pending, shard_size, storage, row_shapes, preprocess.buckets)
         ranges = {k: range(k * shard_size, min((k + 1) * shard_size, num_items)) for k in pending}
         for k, items in ranges.items():
             assembler.expect(k, len(items))
@@ -433,7 +455,7 @@ def prepare_cache(
 
         bar = tqdm(total=total, unit="img", desc="prepare", smoothing=0.1)
 
-    def finish(results: list[PreparedSample | _Skip], outputs: dict[str, jax.Array]) -> None:
+    def finish(results: list[PreparedSample], outputs: dict[str, jax.Array]) -> None:
         rows = encoder.fetch(outputs)
         for slot, result in enumerate(results):
             assembler.add(result, {name: rows[name][slot] for name in rows})
@@ -442,20 +464,34 @@ def prepare_cache(
             bar.update(len(results))
 
     results_iter = _prefetched(functools.partial(_load_one, spec=preprocess), work, num_workers, 4 * local_batch + num_workers)
+    # Every batch is of one size (one bucket); each process queues its samples by size, and all
+    # processes encode the same size at each step (see _next_size).
+    sizes = [tuple(size) for size in preprocess.buckets] or [(res, res)]
+    queues: dict[tuple[int, int], list[PreparedSample]] = {size: [] for size in sizes}
     start = time.perf_counter()
-    previous, processed = None, 0
+    previous, processed, exhausted = None, 0, False
     while True:
-        results = list(itertools.islice(results_iter, local_batch))
-        if not _any_process_has(results):  # every process runs the collective step equally often
+        while not exhausted and max(map(len, queues.values())) < local_batch:
+            result = next(results_iter, None)
+            if result is None:
+                exhausted = True
+            elif isinstance(result, _Skip):  # nothing to encode
+                assembler.add(result, {})
+                processed += 1
+                if bar is not None:
+                    bar.update(1)
+            else:
+                queues[tuple(int(d) for d in result.pixels.shape[:2])].append(result)
+        size = _next_size([len(queues[size]) for size in sizes], sizes)
+        if size is None:
             break
+        results, queues[size] = queues[size][:local_batch], queues[size][local_batch:]
         processed += len(results)
-        pixels = np.zeros((local_batch, res, res, 3), np.uint8)
+        pixels = np.zeros((local_batch, *size, 3), np.uint8)
         captions = [""] * local_batch
         indices = np.zeros(local_batch, np.int64)
         for slot, result in enumerate(results):  # slots past the results are padding
-            indices[slot] = result.index
-            if isinstance(result, PreparedSample):
-                pixels[slot], captions[slot] = result.pixels, result.caption
+            indices[slot], pixels[slot], captions[slot] = result.index, result.pixels, result.caption
         outputs = encoder.dispatch(pixels, captions, indices)
         if previous is not None:
             finish(*previous)  # the host stores batch t-1 while the devices encode batch t
@@ -495,6 +531,7 @@ def prepare_cache(
         shards_reused=len(mine) - len(pending),
         seconds=seconds,
         images_per_second=processed / seconds if seconds > 0 else 0.0,
+        buckets=_bucket_counts(manifest),
     )
     if progress and process == 0:
         print(report.summary(), flush=True)
@@ -523,8 +560,18 @@ def specs_from_config(cfg: config_lib.Config) -> tuple[SourceSpec, PreprocessSpe
         max_pixels=d.max_pixels,
         # Only random crops and flips use the seed; keep it out of a deterministic cache's settings.
         seed=cfg.train.seed if (d.crop != "center" or d.random_flip) else 0,
+        buckets=bucket_sizes(d),
     )
     return source, preprocess
+
+
+def bucket_sizes(d: config_lib.DataConfig) -> tuple[tuple[int, int], ...]:
+    """``data.buckets`` as (height, width) sizes. SDXL's list scaled to ``data.resolution`` has
+    sides in multiples of 32, the least an SDXL UNet takes (the VAE's factor 8 times its two
+    downsamplings); at 1024 it is the paper's list itself."""
+    if d.buckets == ("sdxl",):
+        return buckets.scaled(buckets.SDXL_BUCKETS, d.resolution, 32)
+    return tuple(buckets.parse_size(size) for size in d.buckets)
 
 
 def cache_dir(cfg: config_lib.Config) -> str:

@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from flax_train import checkpoint, config as config_lib, diffusion, export, lora, metrics, models, sampling, sharding
-from sdxl_common import sdxl, storage
+from sdxl_common import buckets, sdxl, storage
 from flax_train.data import prepare
 from flax_train.train.model import build_lora_unet, build_unet, lora_init
 from flax_train.train.restore import checkpoint_dir, export_params
@@ -28,6 +28,30 @@ from flax_train.train.state import TrainState, build_optimizer, build_state, fro
 from flax_train.train.step import compile_step, global_batch, make_step_fn, model_flops_per_image, unconditional_inputs
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketShapes:
+    size: tuple[int, int]  # (height, width) of the bucket's images
+    shapes: dict[str, jax.ShapeDtypeStruct]  # of a global training batch
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketProgram:
+    """The compiled step of one bucket, and its FLOPs per step (for the metrics)."""
+
+    size: tuple[int, int]
+    executable: Any
+    hardware_flops: float | None
+    model_flops: float
+
+
+def batch_shapes(cache: Any, rows: int) -> list[BucketShapes]:
+    """The global batch shapes of each bucket of ``cache`` holding samples (one in a cache without
+    buckets), from the records' layouts: what the step is compiled for."""
+    return [BucketShapes(b.size, {name: jax.ShapeDtypeStruct((rows, *b.layout.fields[name].shape), b.layout.fields[name].dtype)
+                                  for name in cache.arrays})
+            for b in cache.buckets if len(b)]
 
 
 @dataclasses.dataclass
@@ -103,23 +127,24 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
             loader.set_state(data_state)
         log.info("resumed from the checkpoint of step %d in %s", int(state.step), ckpt.manager.directory)
 
-    # 5. The step, compiled ahead of time.
+    # 5. The step, compiled ahead of time: once per bucket (image size) of the cache, all before step 1.
     step_fn = make_step_fn(cfg, graphdef, tx, lr, schedule, empty, prediction_type)
     first = next(loader)
-    local_rows = cfg.train.global_batch_size * cfg.train.grad_accum_steps // jax.process_count()
-    batch_shapes = {
-        k: jax.ShapeDtypeStruct((cfg.train.global_batch_size * cfg.train.grad_accum_steps, *v.shape[1:]), v.dtype)
-        for k, v in first.items()
-    }
-    assert all(v.shape[0] == local_rows for v in first.values()), "loader batch does not match the config"
-    compiled, compile_s, hardware_flops = compile_step(step_fn, state, state_shardings, batch_shapes, mesh)
-    sharding.sync("step compiled")  # the first step's collectives would not wait long for a slow compile
     images_per_step = cfg.train.global_batch_size * cfg.train.grad_accum_steps
-    model_flops = model_flops_per_image(cfg, base, batch_shapes) * images_per_step
-    log.info("step compiled in %.1f s; %s", compile_s, metrics.memory_summary(compiled))
+    shapes = batch_shapes(cache, images_per_step)
+    local_rows = images_per_step // jax.process_count()
+    assert all(v.shape[0] == local_rows for v in first.values()), "loader batch does not match the config"
+    programs: dict[tuple, BucketProgram] = {}
+    for number, bucket in enumerate(shapes, 1):
+        compiled, compile_s, hardware_flops = compile_step(step_fn, state, state_shardings, bucket.shapes, mesh)
+        model_flops = model_flops_per_image(cfg, base, bucket.shapes) * images_per_step
+        programs[bucket.shapes["latents"].shape[1:]] = BucketProgram(bucket.size, compiled, hardware_flops, model_flops)
+        where = f" for {buckets.size_text(bucket.size)} images ({number} of {len(shapes)})" if len(shapes) > 1 else ""
+        log.info("step compiled in %.1f s%s; %s", compile_s, where, metrics.memory_summary(compiled))
+    sharding.sync("step compiled")  # the first step's collectives would not wait long for a slow compile
     chip = cfg.logging.chip or metrics.detect_chip()
     peak = cfg.logging.peak_tflops or metrics.CHIP_PEAK_TFLOPS.get(chip or "", None)
-    batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
+    batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in shapes[0].shapes.items()}
 
     # 6. The loop.
     start_step = int(state.step)
@@ -131,7 +156,7 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     validator = sampling.Validator(cfg, base, run_dir, writer) if cfg.validation.every_steps else None
     end_step = cfg.train.max_steps if max_steps is None else min(cfg.train.max_steps, max_steps)
     losses: list[float] = []
-    pending: tuple[int, dict, float, float] | None = None
+    pending: tuple[int, dict, float, float, BucketProgram] | None = None
     preempted = False
     bar = tqdm(total=end_step, initial=start_step, desc="train", disable=jax.process_index() != 0, unit="step")
     last_time = time.perf_counter()
@@ -141,7 +166,7 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     # means the chips set the pace; a large one, the input.
     input_wait = window_seconds = window_wait = 0.0
 
-    def report(step: int, values: dict[str, Any], seconds: float, waited: float) -> None:
+    def report(step: int, values: dict[str, Any], seconds: float, waited: float, program: BucketProgram) -> None:
         nonlocal window_seconds, window_wait
         window_seconds, window_wait = window_seconds + seconds, window_wait + waited
         values = jax.device_get(values)
@@ -159,7 +184,9 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
         losses.append(float(values["loss"]))
         if step % cfg.logging.every_steps == 0 or step == end_step:
             scalars = {k: float(v) for k, v in values.items() if k != "finite"}
-            scalars.update(metrics.throughput(seconds, images_per_step, hardware_flops, model_flops, peak))
+            scalars.update(metrics.throughput(seconds, images_per_step, program.hardware_flops, program.model_flops, peak))
+            if len(programs) > 1:  # the bucket of the row's step
+                scalars.update(image_height=program.size[0], image_width=program.size[1])
             scalars["input_stall"] = window_wait / max(window_seconds, 1e-9)
             window_seconds = window_wait = 0.0
             writer.scalars(step, scalars)
@@ -172,14 +199,15 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
         preempted = True
     try:
         while step < end_step and not preempted:
-            state, step_metrics = compiled(state, global_batch(batch, batch_shardings))
+            program = programs[batch["latents"].shape[1:]]
+            state, step_metrics = program.executable(state, global_batch(batch, batch_shardings))
             step += 1
             ckpt.check()
             # Metrics of the previous step leave the device now that this one is queued.
             if pending is not None:
                 report(*pending)
             now = time.perf_counter()
-            pending = (step, step_metrics, now - last_time, input_wait)
+            pending = (step, step_metrics, now - last_time, input_wait, program)
             last_time, input_wait = now, 0.0
             bar.update(1)
             saved = ckpt.due(step) or step == end_step
