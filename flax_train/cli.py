@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 from etils import epath
 
-from flax_train import config as config_lib, lora, models, schedulers, sharding, train
+from flax_train import compilation, config as config_lib, lora, models, schedulers, sharding, train
 from sdxl_common import buckets, errors, lora_files, storage
 from sdxl_common.errors import BadInput, report
 from sdxl_common.png import png_bytes
@@ -45,6 +43,7 @@ def _exported(cfg: config_lib.Config, out: epath.Path) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    compilation.use_run_dir(cfg.run_dir)
     result = train.train(cfg, max_steps=args.max_steps)
     if result.stopped_by_preemption:
         saved = f"checkpoint saved in {result.run_dir}" if result.step else "nothing trained yet, nothing to save"
@@ -53,6 +52,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"trained to step {result.step}; run directory {result.run_dir}")
         if result.export_dir:
             print(_exported(cfg, result.export_dir))
+    if result.programs_compiled is not None:
+        print(f"start-up {result.startup_seconds:.1f} s; {result.programs_compiled} programs compiled, "
+              f"{result.programs_loaded} loaded from the compilation cache in {jax.config.jax_compilation_cache_dir}")
     return 0
 
 
@@ -165,22 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_runtime() -> None:
-    """Logging, JAX's multi-process runtime, and the persistent compilation cache.
-
-    The cache (``SDXL_TPU_COMPILATION_CACHE``, default ``~/.cache/sdxl-tpu/jax``; empty to turn it
-    off) means a restarted or resumed job, e.g. after a TPU preemption, loads its compiled step
-    instead of compiling it again.
-    """
+    """Logging, JAX's multi-process runtime, and the persistent compilation cache (see
+    ``flax_train.compilation``): a restarted or resumed job loads its compiled programs instead
+    of compiling them again."""
     # force: a library that logged while being imported has already given the root logger a handler.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every step of every save
     logging.getLogger("fsspec").setLevel(logging.WARNING)  # a line for every file opened on gs://
     errors.quiet_library_noise(own=("flax_train", "sdxl_common"))
     sharding.initialize_distributed()
-    cache = os.environ.get("SDXL_TPU_COMPILATION_CACHE", str(Path.home() / ".cache" / "sdxl-tpu" / "jax"))
-    if cache and jax.config.jax_compilation_cache_dir is None:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    compilation.use_default()  # `train` moves it into the run directory (flax_train.compilation)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -47,6 +48,7 @@ from train_support import (
     make_config,
     make_workspace,
     overrides,
+    run_cli,
 )
 
 pytestmark = pytest.mark.xdist_group("train")
@@ -508,3 +510,22 @@ def test_sigterm_twice_saves_a_checkpoint_exits_0_and_the_rerun_resumes(workspac
 
     rerun = train.train(make_config(workspace, run_dir, *extra), max_steps=stopped + 1)
     assert rerun.step == stopped + 1 and len(rerun.losses) == 1  # one new step: it resumed
+
+
+def test_a_resumed_run_compiles_nothing_its_programs_wait_in_its_run_directory(workspace, full_run, tmp_path):
+    """With no cache chosen by the user, `flax-train train` keeps its compiled programs in
+    run_dir/compilation_cache, beside its checkpoints: the resumed start (as on a fresh VM given
+    the same run directory) loads every program it needs and compiles none."""
+    run_dir = tmp_path / "run"
+    chosen = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "SDXL_TPU_COMPILATION_CACHE")
+    env = {key: value for key, value in cli_env().items() if key not in chosen}
+    args = ["train", "--config", str(DEMO_CONFIG), *overrides(workspace, run_dir)]
+    starts = []
+    for out in (run_cli(*args, "--max-steps", "2", env=env), run_cli(*args, env=env)):
+        found = re.search(r"start-up ([\d.]+) s; (\d+) programs compiled, (\d+) loaded from the compilation cache "
+                          r"in (\S+)", out)
+        assert found and found[4] == str(run_dir / "compilation_cache"), out
+        starts.append((float(found[1]), int(found[2]), int(found[3])))
+    (_, compiled, _), (_, again, loaded) = starts
+    assert compiled > 0 and again == 0 and loaded > 0, starts
+    print("start-up seconds, programs compiled, programs loaded: first run", starts[0], "resumed", starts[1])

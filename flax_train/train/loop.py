@@ -19,7 +19,8 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flax_train import checkpoint, config as config_lib, diffusion, export, lora, metrics, models, sampling, sharding
+from flax_train import (checkpoint, compilation, config as config_lib, diffusion, export, lora, metrics, models,
+                        sampling, sharding)
 from sdxl_common import buckets, sdxl, storage
 from flax_train.data import prepare
 from flax_train.train.model import build_lora_unet, build_unet, lora_init
@@ -49,9 +50,11 @@ class BucketProgram:
 def batch_shapes(cache: Any, rows: int) -> list[BucketShapes]:
     """The global batch shapes of each bucket of ``cache`` holding samples (one in a cache without
     buckets), from the records' layouts: what the step is compiled for."""
-    return [BucketShapes(b.size, {name: jax.ShapeDtypeStruct((rows, *b.layout.fields[name].shape), b.layout.fields[name].dtype)
-                                  for name in cache.arrays})
-            for b in cache.buckets if len(b)]
+    def shapes(layout: Any) -> dict[str, jax.ShapeDtypeStruct]:
+        return {name: jax.ShapeDtypeStruct((rows, *layout.fields[name].shape), layout.fields[name].dtype)
+                for name in cache.arrays}
+
+    return [BucketShapes(b.size, shapes(b.layout)) for b in cache.buckets if len(b)]
 
 
 @dataclasses.dataclass
@@ -61,6 +64,10 @@ class TrainResult:
     losses: list[float]
     export_dir: epath.Path | None
     stopped_by_preemption: bool
+    startup_seconds: float = 0.0  # from the call to the first step
+    # XLA compilations of the run, and how many of them the persistent cache served (None: no cache)
+    programs_compiled: int | None = None
+    programs_loaded: int | None = None
 
 
 def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResult:
@@ -69,11 +76,19 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
     SIGTERM from here on (start-up and compilation included) stops the run with a checkpoint and
     a normal return: see ``checkpoint.PreemptionGuard``.
     """
-    with checkpoint.PreemptionGuard(cfg.checkpoint.sigterm_grace_s) as guard:
-        return _train(cfg, max_steps, guard)
+    started, compiles = time.perf_counter(), compilation.CompileCount()
+    try:
+        with checkpoint.PreemptionGuard(cfg.checkpoint.sigterm_grace_s) as guard:
+            result = _train(cfg, max_steps, guard, started)
+    finally:
+        compiles.close()
+    if jax.config.jax_compilation_cache_dir:
+        result.programs_compiled, result.programs_loaded = compiles.compiled, compiles.hits
+    return result
 
 
-def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.PreemptionGuard) -> TrainResult:
+def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.PreemptionGuard,
+           started: float) -> TrainResult:
     config_lib.validate(cfg, jax.device_count())
     cfg, lora_start = lora_init(cfg)
     run_dir = storage.writable_folder(cfg.run_dir)
@@ -142,6 +157,7 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
         where = f" for {buckets.size_text(bucket.size)} images ({number} of {len(shapes)})" if len(shapes) > 1 else ""
         log.info("step compiled in %.1f s%s; %s", compile_s, where, metrics.memory_summary(compiled))
     sharding.sync("step compiled")  # the first step's collectives would not wait long for a slow compile
+    startup_seconds = time.perf_counter() - started
     chip = cfg.logging.chip or metrics.detect_chip()
     peak = cfg.logging.peak_tflops or metrics.CHIP_PEAK_TFLOPS.get(chip or "", None)
     batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in shapes[0].shapes.items()}
@@ -184,7 +200,8 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
         losses.append(float(values["loss"]))
         if step % cfg.logging.every_steps == 0 or step == end_step:
             scalars = {k: float(v) for k, v in values.items() if k != "finite"}
-            scalars.update(metrics.throughput(seconds, images_per_step, program.hardware_flops, program.model_flops, peak))
+            scalars.update(metrics.throughput(seconds, images_per_step, program.hardware_flops, program.model_flops,
+                                              peak))
             if len(programs) > 1:  # the bucket of the row's step
                 scalars.update(image_height=program.size[0], image_width=program.size[1])
             scalars["input_stall"] = window_wait / max(window_seconds, 1e-9)
@@ -243,7 +260,7 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     export_dir = None
     if cfg.export.at_end and not preempted and step >= cfg.train.max_steps:
         export_dir = export.export_run(cfg, graphdef, export_params(cfg, state))
-    return TrainResult(run_dir, step, losses, export_dir, preempted)
+    return TrainResult(run_dir, step, losses, export_dir, preempted, startup_seconds)
 
 
 def unet_state(state: TrainState, params: nnx.State) -> nnx.State:
