@@ -224,3 +224,22 @@ def test_bad_mask_or_refiner_exits_2_with_one_line_before_loading(folder, tmp_pa
     assert expected.format(mask=mask, image=image) in err and "Traceback" not in err
     assert len([line for line in err.splitlines() if "error" in line]) == 1
     assert not out.exists()
+
+
+def test_every_prompt_at_every_size_asked_for(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = exit_code_and_stderr(cpu_args(folder, out, "--prompt", "a red circle", "--size", "80x48",
+                                              "--size", "48x80"), capsys)
+    assert code == 0, err
+    assert "compiled for 80x48, 48x80" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pipeline"]["sizes"] == ["80x48", "48x80"]
+    assert [e["file"] for e in manifest["images"]] == ["00000_80x48.png", "00000_48x80.png"]
+    for name, size in (("00000_80x48.png", (80, 48)), ("00000_48x80.png", (48, 80))):
+        with Image.open(out / name) as png:
+            assert png.size == size and f"Size: {size[0]}x{size[1]}" in png.text["parameters"]
+    code, err = exit_code_and_stderr(cpu_args(folder, out, "--prompt", "x", "--size", "80x48", "--width", "64"),
+                                     capsys)
+    assert code == 2 and "--size is for text-to-image" in err
+    code, err = exit_code_and_stderr(cpu_args(folder, out, "--prompt", "x", "--size", "81x48"), capsys)
+    assert code == 2 and "81" in err  # not a multiple of the VAE's factor: one line, before loading

@@ -16,6 +16,7 @@ import pytest
 from flax_train.demo.tiny import save_tiny_pipeline
 from test_xla_pipeline import diffusers_images
 from xla_infer import SCHEDULER_NAMES, Pipeline, RecompilationError
+from xla_infer.checks import InputError
 
 pytestmark = pytest.mark.xdist_group("xla")
 
@@ -173,3 +174,25 @@ def test_a_changed_graph_is_refused_loudly(xla_pipe, monkeypatch):
     monkeypatch.setattr(xla_pipe, "text_length", 70)
     with pytest.raises(RuntimeError, match="Maximum number of different graphs allowed per function exceeded"):
         xla_pipe(["a red circle"], seeds=[1])
+
+
+def test_one_pipeline_serves_several_sizes_each_compiled_once(folder, reference):
+    """Sizes (height, width) compiled at warm-up: the text encoder's graph serves them all, each size
+    adds its step and decode graphs, and then no prompt, seed or size of the set compiles again."""
+    landscape = (48, 80)
+    pipe = load(folder, sizes=[(64, 64), landscape])
+    assert pipe.sizes == ((64, 64), landscape) and (pipe.height, pipe.width) == (64, 64)
+    pipe.warmup()  # the default size (graphs this module's other pipelines may have compiled already)
+    before = pipe.compile_count
+    pipe.warmup(sizes=pipe.sizes)
+    assert pipe.compile_count == before + 2  # the landscape's own denoise step and decode
+    compiled = pipe.compile_count
+    for size, seeds in ((landscape, [1, 2]), ((64, 64), [3, 4]), (landscape, SEEDS)):
+        got = pipe(PROMPTS, negative_prompts=NEGATIVES, seeds=seeds, output_type="np", size=size)
+        assert got.shape == (2, *size, 3)
+    assert pipe.compile_count == compiled
+    with pipe.at_size(landscape):  # diffusers at the same size (its default micro-conditioning: the size)
+        expected = diffusers_images(reference, pipe, PROMPTS, NEGATIVES, SEEDS)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    with pytest.raises(InputError, match="32x32 is not one of this pipeline's sizes"):
+        pipe(PROMPTS, size=(32, 32))

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from sdxl_common import buckets
 from sdxl_common.errors import BadInput
 
 Size = tuple[int, int]
@@ -193,3 +194,23 @@ def check_size(name: str, value: int, factor: int) -> None:
     """A height or width must be a positive multiple of the VAE's downsampling factor."""
     if value <= 0 or value % factor:
         raise SizeError(f"{name} {value} is not a positive multiple of the VAE factor {factor}")
+
+
+def image_sizes(sizes: Sequence[Size] | str | None, height: int | None, width: int | None, native: int,
+                factor: int) -> tuple[Size, ...]:
+    """The (height, width) sizes a pipeline serves, its default first: `height` x `width` when
+    either is given (the other the UNet's `native` side), else the first of `sizes`, else the
+    native square; then the rest of `sizes` ("sdxl": SDXL's 40 aspect-ratio buckets,
+    sdxl_common/buckets.py). Each side a multiple of the VAE's `factor`."""
+    if isinstance(sizes, str):
+        if sizes != "sdxl":
+            raise InputError(f"sizes must be a list of (height, width) or 'sdxl', got {sizes!r}")
+        sizes = buckets.SDXL_BUCKETS
+    listed = [(int(h), int(w)) for h, w in (sizes or ())]
+    given = height is not None or width is not None
+    default = (int(height or native), int(width or native)) if given or not listed else listed[0]
+    out = tuple(dict.fromkeys([default, *listed]))
+    for h, w in out:
+        check_size("height", h, factor)
+        check_size("width", w, factor)
+    return out

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sdxl_common import lora_files, storage
+from sdxl_common import buckets, lora_files, storage
 from sdxl_common.png import png_bytes
 from sdxl_common.prompts import read_prompt_file
 from sdxl_common.errors import BadInput, report
@@ -55,6 +55,14 @@ _positive_int = _number(int, "positive", lambda v: v > 0)
 _positive_float = _number(float, "positive", lambda v: v > 0)
 _fraction = _number(float, "in (0, 1)", lambda v: 0 < v < 1)
 _strength = _number(float, "in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def _size(text: str) -> tuple[int, int]:
+    """(height, width) from WIDTHxHEIGHT."""
+    try:
+        return buckets.parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance scale (<= 1: none; default 5, 7.5 with --mask, as diffusers)")
     parser.add_argument("--width", type=_positive_int, default=None, help="default: the model's native size")
     parser.add_argument("--height", type=_positive_int, default=None)
+    parser.add_argument("--size", type=_size, action="append", default=[], metavar="WIDTHxHEIGHT",
+                        help="generate every prompt at this size (repeatable: each size's graphs are compiled "
+                             "once, at warm-up), e.g. --size 1216x832 --size 832x1216; SDXL's sizes: "
+                             "sdxl_common/buckets.py")
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="images per compiled batch (default: one per device)")
     parser.add_argument("--seed", type=int, default=0, help="image i gets seed S+i")
@@ -147,6 +159,8 @@ def run(args: argparse.Namespace) -> dict:
             raise _BadInput(f"{flag} needs {needs}")
     if args.refiner is not None and args.image is not None:
         raise _BadInput("--refiner is for text-to-image: it cannot be combined with --image")
+    if args.size and (args.image is not None or args.width or args.height):
+        raise _BadInput("--size is for text-to-image, instead of --width/--height (an --image sets its own size)")
     if args.image is not None:
         # Every check of the image comes before loading and compiling: the pipeline is built for its size.
         init_image = read_image(args.image)
@@ -169,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         pipe = Pipeline.from_pretrained(
             args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, height=height,
-            width=width, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
+            width=width, sizes=args.size or None, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
             cache_dir=args.cache_dir, on_recompile="warn",  # report a recompilation, keep the images
             revision=args.revision, variant=args.variant, refiner=args.refiner, loras=loras, config=args.config,
         )
@@ -181,14 +195,19 @@ def run(args: argparse.Namespace) -> dict:
     print(f"loaded {args.model} on {args.device} in {load_seconds:.1f} s; compiling (warm-up)...", file=sys.stderr)
     if args.refiner is not None:
         pipe.switch_steps(args.high_noise_frac or DEFAULT_HIGH_NOISE_FRAC)  # a switch running no step: before compiling
-    pipe.warmup(image=init_image is not None and mask is None, mask=mask is not None, refiner=args.refiner is not None)
+    pipe.warmup(image=init_image is not None and mask is None, mask=mask is not None, refiner=args.refiner is not None,
+                sizes=pipe.sizes)
     compiles_after_warmup = pipe.compile_count
+    if args.size:
+        print(f"compiled for {', '.join(map(buckets.size_text, pipe.sizes))}", file=sys.stderr)
     entries = []
+    sizes = pipe.sizes if args.size else [None]
+    suffix = ""  # with several sizes, each file name says its size
 
     def write(i: int, image) -> None:
         # Each batch's files as soon as it is done, each written whole (see sdxl_common.storage): a
         # killed run keeps the images it finished and leaves no truncated PNG.
-        name = f"{i:05d}.png"
+        name = f"{i:05d}{suffix}.png"
         if args.image is not None:
             image.info["image"] = args.image
         if args.mask is not None:
@@ -196,17 +215,21 @@ def run(args: argparse.Namespace) -> dict:
         storage.atomic_write_bytes(out / name, png_bytes(image, image.info))
         entries.append({"file": name, **image.info})
 
-    pipe(prompts, negative_prompts=args.negative_prompt, seeds=args.seed, guidance_scale=args.guidance,
-         prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, image=init_image,
-         strength=args.strength, mask_image=mask, mask_blur=args.mask_blur, denoising_end=args.high_noise_frac,
-         progress=True, on_image=write)
+    generate_seconds = 0.0
+    for size in sizes:
+        suffix = f"_{buckets.size_text(size)}" if len(sizes) > 1 else ""
+        pipe(prompts, negative_prompts=args.negative_prompt, seeds=args.seed, guidance_scale=args.guidance,
+             prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, image=init_image,
+             strength=args.strength, mask_image=mask, mask_blur=args.mask_blur, denoising_end=args.high_noise_frac,
+             progress=True, on_image=write, size=size)
+        generate_seconds += pipe.last_call["seconds"]
     timing = {
         "load_seconds": load_seconds,
         "warmup_seconds": pipe.warmup_seconds,
         "xla_compile_seconds": pipe.compile_seconds,
-        "generate_seconds": pipe.last_call["seconds"],
-        "seconds_per_image": pipe.last_call["seconds_per_image"],
-        "images_per_second": pipe.last_call["images_per_second"],
+        "generate_seconds": generate_seconds,
+        "seconds_per_image": generate_seconds / len(entries),
+        "images_per_second": len(entries) / generate_seconds,
         "compilations_after_warmup": pipe.compile_count - compiles_after_warmup,
     }
     manifest = {"pipeline": pipe.describe(), "timing": timing, "images": entries}

@@ -37,6 +37,7 @@ images.py (input images and masks, output PIL images), lora.py (LoRA merging) an
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -49,7 +50,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sdxl_common import model_source, sdxl, storage  # these import neither JAX nor the trainer
+from sdxl_common import buckets, model_source, sdxl, storage  # these import neither JAX nor the trainer
 from sdxl_common.errors import RunFailure, UserError
 from xla_infer import checks, graphs
 from xla_infer.batches import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, Batch, Conditioning, Continued, FromImage,
@@ -112,7 +113,7 @@ class Job:
 
 class Pipeline:
     """SDXL text-to-image, image-to-image, inpainting and base + refiner with graphs compiled once
-    per (batch size, image size, steps, scheduler).
+    per (batch size, image size, steps, scheduler); one pipeline may serve several image sizes.
 
     Build with `Pipeline.from_pretrained(folder_or_hub_id, device="xla", ...)`, then call it with
     prompts; the first call (or `warmup()`) compiles.
@@ -137,6 +138,7 @@ class Pipeline:
         batch_size: int | None = None,
         height: int | None = None,
         width: int | None = None,
+        sizes: Sequence[Size] | str | None = None,
         steps: int = 30,
         scheduler: str | None = None,
         torch_compile: bool = False,
@@ -155,10 +157,10 @@ class Pipeline:
         self.dtype = checks.parse_dtype(dtype)
         self.vae_scale_factor = sdxl.vae_scale_factor(vae.config)
         self.vae_dtype = checks.parse_dtype(vae_dtype) if vae_dtype is not None else _vae_dtype_for(self.dtype, vae.config)
-        self.height = int(height or unet.config.sample_size * self.vae_scale_factor)
-        self.width = int(width or unet.config.sample_size * self.vae_scale_factor)
-        for name, value in (("height", self.height), ("width", self.width)):
-            checks.check_size(name, value, self.vae_scale_factor)
+        # Every image size this pipeline serves, (height, width); the first is a call's default.
+        self.sizes = checks.image_sizes(sizes, height, width, unet.config.sample_size * self.vae_scale_factor,
+                                        self.vae_scale_factor)
+        self.height, self.width = self.sizes[0]
         self.steps = checks.check_steps(steps)
         self.text_length = int(text_encoder_2.config.max_position_embeddings)
         # The refiner's layout: no first text encoder, aesthetic scores in the time ids.
@@ -200,7 +202,7 @@ class Pipeline:
         if refiner is not None:
             if self.inpainting_unet or self.requires_aesthetics_score:
                 raise InputError("a refiner follows a base text-to-image model, not an inpainting model or a refiner")
-            settings = ("device_kind", "batch_size", "height", "width", "steps", "latent_shape")
+            settings = ("device_kind", "batch_size", "sizes", "steps", "latent_shape")
             differing = [name for name in settings if getattr(refiner, name) != getattr(self, name)]
             if differing:
                 raise InputError(f"the refiner's {', '.join(differing)} differ from the base model's")
@@ -208,23 +210,17 @@ class Pipeline:
 
         self.on_recompile = on_recompile
         self.torch_compile = torch_compile
-        # The graph bodies (xla_infer/graphs.py) with this model's modules and settings bound.
-        graph = self.runtime.graph
-        init_sigma = self.sampler.init_noise_sigma.reshape(1).to(self.device)
-        self._encode_graph = graph(partial(graphs.encode_text, self.text_encoder, self.text_encoder_2),
-                                   "sdxl_text_encode")
-        self._step_graph = graph(partial(graphs.denoise_step, self.unet, self.sampler, self.dtype), "sdxl_denoise_step")
-        self._decode_graph = graph(partial(graphs.decode, self.vae, self.vae_dtype), "sdxl_vae_decode")
-        self._image_graph = graph(partial(graphs.encode_image, self.vae, self.vae_dtype, self.sampler),
-                                  "sdxl_vae_encode")
-        self._inpaint_graph = graph(partial(graphs.encode_inpaint, self.vae, self.vae_dtype, self.sampler, init_sigma,
-                                            self.latent_shape[1:], self.inpainting_unet), "sdxl_vae_encode_inpaint")
-        self._blend_graph = graph(partial(graphs.blend, self.sampler), "sdxl_inpaint_blend")
+        # The graph bodies (xla_infer/graphs.py) with this model's modules and settings bound; the
+        # text encoder's serves every size, the others are bound per size (`_bind_graphs`).
+        self._encode_graph = self.runtime.graph(partial(graphs.encode_text, self.text_encoder, self.text_encoder_2),
+                                                "sdxl_text_encode")
+        self._graphs: dict[Size, dict[str, Callable]] = {}
+        self._bind_graphs(self.sizes[0])
         # Process-wide: the refiner's compilations count here too (building either compiles nothing).
         self._compiles_at_start = self.runtime.compilations()
         # The parts of `warmup` run so far: "generation" (text encode, denoising step, decode: the
         # first warm-up), then "image", "mask" and "refiner" on their modes' first use.
-        self.warmed_up: set[str] = set()
+        self._warmed: dict[Size, set[str]] = {size: set() for size in self.sizes}  # the graphs compiled, per size
         self.warmup_seconds: float | None = None
         self.compile_seconds: float | None = None
         self.last_call: dict[str, float] = {}
@@ -232,6 +228,51 @@ class Pipeline:
             {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}, self.runtime)
         if loras:
             self.set_loras(loras)
+
+    def _bind_graphs(self, size: Size) -> None:
+        """Makes the denoise-step, decode and encode graphs those of ``size``, built at its first use:
+        torch_xla lets each wrapped function trace one graph, so every size has wrappers of its own."""
+        if size not in self._graphs:
+            graph = self.runtime.graph
+            suffix = "" if size == self.sizes[0] else f"_{buckets.size_text(size)}"
+            latent_size = (size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor)
+            init_sigma = self.sampler.init_noise_sigma.reshape(1).to(self.device)
+            self._graphs[size] = {
+                "_step_graph": graph(partial(graphs.denoise_step, self.unet, self.sampler, self.dtype),
+                                     "sdxl_denoise_step" + suffix),
+                "_decode_graph": graph(partial(graphs.decode, self.vae, self.vae_dtype), "sdxl_vae_decode" + suffix),
+                "_image_graph": graph(partial(graphs.encode_image, self.vae, self.vae_dtype, self.sampler),
+                                      "sdxl_vae_encode" + suffix),
+                "_inpaint_graph": graph(partial(graphs.encode_inpaint, self.vae, self.vae_dtype, self.sampler, init_sigma,
+                                                latent_size, self.inpainting_unet), "sdxl_vae_encode_inpaint" + suffix),
+                "_blend_graph": graph(partial(graphs.blend, self.sampler), "sdxl_inpaint_blend" + suffix),
+            }
+        for name, fn in self._graphs[size].items():
+            setattr(self, name, fn)
+
+    @property
+    def warmed_up(self) -> set[str]:
+        """The warm-up parts run at the current size: "generation", "image", "mask", "refiner"."""
+        return self._warmed[(self.height, self.width)]
+
+    @contextlib.contextmanager
+    def at_size(self, size: Size | None):
+        """The pipeline (and its refiner) at ``size``, one of ``sizes`` (None: the default), for
+        what runs inside; each size has its own compiled graphs."""
+        size = self.sizes[0] if size is None else (int(size[0]), int(size[1]))
+        if size not in self.sizes:
+            raise InputError(f"{buckets.size_text(size)} is not one of this pipeline's sizes "
+                             f"({', '.join(map(buckets.size_text, self.sizes))}): load it with sizes=[...] to add it")
+        saved = (self.height, self.width, self.latent_shape)
+        self.height, self.width = size
+        self.latent_shape = (saved[2][0], size[0] // self.vae_scale_factor, size[1] // self.vae_scale_factor)
+        self._bind_graphs(size)
+        try:
+            with self.refiner.at_size(size) if self.refiner is not None else contextlib.nullcontext():
+                yield self
+        finally:
+            self.height, self.width, self.latent_shape = saved
+            self._bind_graphs(saved[:2])
 
     # ------------------------------------------------------------------ loading
 
@@ -245,6 +286,7 @@ class Pipeline:
         batch_size: int | None = None,
         height: int | None = None,
         width: int | None = None,
+        sizes: Sequence[Size] | str | None = None,
         steps: int = 30,
         scheduler: str | None = None,
         vae_dtype: str | torch.dtype | None = None,
@@ -310,19 +352,18 @@ class Pipeline:
         scheduler_config = _read_scheduler_config(source)
         vae_config = load("vae", AutoencoderKL.load_config)
         factor = sdxl.vae_scale_factor(vae_config)
-        for name, value in (("height", height), ("width", width)):  # fail before loading any weights
-            if value is not None:
-                checks.check_size(name, value, factor)
+        # Fail before loading any weights (the native size is not known yet: the factor stands in).
+        checks.image_sizes(sizes, height, width, factor, factor)
         vae_torch_dtype = checks.parse_dtype(vae_dtype) if vae_dtype is not None else _vae_dtype_for(torch_dtype, vae_config)
         weights = dict(use_safetensors=True, variant=variant)
         unet = load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=torch_dtype, **weights)
+        sizes = checks.image_sizes(sizes, height, width, unet.config.sample_size * factor, factor)
         refiner_pipe = None
         if refiner is not None:
-            # The same settings and, by default, the base UNet's size, so both run on one latent shape.
-            native = unet.config.sample_size * factor
+            # The same settings and sizes (the base UNet's by default), so both run on one latent shape.
             refiner_pipe = cls.from_pretrained(
-                refiner, device=device, dtype=torch_dtype, batch_size=batch_size, height=height or native,
-                width=width or native, steps=steps, scheduler=scheduler, vae_dtype=vae_dtype,
+                refiner, device=device, dtype=torch_dtype, batch_size=batch_size, height=sizes[0][0],
+                width=sizes[0][1], sizes=sizes, steps=steps, scheduler=scheduler, vae_dtype=vae_dtype,
                 torch_compile=torch_compile, data_parallel=data_parallel, on_recompile=on_recompile, variant=variant,
             )
         return cls(
@@ -339,7 +380,7 @@ class Pipeline:
             requires_aesthetics_score=index.get("requires_aesthetics_score", False),
             refiner=refiner_pipe,
             device=device, dtype=torch_dtype, vae_dtype=vae_torch_dtype, batch_size=batch_size,
-            height=height, width=width, steps=steps, scheduler=scheduler, torch_compile=torch_compile,
+            height=height, width=width, sizes=sizes, steps=steps, scheduler=scheduler, torch_compile=torch_compile,
             data_parallel=data_parallel, cache_dir=cache_dir, on_recompile=on_recompile,
             model_name=str(model) if fetched else source, loras=loras,
         )
@@ -538,16 +579,29 @@ class Pipeline:
             return self.refiner.run_batch(batch.refiner, progress, latents=latents)
         return self._decode_graph(latents)
 
-    def warmup(self, image: bool = False, mask: bool = False, refiner: bool = False) -> float:
+    def warmup(self, image: bool = False, mask: bool = False, refiner: bool = False,
+               sizes: Sequence[Size] | None = None) -> float:
         """Compile the text-encode, denoise-step and decode graphs (one full batch); with `image` the
         image-to-image encode graph too, with `mask` the inpainting graphs, with `refiner` the
-        refiner's (when the pipeline has one). Returns the seconds this call took.
+        refiner's (when the pipeline has one); at each of `sizes` (default: the default size; a
+        call at another size compiles its graphs first). Returns the seconds this call took.
 
         A 9-channel inpainting UNet only inpaints: its first warm-up compiles the inpainting graphs.
         Graphs already compiled are not run again; `warmup_seconds` and `compile_seconds` add up
         every warm-up of the pipeline.
         """
         start, compile_start = time.perf_counter(), self.runtime.compile_seconds()
+        for size in sizes or [None]:
+            with self.at_size(size):
+                self._warm_graphs(image, mask, refiner)
+        seconds = time.perf_counter() - start
+        self.warmup_seconds = (self.warmup_seconds or 0.0) + seconds
+        if compile_start is not None:
+            self.compile_seconds = (self.compile_seconds or 0.0) + self.runtime.compile_seconds() - compile_start
+        logger.info("warm-up: %.1f s, %d compilation(s)", self.warmup_seconds, self.compile_count)
+        return seconds
+
+    def _warm_graphs(self, image: bool, mask: bool, refiner: bool) -> None:
         micro = micro_conditioning((self.height, self.width), self.requires_aesthetics_score)
         n = self.batch_size
         texts = ([""] * n, [""] * n, [None] * n, [""] * n, list(range(n)), 5.0, micro)
@@ -574,12 +628,6 @@ class Pipeline:
             switch = (1, self.steps - 1, refiner_micro)  # one base step, then the refiner's last
             self.run_batch(self._host_batch(*texts, refiner=switch)[0]).cpu()
             self.warmed_up.add("refiner")
-        seconds = time.perf_counter() - start
-        self.warmup_seconds = (self.warmup_seconds or 0.0) + seconds
-        if compile_start is not None:
-            self.compile_seconds = (self.compile_seconds or 0.0) + self.runtime.compile_seconds() - compile_start
-        logger.info("warm-up: %.1f s, %d compilation(s)", self.warmup_seconds, self.compile_count)
-        return seconds
 
     def __call__(
         self,
@@ -605,6 +653,7 @@ class Pipeline:
         denoising_end: float | None = None,
         aesthetic_score: float = AESTHETIC_SCORE,
         negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+        size: Size | None = None,
     ):
         """Generate one image per prompt; returns PIL images (or an (N, H, W, 3) float array for "np").
 
@@ -634,84 +683,88 @@ class Pipeline:
 
         `on_image(i, pil_image)` is called for each image as soon as its batch is back on the host,
         in order (the CLI writes each file then, so a long job killed midway keeps what it made).
+
+        `size` (height, width): one of the pipeline's `sizes` (default: the first); a size's graphs are
+        compiled at its first call unless `warmup(sizes=...)` compiled them.
         """
-        prompts, negatives, prompts_2, negatives_2 = checks.prompt_texts(prompts, negative_prompts, prompt_2,
-                                                                         negative_prompt_2)
-        n = len(prompts)
-        seed_list = checks.seed_list(seeds, n, lambda: secrets.randbelow(2**31))
-        if output_type not in ("pil", "np"):
-            raise InputError("output_type must be 'pil' or 'np'")
-        job = self._job(n, image, mask_image, strength, mask_blur, denoising_end, aesthetic_score,
-                        negative_aesthetic_score)
-        if guidance_scale is None:  # diffusers' defaults: 7.5 for its inpainting pipeline, 5 for the others
-            guidance_scale = DEFAULT_INPAINT_GUIDANCE if job.masks is not None else DEFAULT_GUIDANCE
-        sizes = (original_size, crops_coords_top_left, target_size, negative_original_size,
-                 negative_crops_coords_top_left, negative_target_size)
-        scores = dict(aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
-        micro = micro_conditioning((self.height, self.width), self.requires_aesthetics_score, *sizes,
-                                   image_to_image=job.images is not None, **scores)
-        refiner = None
-        if job.switch is not None:
-            # The refiner's micro-conditioning is StableDiffusionXLImg2ImgPipeline's for the same sizes.
-            refiner_micro = micro_conditioning((self.refiner.height, self.refiner.width),
-                                               self.refiner.requires_aesthetics_score, *sizes, image_to_image=True,
-                                               **scores)
-            refiner = (*job.switch, refiner_micro)
-        if not {"generation", *(mode for mode, used in job.modes.items() if used)} <= self.warmed_up:
-            self.warmup(**job.modes)
+        with self.at_size(size):  # one of `sizes`: its own graphs, compiled at its first use
+            prompts, negatives, prompts_2, negatives_2 = checks.prompt_texts(prompts, negative_prompts, prompt_2,
+                                                                             negative_prompt_2)
+            n = len(prompts)
+            seed_list = checks.seed_list(seeds, n, lambda: secrets.randbelow(2**31))
+            if output_type not in ("pil", "np"):
+                raise InputError("output_type must be 'pil' or 'np'")
+            job = self._job(n, image, mask_image, strength, mask_blur, denoising_end, aesthetic_score,
+                            negative_aesthetic_score)
+            if guidance_scale is None:  # diffusers' defaults: 7.5 for its inpainting pipeline, 5 for the others
+                guidance_scale = DEFAULT_INPAINT_GUIDANCE if job.masks is not None else DEFAULT_GUIDANCE
+            sizes = (original_size, crops_coords_top_left, target_size, negative_original_size,
+                     negative_crops_coords_top_left, negative_target_size)
+            scores = dict(aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score)
+            micro = micro_conditioning((self.height, self.width), self.requires_aesthetics_score, *sizes,
+                                       image_to_image=job.images is not None, **scores)
+            refiner = None
+            if job.switch is not None:
+                # The refiner's micro-conditioning is StableDiffusionXLImg2ImgPipeline's for the same sizes.
+                refiner_micro = micro_conditioning((self.refiner.height, self.refiner.width),
+                                                   self.refiner.requires_aesthetics_score, *sizes, image_to_image=True,
+                                                   **scores)
+                refiner = (*job.switch, refiner_micro)
+            if not {"generation", *(mode for mode, used in job.modes.items() if used)} <= self.warmed_up:
+                self.warmup(**job.modes)
 
-        start_time, compiles_before = time.perf_counter(), self.compile_count
-        b = self.batch_size
-        batches = math.ceil(n / b)
-        bar = _progress_bar(batches * job.steps_run(self.steps)) if progress else None
-        arrays: list[np.ndarray] = []
-        dropped_all: list[tuple[list[int], list[int]]] = []
-        pending = None
+            start_time, compiles_before = time.perf_counter(), self.compile_count
+            b = self.batch_size
+            batches = math.ceil(n / b)
+            bar = _progress_bar(batches * job.steps_run(self.steps)) if progress else None
+            arrays: list[np.ndarray] = []
+            dropped_all: list[tuple[list[int], list[int]]] = []
+            pending = None
 
-        def pil_image(i: int, pixels: np.ndarray):
-            params = self._parameters(prompts[i], prompts_2[i], negatives[i], negatives_2[i], seed_list[i],
-                                      guidance_scale, micro, [*dropped_all[i][0], *dropped_all[i][1]])
-            params.update(job.parameters(self.steps, self.refiner.model_name if self.refiner is not None else None))
-            return to_pil(pixels, params)
+            def pil_image(i: int, pixels: np.ndarray):
+                params = self._parameters(prompts[i], prompts_2[i], negatives[i], negatives_2[i], seed_list[i],
+                                          guidance_scale, micro, [*dropped_all[i][0], *dropped_all[i][1]])
+                params.update(job.parameters(self.steps, self.refiner.model_name if self.refiner is not None else None))
+                return to_pil(pixels, params)
 
-        def finished(batch: np.ndarray) -> None:
-            first = sum(len(a) for a in arrays)
-            arrays.append(batch)
-            if on_image is not None:
-                for i, pixels in enumerate(batch, start=first):
-                    on_image(i, pil_image(i, pixels))
-        for k in range(batches):
-            rows = slice(k * b, (k + 1) * b)
-            real = len(prompts[rows])
-            pad = b - real
-            batch, dropped = self._host_batch(
-                prompts[rows] + [""] * pad, prompts_2[rows] + [""] * pad, negatives[rows] + [None] * pad,
-                negatives_2[rows] + [""] * pad, seed_list[rows] + [0] * pad, float(guidance_scale), micro,
-                images=None if job.images is None else job.images[rows] + [np.zeros_like(job.images[0])] * pad,
-                start=job.start, full=job.full, refiner=refiner,
-                masks=None if job.masks is None else job.masks[rows] + [np.zeros_like(job.masks[0])] * pad,
-            )
-            dropped = (dropped[0][: 2 * real], dropped[1][: 2 * real])
-            warn_truncation(k * b, self.text_length, prompts[rows], prompts_2[rows], negatives[rows], negatives_2[rows],
-                            dropped)
-            dropped_all += [(dropped[0][2 * i: 2 * i + 2], dropped[1][2 * i: 2 * i + 2]) for i in range(real)]
-            batch_images = self.run_batch(batch, bar)
-            # Fetch the previous batch only now, so the device works on this one meanwhile.
-            if pending is not None:
-                finished(fetch(*pending))
-            pending = (batch_images, real)
-        finished(fetch(*pending))
-        if bar is not None:
-            bar.close()
-        seconds = time.perf_counter() - start_time
-        self.last_call = {"images": n, "batches": batches, "seconds": seconds, "seconds_per_image": seconds / n,
-                          "images_per_second": n / seconds}
-        self._guard(compiles_before, "generation")
+            def finished(batch: np.ndarray) -> None:
+                first = sum(len(a) for a in arrays)
+                arrays.append(batch)
+                if on_image is not None:
+                    for i, pixels in enumerate(batch, start=first):
+                        on_image(i, pil_image(i, pixels))
+            for k in range(batches):
+                rows = slice(k * b, (k + 1) * b)
+                real = len(prompts[rows])
+                pad = b - real
+                batch, dropped = self._host_batch(
+                    prompts[rows] + [""] * pad, prompts_2[rows] + [""] * pad, negatives[rows] + [None] * pad,
+                    negatives_2[rows] + [""] * pad, seed_list[rows] + [0] * pad, float(guidance_scale), micro,
+                    images=None if job.images is None else job.images[rows] + [np.zeros_like(job.images[0])] * pad,
+                    start=job.start, full=job.full, refiner=refiner,
+                    masks=None if job.masks is None else job.masks[rows] + [np.zeros_like(job.masks[0])] * pad,
+                )
+                dropped = (dropped[0][: 2 * real], dropped[1][: 2 * real])
+                warn_truncation(k * b, self.text_length, prompts[rows], prompts_2[rows], negatives[rows],
+                                negatives_2[rows], dropped)
+                dropped_all += [(dropped[0][2 * i: 2 * i + 2], dropped[1][2 * i: 2 * i + 2]) for i in range(real)]
+                batch_images = self.run_batch(batch, bar)
+                # Fetch the previous batch only now, so the device works on this one meanwhile.
+                if pending is not None:
+                    finished(fetch(*pending))
+                pending = (batch_images, real)
+            finished(fetch(*pending))
+            if bar is not None:
+                bar.close()
+            seconds = time.perf_counter() - start_time
+            self.last_call = {"images": n, "batches": batches, "seconds": seconds, "seconds_per_image": seconds / n,
+                              "images_per_second": n / seconds}
+            self._guard(compiles_before, "generation")
 
-        pixels = np.concatenate(arrays)
-        if output_type == "np":
-            return pixels
-        return [pil_image(i, pixels[i]) for i in range(n)]
+            pixels = np.concatenate(arrays)
+            if output_type == "np":
+                return pixels
+            return [pil_image(i, pixels[i]) for i in range(n)]
 
     def _job(self, n: int, image, mask_image, strength, mask_blur, denoising_end, aesthetic_score: float,
              negative_aesthetic_score: float) -> Job:
@@ -788,6 +841,7 @@ class Pipeline:
             "batch_size": self.batch_size,
             "width": self.width,
             "height": self.height,
+            "sizes": [buckets.size_text(size) for size in self.sizes],
             "steps": self.steps,
             "scheduler": self.scheduler_name,
             "inpainting_unet": self.inpainting_unet,
