@@ -115,13 +115,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        return buckets.parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flax-train", description="Fine-tune SDXL with JAX/Flax on TPU, GPU or CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--scheduler", default="euler", choices=schedulers.SAMPLERS)
     p.add_argument("--resolution", type=int, default=None, help="square images of this side (default: the UNet's)")
-    p.add_argument("--size", type=_size, default=None, metavar="WIDTHxHEIGHT",
+    p.add_argument("--size", type=buckets.size_argument, default=None, metavar="WIDTHxHEIGHT",
                    help="any size the VAE's factor divides, e.g. 1216x832 (SDXL's buckets: sdxl_common/buckets.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",

@@ -47,8 +47,8 @@ def use_run_dir(run_dir: str | os.PathLike) -> None:
 
 @dataclasses.dataclass
 class CompileCount:
-    """XLA compilations since ``start()``, and how many of them the persistent cache served,
-    from JAX's monitoring events (counted only while a persistent cache is in use)."""
+    """XLA compilations from its creation to ``close()``, and how many of them the persistent cache
+    served, from JAX's monitoring events (counted only while a persistent cache is in use)."""
 
     requests: int = 0
     hits: int = 0

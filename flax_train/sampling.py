@@ -347,7 +347,7 @@ class Validator:
         )
         self.embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts))
         # (height, width) of each grid, and its name in the file; one square grid without sizes.
-        self.sizes = {buckets.size_text(buckets.parse_size(text)): buckets.parse_size(text) for text in v.sizes} or {"": None}
+        self.sizes = {buckets.size_text(size): size for size in map(buckets.parse_size, v.sizes)} or {"": None}
         self.latents = self.keys = None
 
     def run(self, step: int, graphdef: nnx.GraphDef, params: nnx.State,

@@ -12,6 +12,7 @@ where comparing h / w itself would put every landscape bucket further apart than
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Mapping, Sequence
 
@@ -89,6 +90,15 @@ def parse_size(text: str) -> Size:
     if h <= 0 or w <= 0:
         raise ValueError(f"{text!r}: width and height must be positive")
     return h, w
+
+
+def size_argument(text: str) -> Size:
+    """``parse_size`` as argparse's ``type=`` of both command lines' ``--size``: a bad size is a
+    usage error that says how to write one."""
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def size_text(size: Size) -> str:

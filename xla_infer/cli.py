@@ -57,14 +57,6 @@ _fraction = _number(float, "in (0, 1)", lambda v: 0 < v < 1)
 _strength = _number(float, "in (0, 1]", lambda v: 0 < v <= 1)
 
 
-def _size(text: str) -> tuple[int, int]:
-    """(height, width) from WIDTHxHEIGHT."""
-    try:
-        return buckets.parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xla-infer",
@@ -109,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance scale (<= 1: none; default 5, 7.5 with --mask, as diffusers)")
     parser.add_argument("--width", type=_positive_int, default=None, help="default: the model's native size")
     parser.add_argument("--height", type=_positive_int, default=None)
-    parser.add_argument("--size", type=_size, action="append", default=[], metavar="WIDTHxHEIGHT",
+    parser.add_argument("--size", type=buckets.size_argument, action="append", default=[], metavar="WIDTHxHEIGHT",
                         help="generate every prompt at this size (repeatable: each size's graphs are compiled "
                              "once, at warm-up), e.g. --size 1216x832 --size 832x1216; SDXL's sizes: "
                              "sdxl_common/buckets.py")

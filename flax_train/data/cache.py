@@ -461,7 +461,9 @@ class LatentCache:
         self.manifest = verify_cache(cache_dir, expected) if expected is not None else read_manifest(cache_dir)
         self.arrays = TOKEN_SAMPLE_ARRAYS if expected is not None and expected.token_ids else SAMPLE_ARRAYS
         self.buckets = cache_buckets(self.manifest)
-        self._firsts = np.array([b.first for b in self.buckets] + [len(self)], np.int64)
+        last = self.buckets[-1]
+        self._firsts = np.array([b.first for b in self.buckets] + [last.first + len(last)], np.int64)  # and the end
+        self._rows_before = np.stack([b.rows_before for b in self.buckets])  # [buckets, shards]
         self._spans = [b.layout.span(self.arrays) if len(b) else (0, 0) for b in self.buckets]
         # A string per shard, not an epath per shard: a million shards cost tens of MB as objects.
         self._shards_prefix = str(shard_path(self.cache_dir, 0))[: -len("00000.safetensors")]
@@ -473,7 +475,7 @@ class LatentCache:
         return bucket.layout
 
     def __len__(self) -> int:
-        return int(sum(len(b) for b in self.buckets))
+        return int(self._firsts[-1])
 
     def __repr__(self) -> str:
         return f"LatentCache({str(self.cache_dir)!r}, {len(self)} samples in {len(self.buckets[0].records_offset)} shards)"
@@ -496,8 +498,7 @@ class LatentCache:
     def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row in the shard) of each sample index."""
         which, shards, rows = self._bucket_rows(indices)
-        rows_before = np.array([self.buckets[b].rows_before[k] for b, k in zip(which, shards)], np.int64)
-        return shards, rows + rows_before.reshape(rows.shape)
+        return shards, rows + self._rows_before[which, shards]
 
     def _file(self, shard: int) -> str:
         return f"{self._shards_prefix}{shard:05d}.safetensors"
@@ -638,10 +639,11 @@ class BucketBatches:
     def _where(self, step: int) -> tuple[int, int]:
         """(bucket, its batch number) at ``step``."""
         epoch = self._epoch_of(step)
-        position = step - int(self._batches_before(epoch).sum())
+        before = self._batches_before(epoch)
+        position = step - int(before.sum())
         order = self._epoch_order(epoch)
         bucket = int(order[position])
-        return bucket, int(self._batches_before(epoch)[bucket]) + int(np.count_nonzero(order[:position] == bucket))
+        return bucket, int(before[bucket]) + int(np.count_nonzero(order[:position] == bucket))
 
     def bucket_of(self, step: int) -> CacheBucket:
         return self.buckets[self._where(step)[0]]
