@@ -171,7 +171,8 @@ def run_script_in_processes(tmp_path: Path, script: str, *args: str, count: int 
                             devices_per_process: int = DEVICES_PER_PROCESS, timeout: float = 300) -> list[str]:
     """A Python script as `count` processes x `devices_per_process` CPU devices joined by JAX's
     distributed runtime (the script calls sharding.initialize_distributed()); their outputs, once
-    all exited 0."""
+    all exited 0. Only stdout: the distributed runtime's own logging (gloo's peer-connection lines)
+    goes to stderr at moments of its own choosing and would split the scripts' lines."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -179,15 +180,15 @@ def run_script_in_processes(tmp_path: Path, script: str, *args: str, count: int 
     env = cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count), JAX_PLATFORMS="cpu",
                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
     workers = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), *args], cwd=REPO,
-                                env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for i in range(count)]
     try:
-        outputs = [w.communicate(timeout=timeout)[0] for w in workers]
+        streams = [w.communicate(timeout=timeout) for w in workers]
     finally:
         for w in workers:
             w.kill()
-    assert [w.returncode for w in workers] == [0] * count, outputs
-    return outputs
+    assert [w.returncode for w in workers] == [0] * count, streams
+    return [stdout for stdout, _ in streams]
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
