@@ -49,11 +49,11 @@ CHANCE = 1 / (len(synthetic.SHAPES) * len(synthetic.COLOURS) * (len(synthetic.CO
 SPLITS = ("seen", "validation", "held_out")
 
 
-def build_pipeline(cfg: config_lib.Config, folder: Path) -> None:
+def build_pipeline(cfg: config_lib.Config, folder: Path, vae_steps: int = vae.DEFAULT_STEPS) -> None:
     """The tiny SDXL folder the run starts from, with its VAE trained on the run's images."""
     partial = folder.with_name(folder.name + ".partial")
     tiny.save_tiny_pipeline(partial, seed=cfg.train.seed, image_size=cfg.data.resolution, scheduler=SCHEDULER, **tiny.DEMO_SIZES)
-    report = vae.train_vae(partial / "vae", vae.training_images(cfg), seed=cfg.train.seed)
+    report = vae.train_vae(partial / "vae", vae.training_images(cfg), steps=vae_steps, seed=cfg.train.seed)
     print(f"demo VAE trained: PSNR {report['psnr']:.1f} dB in {report['seconds']:.0f} s")
     partial.rename(folder)
 
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-split", type=int, default=48, help="images scored per split (validation has 16 at most)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps for the scored images")
     parser.add_argument("--guidance", type=float, default=2.0, help="zero-terminal-SNR models overexpose at high guidance")
+    parser.add_argument("--vae-steps", type=int, default=vae.DEFAULT_STEPS, help="training steps of the demo's VAE")
     parser.add_argument("overrides", nargs="*", help="a.b=value overrides of flax_train/demo/demo.yaml")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_index() == 0:
         synthetic.write_synthetic_dataset(data, args.num_images, image_size=cfg.data.resolution, seed=cfg.train.seed)
         if not (folder / "model_index.json").is_file():
-            build_pipeline(cfg, folder)
+            build_pipeline(cfg, folder, args.vae_steps)
     sharding.sync("demo inputs")
 
     result = train.train(cfg)
