@@ -3,6 +3,7 @@ distributed runtime, and calls the same functions the tests call.
 
     flax-train train   --config configs/sdxl_base.yaml [key=value ...]
     flax-train prepare --config configs/sdxl_base.yaml data.path=/data/images
+    flax-train buckets --config configs/sdxl_base.yaml data.path=/data/images --max-buckets 8
     flax-train sample  --model runs/demo/export --prompt "a red circle on a blue background" --out samples/
     flax-train export  --config runs/demo/config.yaml [--out DIR] [--raw]
 
@@ -14,6 +15,7 @@ base fine-tune (docs/configuration.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -26,7 +28,7 @@ from sdxl_common import buckets, errors, lora_files, storage
 from sdxl_common.errors import BadInput, report
 from sdxl_common.png import png_bytes
 from sdxl_common.prompts import read_prompt_file
-from flax_train.data import prepare
+from flax_train.data import prepare, survey
 from flax_train.sampling import Generator
 
 
@@ -66,6 +68,24 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     cache = prepare.open_cache(cfg, base)
     seconds = time.perf_counter() - start
     print(f"latent cache {prepare.cache_dir(cfg)}: {len(cache)} samples ({seconds:.1f} s)")
+    return 0
+
+
+def cmd_buckets(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if not cfg.data.buckets:  # what SDXL's list at data.resolution would give
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, buckets=("sdxl",)))
+    config_lib.validate(cfg)
+    min_images = cfg.train.global_batch_size if args.min_images is None else args.min_images
+    if min_images < 1 or (args.max_buckets is not None and args.max_buckets < 1):
+        raise BadInput("--max-buckets and --min-images must be at least 1")
+    source, preprocess = prepare.specs_from_config(cfg)
+    candidates = preprocess.buckets
+    result = survey.survey(source, preprocess.max_pixels)
+    if not result.images:
+        raise BadInput(f"no usable image in {source.path}")
+    chosen = buckets.fit(result.sizes, candidates, args.max_buckets, min_images)
+    print(survey.report(result, candidates, chosen, min_images))
     return 0
 
 
@@ -131,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="encode the dataset into the latent cache")
     config_args(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("buckets", help="count the dataset's images per aspect-ratio bucket and propose data.buckets")
+    config_args(p)
+    p.add_argument("--max-buckets", type=int, default=None, help="keep at most this many (each one compiles a step)")
+    p.add_argument("--min-images", type=int, default=None,
+                   help="drop buckets with fewer images (default: train.global_batch_size)")
+    p.set_defaults(func=cmd_buckets)
 
     p = sub.add_parser("sample", help="generate images from a diffusers folder")
     p.add_argument("--model", required=True, help="diffusers SDXL folder (e.g. an export) or Hub id")

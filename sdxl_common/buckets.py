@@ -59,25 +59,34 @@ def nearest(size: Size, buckets: Sequence[Size]) -> Size:
     return min(buckets, key=lambda bucket: abs(log_aspect(bucket) - target))
 
 
-def merge_rarest(counts: Mapping[Size, int], max_buckets: int | None = None, min_count: int = 1) -> dict[Size, Size]:
-    """Which bucket each bucket of ``counts`` (bucket -> images in it) trains as: itself, or the
-    nearest-aspect bucket it was merged into. While more than ``max_buckets`` remain, or the
-    smallest holds fewer than ``min_count`` images (a bucket must fill a batch), the smallest one
-    (of equals, the one furthest from the square) joins its nearest-aspect neighbour among those
-    left. One bucket always remains."""
+def assign(sizes: Mapping[Size, int], candidates: Sequence[Size]) -> dict[Size, int]:
+    """Images per bucket of ``candidates`` (in their order) for images of ``sizes`` (size -> how
+    many), each in the bucket nearest its aspect ratio."""
+    counts = dict.fromkeys(candidates, 0)
+    for size, count in sizes.items():
+        counts[nearest(size, candidates)] += count
+    return counts
+
+
+def fit(sizes: Mapping[Size, int], candidates: Sequence[Size], max_buckets: int | None = None,
+        min_images: int = 1) -> tuple[Size, ...]:
+    """The buckets of ``candidates`` to train images of ``sizes`` (size -> how many) with: those
+    the images fill, less the rarest while more than ``max_buckets`` are left or the rarest holds
+    fewer than ``min_images`` (a global batch: a smaller bucket repeats images within its batch).
+    Each bucket is a program to compile, so a few well-filled ones cost less than many thin ones.
+    A bucket dropped leaves each of its images to the nearest of those left, as training will
+    place them. Of equally rare buckets the one furthest from the square goes first; one bucket
+    always remains."""
     if max_buckets is not None and max_buckets < 1:
         raise ValueError(f"max_buckets must be at least 1, got {max_buckets}")
-    sizes = {bucket: count for bucket, count in counts.items() if count > 0}
-    into = {bucket: bucket for bucket in counts}
-    while len(sizes) > 1 and ((max_buckets is not None and len(sizes) > max_buckets) or min(sizes.values()) < min_count):
-        smallest = min(sizes, key=lambda b: (sizes[b], -abs(log_aspect(b)), b))
-        others = [b for b in sizes if b != smallest]
-        target = min(others, key=lambda b: (abs(log_aspect(b) - log_aspect(smallest)), -sizes[b], b))
-        sizes[target] += sizes.pop(smallest)
-        for bucket, now in into.items():
-            if now == smallest:
-                into[bucket] = target
-    return into
+    kept = [bucket for bucket, count in assign(sizes, candidates).items() if count]
+    while len(kept) > 1:
+        counts = assign(sizes, kept)
+        rarest = min(kept, key=lambda b: (counts[b], -abs(log_aspect(b)), b))
+        if counts[rarest] >= min_images and (max_buckets is None or len(kept) <= max_buckets):
+            break
+        kept.remove(rarest)
+    return tuple(kept)
 
 
 def parse_size(text: str) -> Size:

@@ -1,5 +1,5 @@
 """Aspect-ratio buckets (sdxl_common/buckets.py): SDXL's list, which bucket an image joins, how the
-rarest are merged, and the crop and micro-conditioning of an image in a bucket, worked by hand; a
+rarest are dropped, and the crop and micro-conditioning of an image in a bucket, worked by hand; a
 cache grouped by bucket, the loader's one bucket a step, and a run that compiles a step per bucket."""
 
 import collections
@@ -14,14 +14,15 @@ import pytest
 from PIL import Image
 
 from flax_train import cli, train
-from flax_train.data import cache as cache_lib, prepare
+from flax_train.data import cache as cache_lib, prepare, survey
+from flax_train.demo import CONFIG as DEMO_CONFIG
 from flax_train.data.cache import LatentCache
 from flax_train.data.images import PreprocessSpec, RawSample, prepare_sample, resize_and_crop
 from sdxl_common import buckets
 from sdxl_common.errors import BadInput
 from test_data_images import check_crop_matches_ids, ramp_image
 from test_data_prepare import assert_close_in_float32, run_two_processes
-from train_support import Workspace, assert_trees_equal, make_config, make_workspace
+from train_support import Workspace, assert_trees_equal, make_config, make_workspace, overrides
 
 # One worker builds the tiny model and the cache the tests below share.
 pytestmark = pytest.mark.xdist_group("buckets")
@@ -58,17 +59,26 @@ def test_the_list_scaled_for_smaller_training_keeps_the_models_multiple():
         buckets.scaled(buckets.SDXL_BUCKETS, 500, 32)
 
 
-def test_the_rarest_buckets_merge_into_their_nearest_neighbour():
-    counts = {(1024, 1024): 10, (832, 1216): 5, (768, 1344): 1, (1216, 832): 4}
-    # At most 3 buckets: 768x1344 (1 image) joins 832x1216, the nearest aspect ratio.
-    assert buckets.merge_rarest(counts, max_buckets=3) == {
-        (1024, 1024): (1024, 1024), (832, 1216): (832, 1216), (768, 1344): (832, 1216), (1216, 832): (1216, 832)}
-    # A bucket must also fill a batch of 5: 1216x832 (4) then joins the square, nearer than 832x1216.
-    assert buckets.merge_rarest(counts, max_buckets=3, min_count=5) == {
-        (1024, 1024): (1024, 1024), (832, 1216): (832, 1216), (768, 1344): (832, 1216), (1216, 832): (1024, 1024)}
-    # Nothing to merge; and never below one bucket, however few its images.
-    assert buckets.merge_rarest(counts) == {b: b for b in counts}
-    assert set(buckets.merge_rarest(counts, min_count=100).values()) == {(1024, 1024)}
+def test_the_rarest_buckets_are_dropped_and_their_images_go_to_the_nearest_left():
+    # Image sizes (height, width) -> images, and SDXL buckets they fall into as they are.
+    sizes = {(1024, 1024): 10, (2000, 3000): 5, (1080, 1920): 1, (3000, 2000): 4}
+    candidates = [(1024, 1024), (832, 1216), (768, 1344), (1216, 832), (512, 2048)]
+    assert buckets.assign(sizes, candidates) == {(1024, 1024): 10, (832, 1216): 5, (768, 1344): 1, (1216, 832): 4,
+                                                 (512, 2048): 0}
+    # Empty buckets are never kept; nothing else to drop.
+    assert buckets.fit(sizes, candidates) == ((1024, 1024), (832, 1216), (768, 1344), (1216, 832))
+    # At most 3: the 16:9 image (alone in 768x1344) goes to 832x1216, nearer its 1.78 than the square.
+    assert buckets.fit(sizes, candidates, max_buckets=3) == ((1024, 1024), (832, 1216), (1216, 832))
+    # Each bucket must fill a batch of 5: the 4 portraits (3:2, log-distance 0.41 to the square,
+    # 0.79 to 832x1216) then join the square.
+    chosen = buckets.fit(sizes, candidates, max_buckets=3, min_images=5)
+    assert chosen == ((1024, 1024), (832, 1216)) and buckets.assign(sizes, chosen) == {(1024, 1024): 14, (832, 1216): 6}
+    # Of equally rare buckets the one furthest from the square goes first; one always remains.
+    assert buckets.fit({(832, 1216): 2, (768, 1344): 2, (1024, 1024): 2}, candidates, max_buckets=2) == (
+        (1024, 1024), (832, 1216))
+    assert buckets.fit(sizes, candidates, min_images=100) == ((1024, 1024),)
+    with pytest.raises(ValueError, match="at least 1"):
+        buckets.fit(sizes, candidates, max_buckets=0)
 
 
 def test_sizes_are_written_width_first():
@@ -256,6 +266,40 @@ def test_a_run_with_buckets_compiles_a_step_per_bucket_and_resumes_bit_exactly(b
     resumed = train.train(cfg)
     assert resumed.losses == full.losses[2:]
     assert_trees_equal(train.restore_checkpoint(cfg)[1], train.restore_checkpoint(full_cfg)[1])
+
+
+def test_flax_train_buckets_counts_what_prepare_makes_and_proposes_fewer(bucket_workspace, bucket_cache, tmp_path, capsys):
+    args = ["buckets", "--config", str(DEMO_CONFIG),
+            *overrides(bucket_workspace, tmp_path, f"data.path={bucket_workspace.root / 'mixed'}", f"data.buckets=[{','.join(BUCKETS)}]")]
+    assert cli.main([*args, "--min-images", "1"]) == 0
+    out = capsys.readouterr().out
+    # From the headers alone, the counts the prepared cache holds (16x24 portraits listed last).
+    counted = [line.split()[:2] for line in out.splitlines() if line.startswith("  ")]
+    assert counted == [[b["size"], str(b["num_samples"])] for b in bucket_cache.manifest["buckets"]]
+    assert out.rstrip().endswith("train with: data.buckets=[16x16,24x16,16x24]")
+    # At most 2: the 3 portraits (46/30, log-distance 0.43 to the square, 0.83 to 24x16) join the square.
+    assert cli.main([*args, "--min-images", "1", "--max-buckets", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 2" in out and "   16x16         9" in out and out.rstrip().endswith("data.buckets=[16x16,24x16]")
+    # By default each must fill a global batch (8): only the square is left.
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "fewer than a global batch" in out and out.rstrip().endswith("data.buckets=[16x16]")
+    assert cli.main([*args, "--max-buckets", "0"]) == 2  # one line, not a traceback
+
+
+def test_a_header_gives_the_upright_size_prepare_sees(tmp_path):
+    # Stored 48 wide and 32 high, with EXIF orientation 6 (turned a quarter): upright it is a portrait.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "turned.jpg"
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(path, exif=exif)
+    assert survey.upright_size(path, max_pixels=10_000) == (48, 32)
+    sample = prepare_sample(RawSample("turned.jpg", path, "x"), 0, PreprocessSpec(resolution=16))
+    assert sample.time_ids.tolist()[:2] == [48, 32]  # prepare's original size: the same
+    assert survey.upright_size(path, max_pixels=1000) is None  # over the limit: prepare skips it
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert survey.upright_size(tmp_path / "broken.png", max_pixels=10_000) is None
 
 
 def test_flax_train_sample_draws_any_size(bucket_workspace, tmp_path):

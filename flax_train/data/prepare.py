@@ -240,7 +240,7 @@ def _load_one(index: int, raw: RawSample | Callable[[], RawSample] | tuple[str, 
         return _Skip(index, key, f"unexpected error ({type(e).__name__})")
 
 
-def _prefetched(fn: Callable[..., Any], items: Iterable[tuple], workers: int, lookahead: int) -> Iterator[Any]:
+def prefetched(fn: Callable[..., Any], items: Iterable[tuple], workers: int, lookahead: int) -> Iterator[Any]:
     """fn(*item) for each item in order, computed by a thread pool at most `lookahead` items ahead."""
     items = iter(items)
     with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="prepare-decode") as pool:
@@ -463,7 +463,7 @@ def prepare_cache(
             bar.set_postfix(skipped=assembler.num_skipped, refresh=False)
             bar.update(len(results))
 
-    results_iter = _prefetched(functools.partial(_load_one, spec=preprocess), work, num_workers, 4 * local_batch + num_workers)
+    results_iter = prefetched(functools.partial(_load_one, spec=preprocess), work, num_workers, 4 * local_batch + num_workers)
     # Every batch is of one size (one bucket); each process queues its samples by size, and all
     # processes encode the same size at each step (see _next_size).
     sizes = [tuple(size) for size in preprocess.buckets] or [(res, res)]
