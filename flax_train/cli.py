@@ -29,6 +29,7 @@ from sdxl_common.errors import BadInput, report
 from sdxl_common.png import png_bytes
 from sdxl_common.prompts import read_prompt_file
 from flax_train.data import prepare, survey
+from flax_train.data.images import open_source
 from flax_train.sampling import Generator
 
 
@@ -81,7 +82,7 @@ def cmd_buckets(args: argparse.Namespace) -> int:
         raise BadInput("--max-buckets and --min-images must be at least 1")
     source, preprocess = prepare.specs_from_config(cfg)
     candidates = preprocess.buckets
-    result = survey.survey(source, preprocess.max_pixels)
+    result = survey.survey(open_source(source), preprocess.max_pixels)
     if not result.images:
         raise BadInput(f"no usable image in {source.path}")
     chosen = buckets.fit(result.sizes, candidates, args.max_buckets, min_images)

@@ -186,6 +186,12 @@ class DataConfig:
     # list (its paper's appendix I) scaled to `resolution`; or sizes as "WIDTHxHEIGHT" strings.
     # Each image goes to the bucket nearest its aspect ratio (sdxl_common/buckets.py).
     buckets: tuple[str, ...] = ()
+    # Fewer buckets, chosen by prepare from the image headers: the rarest is dropped while more
+    # than max_buckets hold images or it holds fewer than min_bucket_images (each bucket is a
+    # compiled step; one thinner than a global batch repeats images); its images go to the
+    # nearest bucket left. `flax-train buckets` shows the choice before anything is encoded.
+    max_buckets: int | None = None
+    min_bucket_images: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -611,6 +617,10 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         except ValueError as error:
             check(False, f"data.buckets: {error}" + ("; [sdxl] stands alone" if size == "sdxl" else ""))
     check(bool(d.image_column), "data.image_column must not be empty")
+    check(d.max_buckets is None or d.max_buckets >= 1, f"data.max_buckets must be at least 1, got {d.max_buckets}")
+    check(d.min_bucket_images >= 0, f"data.min_bucket_images must be at least 0, got {d.min_bucket_images}")
+    check(bool(d.buckets) or (d.max_buckets is None and d.min_bucket_images == 0),
+          "data.max_buckets and data.min_bucket_images choose among data.buckets, which is empty")
 
     t = config.train
     check(t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}")

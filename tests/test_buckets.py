@@ -229,13 +229,40 @@ def test_each_step_takes_one_bucket_in_proportion_and_every_process_agrees(bucke
     np.testing.assert_array_equal(again[250], one[250])
 
 
-def test_two_processes_prepare_the_same_buckets(bucket_workspace, bucket_cache, tmp_path):
-    """2 processes x 4 devices (each encoding step of one bucket, the same on both) write the
-    samples one process does, in the same buckets."""
-    source, preprocess = prepare.specs_from_config(bucket_config(bucket_workspace, tmp_path / "unused"))
+FIT = ("data.max_buckets=2",)
+
+
+@pytest.fixture(scope="module")
+def fitted_cache(bucket_workspace) -> LatentCache:
+    cfg = bucket_config(bucket_workspace, bucket_workspace.root / "unused", *FIT,
+                        f"data.cache_dir={bucket_workspace.root / 'fitted-cache'}")
+    return prepare.open_cache(cfg, bucket_workspace.base)
+
+
+def test_prepare_keeps_at_most_max_buckets_and_records_what_it_dropped(fitted_cache):
+    # The 3 portraits' bucket goes: they join the square one (as `flax-train buckets` proposes).
+    manifest = fitted_cache.manifest
+    assert [(b["size"], b["num_samples"]) for b in manifest["buckets"]] == [("16x16", 9), ("24x16", 5), ("16x24", 0)]
+    assert manifest["buckets_dropped"] == {"16x24": 3}
+    assert manifest["settings"]["preprocess"]["max_buckets"] == 2
+    square = next(b for b in fitted_cache.buckets if b.name == "16x16")
+    batch = fitted_cache.read_batch(np.arange(square.first, square.first + len(square)))
+    tall = [i for i in range(square.first, square.first + len(square)) if "tall" in fitted_cache.caption(i)]
+    assert len(tall) == 3 and batch["latents"].shape[2:] == (8, 8)
+    # Their micro-conditioning: the portrait's own size, cropped to the square.
+    assert {tuple(batch["add_time_ids"][i - square.first][[0, 1, 4, 5]]) for i in tall} == {(46, 30, 16, 16)}
+
+
+def test_two_processes_prepare_the_same_buckets(bucket_workspace, fitted_cache, tmp_path):
+    """2 processes x 4 devices (each encoding step of one bucket, the same on both; each reading
+    the sizes of its half of the images, both choosing the same buckets) write the samples one
+    process does, in the same buckets."""
+    source, preprocess = prepare.specs_from_config(bucket_config(bucket_workspace, tmp_path / "unused", *FIT))
     run_two_processes(tmp_path, tmp_path / "cache", bucket_workspace.base, source, preprocess)
     two = LatentCache(tmp_path / "cache")
-    assert [(b.size, len(b)) for b in two.buckets] == [(b.size, len(b)) for b in bucket_cache.buckets]
+    assert [(b.size, len(b)) for b in two.buckets] == [(b.size, len(b)) for b in fitted_cache.buckets]
+    assert two.manifest["buckets_dropped"] == fitted_cache.manifest["buckets_dropped"]
+    bucket_cache = fitted_cache
     one = {bucket_cache.key(i): bucket_cache[i] for i in range(len(bucket_cache))}
     for i in range(len(two)):
         for name, value in two[i].items():  # as in test_data_prepare: only the batch split differs

@@ -107,7 +107,8 @@ class CacheSettings:
     def to_json(self) -> dict[str, Any]:
         settings = {
             "source": self.source.to_json(),
-            "preprocess": {k: v for k, v in dataclasses.asdict(self.preprocess).items() if k != "buckets" or v},
+            "preprocess": {k: v for k, v in dataclasses.asdict(self.preprocess).items()
+                           if k not in _UNSET_PREPROCESS or v != _UNSET_PREPROCESS[k]},
             "model": dict(self.model),
             "latent_source": self.latent_source,
             "dtype": self.dtype,
@@ -116,6 +117,10 @@ class CacheSettings:
         if self.token_ids:
             settings["token_ids"] = True
         return _jsonable(settings)
+
+
+# Preprocessing settings newer than the first caches, left out of the settings while unset.
+_UNSET_PREPROCESS = {"buckets": (), "max_buckets": None, "min_bucket_images": 0}
 
 
 def _jsonable(value: Any) -> Any:
@@ -361,6 +366,8 @@ def write_manifest(
             "num_skipped": len(skipped),
             "skipped_by_reason": dict(collections.Counter(reason for _, reason in skipped)),
             **tables,
+            # Buckets prepare dropped (PreprocessSpec.fits_buckets): the images each would have held.
+            **({"buckets_dropped": plan["buckets"]["dropped"]} if "buckets" in plan else {}),
             "shards": shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },

@@ -18,13 +18,15 @@ process count, and of whether a prepare was interrupted and resumed.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence, get_args
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequence, get_args
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -227,6 +229,19 @@ def open_source(spec: SourceSpec) -> Source | TarSource:
     )
 
 
+def prefetched(fn: Callable[..., Any], items: Iterable[tuple], workers: int, lookahead: int) -> Iterator[Any]:
+    """fn(*item) for each item in order, computed by a thread pool at most `lookahead` items ahead."""
+    items = iter(items)
+    with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="image-reads") as pool:
+        pending: collections.deque = collections.deque()
+        while True:
+            while len(pending) < lookahead and (item := next(items, None)) is not None:
+                pending.append(pool.submit(fn, *item))
+            if not pending:
+                return
+            yield pending.popleft().result()
+
+
 # ---------------------------------------------------------------------------------------------
 # Preprocessing
 
@@ -255,6 +270,10 @@ class PreprocessSpec:
     # Aspect-ratio buckets, (height, width) each (sdxl_common.buckets): an image is cropped to the
     # one nearest its aspect ratio. Empty: every image to the square of `resolution`.
     buckets: tuple[tuple[int, int], ...] = ()
+    # Fewer buckets than listed: prepare drops the rarest while more than `max_buckets` hold images
+    # or the rarest holds fewer than `min_bucket_images` (sdxl_common.buckets.fit).
+    max_buckets: int | None = None
+    min_bucket_images: int = 0
 
     def __post_init__(self):
         # Sizes read back from JSON are lists: kept as tuples, so that specs compare and hash alike.
@@ -263,9 +282,17 @@ class PreprocessSpec:
             raise BadInput(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if self.max_pixels <= 0:
             raise BadInput(f"max_pixels must be positive, got {self.max_pixels}")
+        if (self.max_buckets is not None and self.max_buckets < 1) or self.min_bucket_images < 0:
+            raise BadInput(f"max_buckets must be at least 1 and min_bucket_images at least 0, got "
+                           f"{self.max_buckets} and {self.min_bucket_images}")
         bad = [size for size in self.buckets if min(size) <= 0 or size[0] % 8 or size[1] % 8]
         if bad:
             raise BadInput(f"bucket {buckets.size_text(bad[0])}: both sides must be positive multiples of 8")
+
+    @property
+    def fits_buckets(self) -> bool:
+        """Whether prepare chooses which of ``buckets`` to keep from the images' sizes."""
+        return bool(self.buckets) and (self.max_buckets is not None or self.min_bucket_images > 1)
 
     def target(self, size: buckets.Size) -> buckets.Size:
         """The (height, width) an image of ``size`` (height, width) is cropped to."""

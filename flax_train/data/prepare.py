@@ -17,7 +17,7 @@ settings) returns at once.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import dataclasses
 import functools
 import itertools
 import logging
@@ -25,7 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +55,7 @@ from flax_train.data.cache import (
     write_json,
     write_manifest,
 )
-from flax_train.data import webdataset
+from flax_train.data import survey, webdataset
 from flax_train.data.images import (
     PreparedSample,
     PreprocessSpec,
@@ -65,6 +65,7 @@ from flax_train.data.images import (
     SourceSpec,
     TarSource,
     open_source,
+    prefetched,
     prepare_sample,
 )
 from flax_train import config as config_lib, models, sharding
@@ -190,6 +191,7 @@ class PrepareReport:
     images_per_second: float = 0.0  # source items per second, all processes together, after compilation
     already_done: bool = False
     buckets: dict[str, int] | None = None  # "WxH" -> samples, with aspect-ratio buckets
+    buckets_dropped: dict[str, int] | None = None  # "WxH" -> images it would have held
 
     @property
     def skipped_by_reason(self) -> dict[str, int]:
@@ -205,7 +207,10 @@ class PrepareReport:
                 f"prepare throughput: {self.images_per_second:.1f} images/s ({self.seconds:.1f} s encoding)",
             ]
         if self.buckets:
-            lines.append("buckets (width x height: samples): " + ", ".join(f"{name}: {n}" for name, n in self.buckets.items()))
+            lines.append("buckets (width x height: samples): " + ", ".join(f"{name}: {n}" for name, n in self.buckets.items() if n))
+        if self.buckets_dropped:
+            lines.append("buckets dropped (images each would have held, now in the nearest kept): "
+                         + ", ".join(f"{name}: {n}" for name, n in self.buckets_dropped.items()))
         if self.skipped:
             reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped_by_reason.items()))
             lines.append(f"skipped {len(self.skipped)} of {self.num_items}: {reasons} (all listed in {SKIPPED})")
@@ -238,19 +243,6 @@ def _load_one(index: int, raw: RawSample | Callable[[], RawSample] | tuple[str, 
     except Exception as e:  # noqa: BLE001 - deliberately broad, see above
         log.warning("skipping %s after an unexpected error: %r", key, e)
         return _Skip(index, key, f"unexpected error ({type(e).__name__})")
-
-
-def prefetched(fn: Callable[..., Any], items: Iterable[tuple], workers: int, lookahead: int) -> Iterator[Any]:
-    """fn(*item) for each item in order, computed by a thread pool at most `lookahead` items ahead."""
-    items = iter(items)
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers), thread_name_prefix="prepare-decode") as pool:
-        pending: collections.deque = collections.deque()
-        while True:
-            while len(pending) < lookahead and (item := next(items, None)) is not None:
-                pending.append(pool.submit(fn, *item))
-            if not pending:
-                return
-            yield pending.popleft().result()
 
 
 class _ShardAssembler:
@@ -343,6 +335,31 @@ def _check_previous_run(cache_dir: epath.Path, plan: dict[str, Any]) -> bool:
     return False
 
 
+def _fit_buckets(cache_dir: epath.Path, source: Source | TarSource, preprocess: PreprocessSpec) -> dict[str, Any]:
+    """The buckets of ``preprocess`` to keep (``fits_buckets``), from the sizes in the images'
+    headers (flax_train.data.survey): each process reads its share and writes what it found
+    beside the cache; all then choose alike from the same files. Also the images each dropped
+    bucket would have held, for the manifest."""
+    process, count = jax.process_index(), jax.process_count()
+    found = survey.survey(source, preprocess.max_pixels, share=(process, count), progress=process == 0)
+    sizes = found.sizes
+    if count > 1:
+        shares = cache_dir / "survey"
+        shares.mkdir(parents=True, exist_ok=True)
+        write_json(shares / f"{process}.json", [[h, w, n] for (h, w), n in sizes.items()])
+        sharding.sync("flax_train prepare: image sizes read")
+        sizes = collections.Counter()
+        for p in range(count):
+            for h, w, n in read_json(shares / f"{p}.json"):
+                sizes[h, w] += n
+    kept = buckets.fit(sizes, preprocess.buckets, preprocess.max_buckets, preprocess.min_bucket_images)
+    dropped = {buckets.size_text(b): n for b, n in buckets.assign(sizes, preprocess.buckets).items() if n and b not in kept}
+    if dropped and process == 0:
+        log.info("buckets dropped (images each would have held; they go to the nearest kept): %s",
+                 ", ".join(f"{name} ({n})" for name, n in dropped.items()))
+    return {"kept": [list(b) for b in kept], "dropped": dropped}
+
+
 def _tar_items(source: TarSource, pending: list[int], assembler: _ShardAssembler) -> Iterator[tuple[int, Any]]:
     """(source item, sample) of the pending tars, front to back; at a tar's end the assembler
     learns how many items its shard waits for."""
@@ -415,8 +432,13 @@ def prepare_cache(
         manifest = read_json(cache_dir / MANIFEST)
         skipped = [tuple(s) for s in read_json(cache_dir / SKIPPED)]
         return PrepareReport(str(cache_dir), manifest["num_samples"] + len(skipped), manifest["num_samples"], skipped,
-                             already_done=True, buckets=_bucket_counts(manifest))
+                             already_done=True, buckets=_bucket_counts(manifest),
+                             buckets_dropped=manifest.get("buckets_dropped"))
     process, num_processes = jax.process_index(), jax.process_count()
+    if preprocess.fits_buckets:
+        plan["buckets"] = _fit_buckets(cache_dir, source, preprocess)
+    # The buckets images go to: those kept, when prepare chooses (the manifest lists them all).
+    placing = dataclasses.replace(preprocess, buckets=tuple(map(tuple, plan["buckets"]["kept"]))) if preprocess.fits_buckets else preprocess
     if process == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
         write_json(cache_dir / PLAN, plan)
@@ -463,10 +485,10 @@ def prepare_cache(
             bar.set_postfix(skipped=assembler.num_skipped, refresh=False)
             bar.update(len(results))
 
-    results_iter = prefetched(functools.partial(_load_one, spec=preprocess), work, num_workers, 4 * local_batch + num_workers)
+    results_iter = prefetched(functools.partial(_load_one, spec=placing), work, num_workers, 4 * local_batch + num_workers)
     # Every batch is of one size (one bucket); each process queues its samples by size, and all
     # processes encode the same size at each step (see _next_size).
-    sizes = [tuple(size) for size in preprocess.buckets] or [(res, res)]
+    sizes = [tuple(size) for size in placing.buckets] or [(res, res)]
     queues: dict[tuple[int, int], list[PreparedSample]] = {size: [] for size in sizes}
     start = time.perf_counter()
     previous, processed, exhausted = None, 0, False
@@ -532,6 +554,7 @@ def prepare_cache(
         seconds=seconds,
         images_per_second=processed / seconds if seconds > 0 else 0.0,
         buckets=_bucket_counts(manifest),
+        buckets_dropped=manifest.get("buckets_dropped"),
     )
     if progress and process == 0:
         print(report.summary(), flush=True)
@@ -561,6 +584,8 @@ def specs_from_config(cfg: config_lib.Config) -> tuple[SourceSpec, PreprocessSpe
         # Only random crops and flips use the seed; keep it out of a deterministic cache's settings.
         seed=cfg.train.seed if (d.crop != "center" or d.random_flip) else 0,
         buckets=bucket_sizes(d),
+        max_buckets=d.max_buckets,
+        min_bucket_images=d.min_bucket_images,
     )
     return source, preprocess
 

@@ -20,8 +20,7 @@ from typing import Iterable, Iterator
 from PIL import Image
 
 from flax_train.data import webdataset
-from flax_train.data.prepare import prefetched
-from flax_train.data.images import RawSample, Source, SourceSpec, TarSource, open_source
+from flax_train.data.images import RawSample, Source, TarSource, prefetched
 from sdxl_common import buckets
 
 READ_THREADS = 16  # header reads are latency, not CPU: many in flight (gs:// especially)
@@ -53,26 +52,29 @@ def upright_size(image: Path | bytes, max_pixels: int) -> buckets.Size | None:
     return (width, height) if turned else (height, width)
 
 
-def _samples(source: Source | TarSource) -> Iterator[RawSample | None]:
-    """Every sample of ``source``; None for an entry that is no sample (prepare reports those)."""
+def _samples(source: Source | TarSource, share: tuple[int, int]) -> Iterator[RawSample | None]:
+    """The samples of ``source`` in process ``share[0]``'s share of ``share[1]`` (the items, or the
+    tars, whose number it is modulo the count); None for an entry that is no sample."""
+    process, count = share
     if isinstance(source, TarSource):
-        for url in source.tars:
+        for url in source.tars[process::count]:
             for sample in webdataset.read_tar(url, source.caption_column):
                 yield sample if isinstance(sample, RawSample) else None
     else:
-        yield from (source[i] for i in range(len(source)))
+        yield from (source[i] for i in range(process, len(source), count))
 
 
-def survey(spec: SourceSpec, max_pixels: int, *, progress: bool = True) -> Survey:
-    """The upright sizes of the images of ``spec``'s dataset."""
-    source = open_source(spec)
-    samples: Iterable[RawSample | None] = _samples(source)
-    total = None if isinstance(source, TarSource) else len(source)
+def survey(source: Source | TarSource, max_pixels: int, *, share: tuple[int, int] = (0, 1),
+           progress: bool = True) -> Survey:
+    """The upright sizes of the images of ``source`` (of this process's ``share`` of them: see
+    ``_samples``; the entries the source refused before reading count in the first share)."""
+    samples: Iterable[RawSample | None] = _samples(source, share)
+    total = None if isinstance(source, TarSource) else len(range(share[0], len(source), share[1]))
     if progress:
         from tqdm.auto import tqdm
 
         samples = tqdm(samples, total=total, unit="img", desc="read sizes")
-    sizes, unusable = collections.Counter(), len(source.rejected)
+    sizes, unusable = collections.Counter(), len(source.rejected) if share[0] == 0 else 0
     read = lambda sample: None if sample is None else upright_size(sample.image, max_pixels)  # noqa: E731
     for size in prefetched(read, ((s,) for s in samples), READ_THREADS, 4 * READ_THREADS):
         if size is None:
