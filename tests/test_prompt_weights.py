@@ -1,11 +1,24 @@
-"""Prompt weighting and long prompts (sdxl_common.prompt_weights): the parser and the chunk layout
-(a one-token-per-word tokenizer keeps the layout readable).
+"""Prompt weighting and long prompts (sdxl_common.prompt_weights, xla_infer's text encoding).
+
+The parser and the chunk layout on their own (a one-token-per-word tokenizer keeps the layout
+readable); then the text embeddings of the tiny SDXL pipeline's two encoders: compel's weighting
+equal to compel's own output, A1111's to its definition written out below, no weighting to
+diffusers' encode_prompt. Plain torch on the CPU; tests/test_xla_device.py runs the same on a
+torch_xla device and counts its compilations.
 """
+import logging
+
 import numpy as np
 import pytest
+import torch
 
+from flax_train.demo.tiny import save_tiny_pipeline
 from sdxl_common.errors import BadInput
 from sdxl_common.prompt_weights import BREAK, Fragment, PromptSyntaxError, chunk, compel_downweights, parse
+from xla_infer import InputError, Pipeline
+
+ATOL = 1e-5  # fp32 on the same CPU kernels, summed in other orders
+LONG = " ".join(["red circle"] * 50)  # 100 tokens: two chunks
 
 
 # ---------------------------------------------------------------------------------------- parsing
@@ -135,3 +148,142 @@ def test_compel_downweights_one_pass_per_fragment_and_chunk():
     assert (passes.ids[:3] == laid_out.ids[[0, 1, 1]]).all() and (passes.weights[1] == laid_out.weights[1]).all()
     with pytest.raises(BadInput, match="3 down-weighted parts .* 2 at most"):
         compel_downweights(laid_out, fragments, slots=2)
+
+
+# ---------------------------------------------------------------------------------------- embeddings
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return save_tiny_pipeline(tmp_path_factory.mktemp("prompt_weights") / "sdxl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(folder)
+
+
+def load(folder, **kwargs):
+    return Pipeline.from_pretrained(folder, device="cpu", dtype="fp32", batch_size=1, steps=1, **kwargs)
+
+
+# (prompt, the same text without compel's syntax): compel's pooled embedding reads the prompt as
+# written, syntax and all (its get_pooled_embeddings([text])); ours the first chunk of the text read.
+COMPEL_PROMPTS = [
+    ("a red circle", None),
+    ("", None),
+    ("a red+ circle--", "a red circle"),
+    ("(a red (blue)1.4 circle)1.2 square", "a red blue circle square"),
+    (r"a \(red\) circle", "a (red) circle"),
+    ("a- b- (c d)0.5, e", "a b c d, e"),
+    (LONG, None),
+    ("(" + " ".join(["blue square"] * 40) + ")0.8 red-", " ".join(["blue square"] * 40) + " red"),  # across chunks
+    ("blue+ " + " ".join(["red circle"] * 90), "blue " + " ".join(["red circle"] * 90)),  # cut after two chunks
+]
+
+
+def test_compel_weighting_equals_compel(folder, reference):
+    from compel import Compel, ReturnedEmbeddingsType
+    from compel.embeddings_provider import SplitLongTextMode
+
+    chunks = 2
+    compel = Compel(tokenizer=[reference.tokenizer, reference.tokenizer_2],
+                    text_encoder=[reference.text_encoder, reference.text_encoder_2],
+                    returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+                    requires_pooled=[False, True], truncate_long_prompts=False,
+                    # compel ends a chunk at the last sentence, phrase or word that fits; A1111 and
+                    # kohya's sd-scripts (and we) after 75 tokens, as this mode does.
+                    split_long_text_mode=SplitLongTextMode.BRUTAL)
+    # compel 2.5.1's two-encoder provider has no empty_z of its own; its padding is each encoder's, side by side.
+    with torch.no_grad():
+        empty = torch.cat([provider.empty_z for provider in compel.conditioning_provider.embedding_providers], -1)
+    pipe = load(folder, max_text_chunks=chunks, prompt_weighting="compel")
+    embeds, pooled = pipe.text_embeddings([prompt for prompt, _ in COMPEL_PROMPTS])
+    assert embeds.shape == (len(COMPEL_PROMPTS), chunks * 77, 96) and pooled.shape == (len(COMPEL_PROMPTS), 32)
+    for i, (prompt, plain) in enumerate(COMPEL_PROMPTS):
+        with torch.no_grad():
+            theirs, _ = compel(prompt)
+            _, their_pooled = compel(prompt if plain is None else plain)
+        theirs = compel.pad_conditioning_tensors_to_same_length([theirs, embeds[:1]], empty)[0]
+        # Past the chunk count compel goes on; its first chunks are the same (encoded apart).
+        np.testing.assert_allclose(embeds[i], theirs[0, :chunks * 77], rtol=0, atol=ATOL, err_msg=prompt)
+        np.testing.assert_allclose(pooled[i], their_pooled[0], rtol=0, atol=ATOL, err_msg=prompt)
+
+
+def a1111_definition(reference, prompt: str, chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A1111's emphasis ("Original"), written out: each chunk's penultimate hidden states times each
+    token's weight, scaled back to the chunk's unweighted mean; the encoders side by side; the
+    pooled embedding the second encoder's of the first chunk, unweighted."""
+    fragments = parse(prompt, "a1111")
+    embeds = []
+    for tokenizer, encoder in ((reference.tokenizer, reference.text_encoder),
+                               (reference.tokenizer_2, reference.text_encoder_2)):
+        laid_out = chunk(fragments, tokenizer, chunks)
+        with torch.no_grad():
+            out = encoder(torch.from_numpy(laid_out.ids), output_hidden_states=True)
+        z = out.hidden_states[-2]
+        weighted = z * torch.from_numpy(laid_out.weights)[..., None]
+        weighted = weighted * (z.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+        embeds.append(weighted.reshape(1, -1, z.shape[-1]))
+    return torch.cat(embeds, dim=-1)[0], out.text_embeds[0]
+
+
+def test_a1111_weighting_equals_its_definition(folder, reference):
+    chunks = 3
+    prompts = ["a (red:1.3) circle", "((a)) [b] c, (square:0.5)", "a red circle BREAK (blue square:0.7) BREAK star",
+               "", "(" + LONG + ":1.2) " + LONG]
+    pipe = load(folder, max_text_chunks=chunks, prompt_weighting="a1111")
+    embeds, pooled = pipe.text_embeddings(prompts)
+    for i, prompt in enumerate(prompts):
+        expected, expected_pooled = a1111_definition(reference, prompt, chunks)
+        np.testing.assert_allclose(embeds[i], expected, rtol=0, atol=ATOL, err_msg=prompt)
+        np.testing.assert_allclose(pooled[i], expected_pooled, rtol=0, atol=ATOL, err_msg=prompt)
+    unweighted, _ = pipe.text_embeddings(["a red circle"])  # weights of 1: the scale is 1 exactly
+    assert torch.equal(unweighted, load(folder, max_text_chunks=chunks).text_embeddings(["a red circle"])[0])
+
+
+def test_without_weighting_one_chunk_is_diffusers_and_more_chunks_follow_on(folder, reference):
+    prompts = ["a red circle", LONG, ""]
+    embeds, pooled = load(folder).text_embeddings(prompts)
+
+    def diffusers(texts):
+        with torch.no_grad():
+            embeds, _, pooled, _ = reference.encode_prompt(texts, do_classifier_free_guidance=False)
+        return embeds, pooled
+
+    expected, expected_pooled = diffusers(prompts)
+    assert torch.equal(embeds, expected) and torch.equal(pooled, expected_pooled)  # bit for bit: today's path
+    two, two_pooled = load(folder, max_text_chunks=2).text_embeddings(prompts)
+    np.testing.assert_allclose(two[:, :77], embeds, rtol=0, atol=ATOL)  # the first chunk, then the rest
+    np.testing.assert_allclose(two_pooled, pooled, rtol=0, atol=ATOL)
+    rest, _ = diffusers(["circle " + " ".join(["red circle"] * 12)])
+    np.testing.assert_allclose(two[1, 77:], rest[0], rtol=0, atol=ATOL)  # tokens 76-100 in a chunk of their own
+    empty, _ = diffusers([""])
+    np.testing.assert_allclose(two[0, 77:], empty[0], rtol=0, atol=ATOL)  # a short prompt's second chunk: the empty one
+
+
+def test_generation_reads_every_prompt_first_and_names_what_is_cut(folder, caplog):
+    pipe = load(folder, max_text_chunks=2, prompt_weighting="compel")
+    with pytest.raises(InputError, match=r"^negative prompt 1: character 1 \('\(blurry'\): '\(' is never closed$"):
+        pipe(["a cat", "a dog"], negative_prompts=[None, "(blurry"])
+    assert pipe.warmed_up == set()  # refused before compiling
+    with pytest.raises(InputError, match="prompt 0: 17 down-weighted parts .* 16 at most"):
+        pipe([" ".join(["red-, blue"] * 17)])
+    too_long = " ".join(["red circle"] * 80)
+    with caplog.at_level(logging.WARNING, logger="xla_infer"):
+        image = pipe(["a red circle+", too_long], seeds=[1, 2])[1]
+    messages = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert messages == ["prompt 1 is longer than 2 chunks of 75 tokens: the last 10 token(s) were dropped "
+                        "('red circle red circle red circle red circle red circle'...)"]
+    assert image.info["prompt"] == too_long and image.info["tokens_dropped"] == 10
+    assert image.info["prompt_weighting"] == "compel" and image.info["max_text_chunks"] == 2
+    assert pipe.describe()["max_text_chunks"] == 2 and pipe.describe()["prompt_weighting"] == "compel"
+
+
+def test_options_are_checked_before_loading(folder):
+    with pytest.raises(InputError, match="max_text_chunks must be a positive integer, got 0"):
+        load(folder, max_text_chunks=0)
+    with pytest.raises(InputError, match="prompt_weighting must be None or one of a1111, compel, got 'comfy'"):
+        load(folder, prompt_weighting="comfy")
