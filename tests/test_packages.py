@@ -16,7 +16,8 @@ IMPORTS = {
     "xla_infer": ["xla_infer.cli", "xla_infer.pipeline", "xla_infer.schedulers"],
     "flax_train": ["flax_train.cli", "flax_train.train", "flax_train.sampling", "flax_train.export"],
     "sdxl_common": ["sdxl_common." + m for m in
-                    ("errors", "storage", "model_source", "sdxl", "single_file", "lora_files", "prompts", "samplers", "png")],
+                    ("errors", "storage", "model_source", "sdxl", "single_file", "lora_files", "prompts", "prompt_weights",
+                     "samplers", "png")],
 }
 FORBIDDEN = {
     "xla_infer": {"jax", "flax", "optax", "orbax", "grain", "flax_train"},

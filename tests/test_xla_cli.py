@@ -243,3 +243,41 @@ def test_every_prompt_at_every_size_asked_for(folder, tmp_path, capsys):
     assert code == 2 and "--size is for text-to-image" in err
     code, err = exit_code_and_stderr(cpu_args(folder, out, "--prompt", "x", "--size", "81x48"), capsys)
     assert code == 2 and "81" in err  # not a multiple of the VAE's factor: one line, before loading
+
+
+def test_weighted_long_prompt_in_two_chunks(folder, tmp_path, capsys, caplog):
+    out = tmp_path / "out"
+    prompt = "a (red circle:1.3) BREAK [blue] " + "square " * 100  # the second chunk: 101 tokens, 75 kept
+    code, err = exit_code_and_stderr(cpu_args(folder, out, "--prompt", prompt, "--negative-prompt", "(blurry)",
+                                              "--prompt-weighting", "a1111", "--max-text-chunks", "2"), capsys)
+    assert code == 0, err
+    assert "prompt 0 is longer than 2 chunks of 75 tokens: the last 26 token(s) were dropped" in caplog.text
+    png = Image.open(out / "00000.png")
+    assert png.text["prompt"] == prompt and png.text["negative_prompt"] == "(blurry)"  # as written
+    assert png.text["prompt_weighting"] == "a1111" and png.text["max_text_chunks"] == "2"
+    assert png.text["parameters"].startswith(prompt + "\nNegative prompt: (blurry)\n")
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["pipeline"]["max_text_chunks"] == 2 and manifest["pipeline"]["prompt_weighting"] == "a1111"
+    assert manifest["images"][0]["tokens_dropped"] == 26 and manifest["timing"]["compilations_after_warmup"] == 0
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--prompt", "a (red circle:1.x)", "--prompt-weighting", "a1111"],
+     "prompt 0: character 15 ('a (red circle:1.x)'): the weight '1.x' is not a number"),
+    (["--prompt", "a cat", "--negative-prompt", "(blurry", "--prompt-weighting", "compel"],
+     "--negative-prompt: character 1 ('(blurry'): '(' is never closed"),
+    (["--prompt", "a cat", "--prompt-weighting", "comfy"], "--prompt-weighting: invalid choice: 'comfy'"),
+    (["--prompt", "a cat", "--max-text-chunks", "0"], "--max-text-chunks: must be positive"),
+])
+def test_bad_prompt_syntax_exits_2_with_one_line_before_loading(folder, tmp_path, capsys, monkeypatch, args, expected):
+    from diffusers import UNet2DConditionModel
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the UNet was loaded")
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_loading)
+    out = tmp_path / "out"
+    code, err = exit_code_and_stderr(cpu_args(folder, out, *args), capsys)
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if "error" in line]) == 1
+    assert not out.exists()

@@ -196,3 +196,29 @@ def test_one_pipeline_serves_several_sizes_each_compiled_once(folder, reference)
     np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
     with pytest.raises(InputError, match="32x32 is not one of this pipeline's sizes"):
         pipe(PROMPTS, size=(32, 32))
+
+
+WEIGHTED_PROMPTS = {  # two chunks: prompts of one chunk and of two, cut, weighted up and down, BREAK
+    "a1111": ["", "a red circle", "(a red circle:1.4) BREAK [blue square]", "((red)) " + "circle " * 100,
+              "[[blurry]]", "x " * 140 + "(red:0.5)", "square " * 160],
+    "compel": ["", "a red circle", "(a red circle)1.4 blue- square--", "red++ " + "circle " * 100, "blurry---",
+               "x " * 140 + "red-", "square " * 160],
+}
+
+
+@pytest.mark.parametrize("weighting", ["a1111", "compel"])
+def test_weighted_long_prompts_compile_nothing_after_warmup(folder, weighting):
+    """Token ids of two chunks and their weights are graph data: after warm-up no prompt length (up
+    to two chunks, or cut), weight or BREAK compiles anything, and the images are plain torch's."""
+    pipe = load(folder, max_text_chunks=2, prompt_weighting=weighting)
+    pipe.warmup()
+    compiled = pipe.compile_count
+    prompts = WEIGHTED_PROMPTS[weighting]
+    for shift in range(3):  # each prompt in other batches, with other negatives
+        got = pipe(prompts[shift:] + prompts[:shift], negative_prompts=list(reversed(prompts)), seeds=SEEDS[0],
+                   output_type="np")
+    assert pipe.compile_count == compiled
+    plain = load(folder, device="cpu", max_text_chunks=2, prompt_weighting=weighting)
+    expected = plain(prompts[2:] + prompts[:2], negative_prompts=list(reversed(prompts)), seeds=SEEDS[0],
+                     output_type="np")
+    np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)

@@ -1,5 +1,6 @@
 """What one batch hands the device graphs, on the host, typed by how its latents start, and the
-host-side work on a call's texts and sizes that goes into it: tokenising, SDXL's micro-conditioning.
+host-side work on a call's texts and sizes that goes into it: prompts read, tokenised and laid out in
+chunks (sdxl_common.prompt_weights), SDXL's micro-conditioning.
 
 `Pipeline._host_batch` builds one `Batch`; `Pipeline.run_batch` moves its tensors to the device
 and runs the graphs its `start` kind calls for. Conditioning rows are interleaved (negative,
@@ -7,12 +8,17 @@ positive) per image, as the denoising step's doubled UNet batch reads them.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
+import numpy as np
 import torch
 
+from sdxl_common import prompt_weights
+from sdxl_common.errors import BadInput
+from sdxl_common.prompt_weights import Chunks, Downweights, Fragment
 from xla_infer import checks
 from xla_infer.checks import InputError, Size
 
@@ -21,12 +27,37 @@ logger = logging.getLogger("xla_infer")
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's conditioning, diffusers' defaults
 
 
+# compel's weights below 1 each cost one more text-encoder pass over a chunk
+# (prompt_weights.compel_downweights); the text-encode graph has room for this many per chunk of a
+# prompt, used or not, so that its shapes stay fixed.
+COMPEL_PASSES_PER_CHUNK = 8
+
+
+@dataclass(frozen=True)
+class TextInput:
+    """One text encoder's input for 2 x batch rows: each row's token ids in the pipeline's chunks;
+    with prompt weighting, each token's weight; with compel's, the extra passes for its weights
+    below 1 (`prompt_weights.Downweights` of each row, stacked)."""
+
+    ids: torch.Tensor  # (rows, chunks * length) int64
+    weights: torch.Tensor | None = None  # (rows, chunks * length) float32
+    pass_ids: torch.Tensor | None = None  # (rows, passes * length) int64
+    pass_weights: torch.Tensor | None = None  # (rows, passes * length) float32
+    pass_mask: torch.Tensor | None = None  # (rows, passes * length) int64
+    pass_mix: torch.Tensor | None = None  # (rows, chunks, passes) float32
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "TextInput":
+        """The same input with ``fn`` applied to each tensor (moving it to the device)."""
+        return TextInput(**{field.name: None if getattr(self, field.name) is None else fn(getattr(self, field.name))
+                            for field in dataclasses.fields(self)})
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """The text encoders' inputs and SDXL's micro-conditioning for 2 x batch rows."""
 
-    ids_1: torch.Tensor | None  # first tokenizer's ids; None for a model without that encoder (the refiner)
-    ids_2: torch.Tensor
+    text_1: TextInput | None  # the first text encoder's; None for a model without it (the refiner)
+    text_2: TextInput
     keep: torch.Tensor  # per row: 0 where SDXL zeroes the negative embedding instead of encoding ""
     time_ids: torch.Tensor
     guidance: torch.Tensor  # (batch, 1, 1, 1)
@@ -151,41 +182,64 @@ def micro_conditioning(size: Size, requires_aesthetics_score: bool, original_siz
     return MicroConditioning(original, crops, target, *negative)
 
 
-def tokenize(tokenizer: Any, tokenizer_2: Any, length: int, texts_1: list[str], texts_2: list[str]):
-    """Ids of each text list for its tokeniser, padded/truncated to `length`, and the tokens each text lost.
-
-    Without a first tokenizer (the refiner) its ids are None and its dropped counts the second's.
-    """
-    ids, dropped = [], []
-    for one, texts in ((tokenizer, texts_1), (tokenizer_2, texts_2)):
-        if one is None:
-            ids.append(None)
-            dropped.append(None)
-            continue
-        ids.append(one(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids)
-        full = one(texts, verbose=False).input_ids
-        dropped.append([max(0, len(f) - length) for f in full])
-    return ids[0], ids[1], dropped[1] if dropped[0] is None else dropped[0], dropped[1]
+def prompt_tokens(tokenizer: Any, text: str, chunks: int, length: int,
+                  weighting: str | None) -> tuple[Chunks, Downweights | None]:
+    """One text's tokens for ``tokenizer`` in ``chunks`` chunks of ``length``: the text as written
+    without weighting, else read in the weighting's syntax ("a1111" or "compel"), with compel's
+    extra passes for its weights below 1. Bad syntax, or too many down-weighted parts, is a BadInput."""
+    fragments = [Fragment(text)] if weighting is None else prompt_weights.parse(text, weighting)
+    laid_out = prompt_weights.chunk(fragments, tokenizer, chunks, length)
+    if weighting != "compel":
+        return laid_out, None
+    return laid_out, prompt_weights.compel_downweights(laid_out, fragments, COMPEL_PASSES_PER_CHUNK * chunks)
 
 
-def warn_truncation(offset: int, length: int, prompts, prompts_2, negatives, negatives_2, dropped) -> None:
-    """A warning for each text of prompts `offset`, `offset` + 1, ... that lost tokens beyond
-    `length`; `dropped`: the two encoders' lost-token counts per row, rows interleaved (neg, pos)."""
-    dropped_1, dropped_2 = dropped
+def text_input(tokenizer: Any, texts: list[str], chunks: int, length: int, weighting: str | None) -> TextInput:
+    """One text encoder's input for ``texts`` (the rows), as `prompt_tokens` lays each out."""
+    prepared = [prompt_tokens(tokenizer, text, chunks, length, weighting) for text in texts]
+
+    def rows(arrays: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(arrays)).reshape(len(arrays), -1)
+
+    ids = rows([laid_out.ids for laid_out, _ in prepared])
+    if weighting is None:
+        return TextInput(ids)
+    weights = rows([laid_out.weights for laid_out, _ in prepared])
+    if weighting != "compel":
+        return TextInput(ids, weights)
+    passes = [downweights for _, downweights in prepared]
+    return TextInput(ids, weights, rows([p.ids for p in passes]), rows([p.weights for p in passes]),
+                     rows([p.mask for p in passes]), torch.from_numpy(np.stack([p.mix for p in passes])))
+
+
+def check_texts(tokenizers: tuple[Any, Any], chunks: int, length: int, weighting: str | None, prompts, prompts_2,
+                negatives, negatives_2) -> list[int]:
+    """Every text of a call read and laid out before anything runs: bad syntax is an InputError
+    naming the text, and a text longer than the chunks hold is logged with what it lost. Returns
+    each image's most tokens lost (of its texts, for either encoder). ``tokenizers``: the first
+    (None for the refiner) and the second; ``negatives`` entries of None stand for ""."""
+    limit = f"CLIP's {length} tokens" if chunks == 1 else f"{chunks} chunks of {length - 2} tokens"
+    most_lost = []
     for i in range(len(prompts)):
-        rows = (
-            (negatives[i] or "", negatives_2[i], 2 * i, "negative prompt"),
-            (prompts[i], prompts_2[i], 2 * i + 1, "prompt"),
-        )
-        for text_1, text_2, row, kind in rows:
+        lost_here = 0
+        for text_1, text_2, kind in ((negatives[i] or "", negatives_2[i], "negative prompt"),
+                                     (prompts[i], prompts_2[i], "prompt")):
             # One warning when both encoders read the same text, else one per encoder's text.
-            if text_1 == text_2:
-                texts = ((text_1, max(dropped_1[row], dropped_2[row]), kind),)
-            else:
-                texts = ((text_1, dropped_1[row], kind), (text_2, dropped_2[row], f"{kind} 2"))
-            for text, lost, name in texts:
-                if lost > 0:
-                    logger.warning(
-                        "%s %d is longer than CLIP's %d tokens: the last %d token(s) were dropped (%.60r...)",
-                        name, offset + i, length, lost, text,
-                    )
+            texts = [(tokenizers[0], text_1, kind), (tokenizers[1], text_2, kind if text_1 == text_2 else f"{kind} 2")]
+            lost: dict[str, list] = {}
+            for tokenizer, text, name in texts:
+                if tokenizer is None:
+                    continue
+                try:
+                    laid_out, _ = prompt_tokens(tokenizer, text, chunks, length, weighting)
+                except BadInput as error:
+                    raise InputError(f"{name} {i}: {error}") from None
+                lost.setdefault(name, []).append((len(laid_out.dropped), laid_out.dropped, tokenizer))
+            for name, candidates in lost.items():
+                count, dropped, tokenizer = max(candidates, key=lambda candidate: candidate[0])
+                if count:
+                    logger.warning("%s %d is longer than %s: the last %d token(s) were dropped (%.60r...)",
+                                   name, i, limit, count, tokenizer.decode(dropped))
+                lost_here = max(lost_here, count)
+        most_lost.append(lost_here)
+    return most_lost

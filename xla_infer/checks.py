@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from sdxl_common import buckets
+from sdxl_common import buckets, prompt_weights
 from sdxl_common.errors import BadInput
 
 Size = tuple[int, int]
@@ -188,6 +188,20 @@ def check_steps(steps: Any) -> int:
     if not isinstance(steps, int) or steps <= 0:
         raise InputError(f"steps must be a positive integer, got {steps!r}")
     return steps
+
+
+def text_chunks(value: Any) -> int:
+    """``max_text_chunks``: a positive number of 77-token chunks."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InputError(f"max_text_chunks must be a positive integer, got {value!r}")
+    return value
+
+
+def prompt_weighting(value: Any) -> str | None:
+    """``prompt_weighting``: None (prompts as written) or one of the weighting syntaxes."""
+    if value is not None and value not in prompt_weights.SYNTAXES:
+        raise InputError(f"prompt_weighting must be None or one of {', '.join(prompt_weights.SYNTAXES)}, got {value!r}")
+    return value
 
 
 def check_size(name: str, value: int, factor: int) -> None:

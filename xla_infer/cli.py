@@ -6,6 +6,8 @@
     xla-infer --model DIR --prompt "a red hat" --image photo.png --mask mask.png --out images/
     xla-infer --model BASE --refiner REFINER --prompt "a lighthouse" --high-noise-frac 0.8 --out images/
     xla-infer --model DIR --lora style.safetensors:0.7 --lora gs://bucket/subject --prompt "a cat" --out images/
+    xla-infer --model DIR --prompt "a (red:1.3) hat BREAK a garden" --prompt-weighting a1111 --max-text-chunks 2 \
+        --out images/
 
 Writes one PNG per image (generation parameters in PNG text chunks), manifest.json, and prints the
 compile (warm-up) time, the steady per-image latency and images/s. Bad input exits with code 2 and a
@@ -22,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from sdxl_common import buckets, lora_files, storage
+from sdxl_common import buckets, lora_files, prompt_weights, storage
 from sdxl_common.png import png_bytes
 from sdxl_common.prompts import read_prompt_file
 from sdxl_common.errors import BadInput, report
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
     parser.add_argument("--negative-prompt-2", default=None,
                         help="negative prompt of the second text encoder (default: --negative-prompt)")
+    parser.add_argument("--prompt-weighting", default=None, choices=prompt_weights.SYNTAXES,
+                        help="read the prompts' weighting: a1111 ((text:1.3), (text), [text], BREAK) or compel "
+                             "(text+, text-, (text)1.3), each with its tool's weighting (default: prompts as written)")
+    parser.add_argument("--max-text-chunks", type=_positive_int, default=1,
+                        help="chunks of 75 tokens each prompt is read in (1: CLIP's 77 tokens; 2 or 3 for 150 / "
+                             "225 tokens); longer prompts are cut with a warning")
     parser.add_argument("--image", default=None,
                         help="image-to-image: start every image from this picture (its size is the output size)")
     parser.add_argument("--strength", type=_strength, default=None,
@@ -131,6 +139,18 @@ def read_image(location: str, flag: str = "--image", mode: str = "RGB"):
         raise _BadInput(f"cannot read {flag} {location}: {err}") from None
 
 
+def _check_syntax(prompts: list[str], args: argparse.Namespace) -> None:
+    """Every text's weighting syntax, before the model loads: one line naming the first bad one."""
+    named = [(f"prompt {i}", text) for i, text in enumerate(prompts)]
+    named += [(flag, text) for flag, text in (("--prompt-2", args.prompt_2), ("--negative-prompt", args.negative_prompt),
+                                              ("--negative-prompt-2", args.negative_prompt_2)) if text]
+    for name, text in named:
+        try:
+            prompt_weights.parse(text, args.prompt_weighting)
+        except prompt_weights.PromptSyntaxError as error:
+            raise _BadInput(f"{name}: {error}") from None
+
+
 def run(args: argparse.Namespace) -> dict:
     """Generate as the command line asks; returns the manifest it writes."""
     from xla_infer.checks import SizeError, first_step
@@ -168,6 +188,8 @@ def run(args: argparse.Namespace) -> dict:
                                 f"is {init_image.width}x{init_image.height}")
         default = DEFAULT_STRENGTH if mask is None else DEFAULT_INPAINT_STRENGTH
         first_step(args.steps, default if args.strength is None else args.strength)  # refuses 0 steps run
+    if args.prompt_weighting is not None:
+        _check_syntax(prompts, args)
     loras = lora_files.parse_specs(args.lora)
     out = storage.writable_folder(args.out)  # before loading and compiling for minutes
 
@@ -178,6 +200,7 @@ def run(args: argparse.Namespace) -> dict:
             width=width, sizes=args.size or None, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
             cache_dir=args.cache_dir, on_recompile="warn",  # report a recompilation, keep the images
             revision=args.revision, variant=args.variant, refiner=args.refiner, loras=loras, config=args.config,
+            max_text_chunks=args.max_text_chunks, prompt_weighting=args.prompt_weighting,
         )
     except SizeError as err:
         if init_image is None:

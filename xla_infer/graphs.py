@@ -10,23 +10,96 @@ from __future__ import annotations
 
 import torch
 
+from xla_infer.batches import TextInput
 from xla_infer.schedulers import DeviceSampler
 
 
 @torch.no_grad()
-def encode_text(text_encoder: torch.nn.Module | None, text_encoder_2: torch.nn.Module, ids_1: torch.Tensor | None,
-                ids_2: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The UNet's text embeddings and pooled embedding of each row, zeroed where `keep` is 0."""
-    out_2 = text_encoder_2(ids_2, output_hidden_states=True)
+def encode_text(text_encoder: torch.nn.Module | None, text_encoder_2: torch.nn.Module, text_1: TextInput | None,
+                text_2: TextInput, keep: torch.Tensor, *, chunks: int = 1, weighting: str | None = None,
+                empty_ids: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The UNet's text embeddings (rows, chunks * length, dims) and pooled embedding of each row,
+    zeroed where `keep` is 0.
+
+    Each encoder reads each of a row's `chunks` chunks as a sequence of its own; their hidden
+    states follow each other along the tokens (the UNet's cross-attention takes any number), and
+    the pooled embedding is the first chunk's, as A1111 and compel take it. `weighting` ("a1111",
+    "compel" or None) applies the per-token weights the inputs carry; compel's also needs each
+    encoder's empty prompt (`empty_ids`, (1, length)).
+    """
     # SDXL conditions on the penultimate layer of both encoders and the projected pooled output of
     # the second; the refiner, which has no first encoder, on the second's alone.
-    embeds = out_2.hidden_states[-2]
+    embeds, pooled = _encode_chunks(text_encoder_2, text_2, chunks, weighting, empty_ids[1])
     if text_encoder is not None:
-        out_1 = text_encoder(ids_1, output_hidden_states=True)
-        embeds = torch.cat([out_1.hidden_states[-2], embeds], dim=-1)
-    pooled = out_2.text_embeds
+        embeds = torch.cat([_encode_chunks(text_encoder, text_1, chunks, weighting, empty_ids[0])[0], embeds], dim=-1)
     keep = keep.to(embeds.dtype)
     return embeds * keep[:, None, None], pooled * keep[:, None]
+
+
+def _encode_chunks(encoder: torch.nn.Module, text: TextInput, chunks: int, weighting: str | None,
+                   empty_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One encoder's (rows, chunks * length, dims) penultimate hidden states, weighted, and its
+    projected pooled output of each row's first chunk (None for an encoder without a projection)."""
+    rows = text.ids.shape[0]
+    ids = text.ids.reshape(rows * chunks, -1)
+    if weighting == "compel":
+        hidden, pooled = _compel(encoder, text, ids, empty_ids)
+    else:
+        out = encoder(ids, output_hidden_states=True)
+        hidden, pooled = out.hidden_states[-2], getattr(out, "text_embeds", None)
+        if weighting == "a1111":
+            hidden = _a1111(hidden, text.weights.reshape(ids.shape))
+    pooled = None if pooled is None else pooled.unflatten(0, (rows, chunks))[:, 0]
+    return hidden.reshape(rows, -1, hidden.shape[-1]), pooled
+
+
+def _a1111(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's emphasis (its "Original" mode): each token's hidden state times its weight, then the
+    chunk scaled back to the mean it had unweighted. A1111 takes the means over the batch of prompts
+    it encodes together; here over each prompt's chunk, so that an image does not depend on its
+    batch (the same for a batch of one)."""
+    unweighted = hidden.to(torch.float32)
+    weighted = unweighted * weights[..., None].to(torch.float32)
+    scale = unweighted.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True)
+    return (weighted * scale).to(hidden.dtype)
+
+
+def _compel(encoder: torch.nn.Module, text: TextInput, ids: torch.Tensor,
+            empty_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """compel's weighting (sdxl_common.prompt_weights.compel_downweights gives the definition):
+    hidden states blended from the empty prompt's by the weights, then mixed with the extra passes
+    that hide fragments of weight below 1. One encoder call reads the chunks, the passes and the
+    empty prompt together; returns the chunks' (rows * chunks, length, dims) and pooled outputs."""
+    length = ids.shape[-1]
+    passes = text.pass_ids.reshape(-1, length)
+    keys = torch.cat([torch.ones_like(ids), text.pass_mask.reshape(passes.shape), torch.ones_like(empty_ids)])
+    out = encoder(torch.cat([ids, passes, empty_ids]), attention_mask=_causal_mask(keys, encoder.dtype),
+                  output_hidden_states=True)
+    base, extra, empty = out.hidden_states[-2].split([len(ids), len(passes), 1])
+    mix = text.pass_mix.to(torch.float32)  # (rows, chunks, passes)
+    base = _towards_empty(base, empty, text.weights.reshape(ids.shape)).unflatten(0, mix.shape[:2])
+    extra = _towards_empty(extra, empty, text.pass_weights.reshape(passes.shape)).unflatten(0, (len(mix), -1))
+    mixed = base * (1 - mix.sum(-1))[..., None, None] + torch.einsum("rcp,rpld->rcld", mix, extra)
+    pooled = getattr(out, "text_embeds", None)
+    return mixed.flatten(0, 1).to(empty.dtype), None if pooled is None else pooled[:len(ids)]
+
+
+def _towards_empty(hidden: torch.Tensor, empty: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """compel's weights: ``e + (h - e) * w`` from the empty prompt's hidden states e, in float32;
+    a token of weight 1 keeps its own, as compel keeps it (no rounding through e)."""
+    hidden, empty, weights = hidden.to(torch.float32), empty.to(torch.float32), weights[..., None].to(torch.float32)
+    return torch.where(weights == 1, hidden, empty + (hidden - empty) * weights)
+
+
+def _causal_mask(keys: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive (sequences, 1, length, length) mask of CLIP's causal attention with the keys
+    where ``keys`` is 0 hidden. Given whole (4-D), transformers passes it to the attention as it
+    is; a (sequences, length) padding mask it would first test on the host, which no graph can."""
+    length = keys.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=keys.device).tril()
+    allowed = causal & keys.bool()[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=keys.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 @torch.no_grad()

@@ -7,8 +7,9 @@ and the prompt (its length, an absent negative prompt); the loop here is built s
 compiles three graphs once (four with image-to-image) and reuses them for every later call of the
 same batch size and image size (the graph bodies are in xla_infer/graphs.py):
 
-- text encode: both tokenisers always pad/truncate to 77 tokens, and the negative prompt is always
-  encoded (empty string when absent, zeroed by a per-row mask where SDXL's
+- text encode: both tokenisers always lay a prompt out in the pipeline's `max_text_chunks` chunks
+  of 77 tokens (padded with empty chunks, or cut), prompt weights enter as per-token data, and the
+  negative prompt is always encoded (empty string when absent, zeroed by a per-row mask where SDXL's
   `force_zeros_for_empty_prompt` asks for zeros), so prompts never change the graph;
 - denoise step: one UNet call on the doubled batch (negative and positive rows interleaved, so
   data-parallel sharding keeps each image's pair on one chip), guidance scale a device tensor, the
@@ -24,8 +25,8 @@ same batch size and image size (the graph bodies are in xla_infer/graphs.py):
 - base + refiner: a second set of graphs for the refiner model, on the same device; the switch
   point is the number of base steps run and the refiner's first step, both host loop bounds.
 
-Everything that varies between calls (token ids, masks, micro-conditioning, guidance, seeds'
-noise) enters as device data, never as a constant baked into a graph. A compile counter
+Everything that varies between calls (token ids and weights, masks, micro-conditioning, guidance,
+seeds' noise) enters as device data, never as a constant baked into a graph. A compile counter
 (torch_xla's CompileTime metric) guards the promise: after warm-up, a new compilation raises
 `RecompilationError` (or warns, with on_recompile="warn").
 
@@ -50,11 +51,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sdxl_common import buckets, model_source, sdxl, storage  # these import neither JAX nor the trainer
+# These import neither JAX nor the trainer.
+from sdxl_common import buckets, model_source, prompt_weights, sdxl, storage
 from sdxl_common.errors import RunFailure, UserError
 from xla_infer import checks, graphs
 from xla_infer.batches import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, Batch, Conditioning, Continued, FromImage,
-                               FromNoise, Inpaint, MicroConditioning, micro_conditioning, tokenize, warn_truncation)
+                               FromNoise, Inpaint, MicroConditioning, TextInput, check_texts, micro_conditioning,
+                               text_input)
 from xla_infer.checks import InputError, Size
 from xla_infer.images import fetch, image_array, mask_array, per_image, to_pil
 from xla_infer.lora import MergedLoras
@@ -147,6 +150,8 @@ class Pipeline:
         on_recompile: str = "raise",
         model_name: str = "",
         loras: Sequence[tuple[str | Path, float]] | None = None,
+        max_text_chunks: int = 1,
+        prompt_weighting: str | None = None,
     ):
         if device not in DEVICES:
             raise InputError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
@@ -163,6 +168,8 @@ class Pipeline:
         self.height, self.width = self.sizes[0]
         self.steps = checks.check_steps(steps)
         self.text_length = int(text_encoder_2.config.max_position_embeddings)
+        self.text_chunks = checks.text_chunks(max_text_chunks)
+        self.prompt_weighting = checks.prompt_weighting(prompt_weighting)
         # The refiner's layout: no first text encoder, aesthetic scores in the time ids.
         if (text_encoder is None) != (tokenizer is None):
             raise InputError("a model without its first text encoder must have no first tokenizer either")
@@ -212,8 +219,10 @@ class Pipeline:
         self.torch_compile = torch_compile
         # The graph bodies (xla_infer/graphs.py) with this model's modules and settings bound; the
         # text encoder's serves every size, the others are bound per size (`_bind_graphs`).
-        self._encode_graph = self.runtime.graph(partial(graphs.encode_text, self.text_encoder, self.text_encoder_2),
-                                                "sdxl_text_encode")
+        self._encode_text = partial(graphs.encode_text, self.text_encoder, self.text_encoder_2,
+                                    chunks=self.text_chunks, weighting=self.prompt_weighting,
+                                    empty_ids=self._empty_ids() if self.prompt_weighting == "compel" else (None, None))
+        self._encode_graph = self.runtime.graph(self._encode_text, "sdxl_text_encode")
         self._graphs: dict[Size, dict[str, Callable]] = {}
         self._bind_graphs(self.sizes[0])
         # Process-wide: the refiner's compilations count here too (building either compiles nothing).
@@ -228,6 +237,14 @@ class Pipeline:
             {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}, self.runtime)
         if loras:
             self.set_loras(loras)
+
+    def _empty_ids(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Each tokenizer's empty prompt, (1, length) on the device, which compel's weights blend from."""
+        def empty(tokenizer):
+            ids = prompt_weights.chunk([], tokenizer, 1, self.text_length).ids
+            return self.runtime.to_device(torch.from_numpy(ids), batch_dim=None)
+
+        return None if self.tokenizer is None else empty(self.tokenizer), empty(self.tokenizer_2)
 
     def _bind_graphs(self, size: Size) -> None:
         """Makes the denoise-step, decode and encode graphs those of ``size``, built at its first use:
@@ -299,6 +316,8 @@ class Pipeline:
         refiner: str | Path | None = None,
         loras: Sequence[tuple[str | Path, float]] | None = None,
         config: str | Path | None = None,
+        max_text_chunks: int = 1,
+        prompt_weighting: str | None = None,
     ) -> "Pipeline":
         """Load an SDXL diffusers folder, Hub id or gs:// folder and prepare it on `device`.
 
@@ -319,12 +338,20 @@ class Pipeline:
 
         `loras`: (LoRA file or folder, scale) pairs merged into the base model's weights (see
         `set_loras`); the refiner is left as it is.
+
+        `max_text_chunks`: the chunks of 75 tokens each prompt is laid out in (1: CLIP's 77 tokens;
+        2 or 3 for 150 / 225), the same for every prompt and negative prompt: shorter ones are
+        padded with empty chunks, longer ones cut with a warning. `prompt_weighting`: None (prompts
+        as written), "a1111" or "compel" (each tool's syntax and weighting, see
+        sdxl_common.prompt_weights). Neither changes a graph from one prompt to the next.
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         torch_dtype = checks.parse_dtype(dtype)
         checks.check_steps(steps)
+        checks.text_chunks(max_text_chunks)
+        checks.prompt_weighting(prompt_weighting)
         if scheduler is not None:
             try:
                 canonical_name(scheduler)
@@ -365,6 +392,7 @@ class Pipeline:
                 refiner, device=device, dtype=torch_dtype, batch_size=batch_size, height=sizes[0][0],
                 width=sizes[0][1], sizes=sizes, steps=steps, scheduler=scheduler, vae_dtype=vae_dtype,
                 torch_compile=torch_compile, data_parallel=data_parallel, on_recompile=on_recompile, variant=variant,
+                max_text_chunks=max_text_chunks, prompt_weighting=prompt_weighting,
             )
         return cls(
             unet=unet,
@@ -382,7 +410,8 @@ class Pipeline:
             device=device, dtype=torch_dtype, vae_dtype=vae_torch_dtype, batch_size=batch_size,
             height=height, width=width, sizes=sizes, steps=steps, scheduler=scheduler, torch_compile=torch_compile,
             data_parallel=data_parallel, cache_dir=cache_dir, on_recompile=on_recompile,
-            model_name=str(model) if fetched else source, loras=loras,
+            model_name=str(model) if fetched else source, loras=loras, max_text_chunks=max_text_chunks,
+            prompt_weighting=prompt_weighting,
         )
 
     # ------------------------------------------------------------------ LoRA
@@ -444,25 +473,42 @@ class Pipeline:
     # ------------------------------------------------------------------ host-side preparation
 
     def host_conditioning(self, prompts, prompts_2, negatives, negatives_2, guidance_scale,
-                          micro: MicroConditioning) -> tuple[Conditioning, tuple[list[int], list[int]]]:
-        """One batch's conditioning for this model, rows interleaved (neg, pos), and, per row, the
-        tokens each encoder's text lost (two lists, rows interleaved like the texts). A base
-        pipeline asks its refiner for the refiner's own."""
+                          micro: MicroConditioning) -> Conditioning:
+        """One batch's conditioning for this model, rows interleaved (neg, pos). A base pipeline asks
+        its refiner for the refiner's own."""
         texts_1, texts_2, keep = [], [], []
         for prompt, prompt_2, negative, negative_2 in zip(prompts, prompts_2, negatives, negatives_2):
             texts_1 += [negative or "", prompt]
             texts_2 += [negative_2, prompt_2]
             zero_negative = negative is None and self.force_zeros_for_empty_prompt
             keep += [0.0 if zero_negative else 1.0, 1.0]
-        ids_1, ids_2, dropped_1, dropped_2 = tokenize(self.tokenizer, self.tokenizer_2, self.text_length, texts_1,
-                                                      texts_2)
+        text_1, text_2 = self._text_inputs(texts_1, texts_2)
         negative_row, positive_row = micro.rows()
         time_ids = torch.tensor([negative_row, positive_row] * len(prompts), dtype=self.dtype)
         # guidance <= 1 means no guidance in diffusers (the positive prediction alone); scale 1 gives that.
         scale = guidance_scale if guidance_scale > 1 else 1.0
         guidance = torch.full((len(prompts), 1, 1, 1), float(scale), dtype=torch.float32)
-        conditioning = Conditioning(ids_1, ids_2, torch.tensor(keep), time_ids, guidance)
-        return conditioning, (dropped_1, dropped_2)
+        return Conditioning(text_1, text_2, torch.tensor(keep), time_ids, guidance)
+
+    def _text_inputs(self, texts_1: list[str], texts_2: list[str]) -> tuple[TextInput | None, TextInput]:
+        """Each encoder's input for these rows, laid out and weighted as the pipeline is set up."""
+        layout = (self.text_chunks, self.text_length, self.prompt_weighting)
+        return (None if self.tokenizer is None else text_input(self.tokenizer, texts_1, *layout),
+                text_input(self.tokenizer_2, texts_2, *layout))
+
+    def text_embeddings(self, texts: Sequence[str], texts_2: Sequence[str] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each text's (prompt_embeds (n, max_text_chunks * 77, dims), pooled_prompt_embeds (n, dims))
+        as this pipeline hands them to the UNet, chunked and weighted as it is set up: diffusers'
+        encode_prompt for a positive prompt. ``texts_2``: the second encoder's (default: ``texts``).
+        For inspection and tests: it runs the text-encode graph's body outside its compiled graph
+        (on an XLA device, compiling graphs of its own that count in `compile_count`)."""
+        texts = list(texts)
+        text_1, text_2 = self._text_inputs(texts, texts if texts_2 is None else list(texts_2))
+        move = self.runtime.to_device
+        embeds, pooled = self._encode_text(None if text_1 is None else text_1.map(move), text_2.map(move),
+                                           move(torch.ones(len(texts))))
+        return embeds.cpu(), pooled.cpu()
 
     def _host_batch(self, prompts, prompts_2, negatives, negatives_2, seeds, guidance_scale,
                     micro: MicroConditioning, images: list[np.ndarray] | None = None, start: int = 0,
@@ -473,11 +519,9 @@ class Pipeline:
         `negatives` entries of None mark SDXL's zeroed negatives. With `images`, the batch starts
         from them at step `start` (image-to-image), and with `masks` too it inpaints (`full`:
         strength 1). `refiner` = (stop, refiner_start, refiner_micro): the base runs steps
-        [0, stop), the refiner [refiner_start, steps). Returns the batch and, per row, the tokens
-        each encoder's text lost.
+        [0, stop), the refiner [refiner_start, steps).
         """
-        conditioning, dropped = self.host_conditioning(prompts, prompts_2, negatives, negatives_2, guidance_scale,
-                                                        micro)
+        conditioning = self.host_conditioning(prompts, prompts_2, negatives, negatives_2, guidance_scale, micro)
         step_noise = self.sampler.needs_step_noise
         stop, refiner_batch = self.steps, None
         segments = [(start, self.steps)] if step_noise else []
@@ -507,13 +551,12 @@ class Pipeline:
             source = FromNoise(firsts[0] * self.sampler.init_noise_sigma)
             # diffusers' encode_prompt zips [prompt, prompt_2] with the refiner's single tokenizer, so
             # its (second) encoder reads the first prompt and negative prompt; prompt_2 is not used.
-            refiner_conditioning, _ = self.refiner.host_conditioning(
+            refiner_conditioning = self.refiner.host_conditioning(
                 prompts, prompts, negatives, [negative or "" for negative in negatives], guidance_scale,
                 refiner_micro)
             refiner_batch = Batch(refiner_conditioning, Continued(), refiner_start, self.steps,
                                   noise.pop() if refiner_noise else None)
-        batch = Batch(conditioning, source, start, stop, noise[0] if step_noise else None, refiner_batch)
-        return batch, dropped
+        return Batch(conditioning, source, start, stop, noise[0] if step_noise else None, refiner_batch)
 
     def switch_steps(self, fraction: float) -> tuple[int, int]:
         """Base + refiner: the steps the base runs (diffusers' denoising_end) and the refiner's first
@@ -538,8 +581,9 @@ class Pipeline:
         `latents`: the device latents a `Continued` batch starts from (the refiner after the base).
         """
         cond, start = batch.conditioning, batch.start
-        ids_1 = None if cond.ids_1 is None else self.runtime.to_device(cond.ids_1)
-        embeds, pooled = self._encode_graph(ids_1, self.runtime.to_device(cond.ids_2), self.runtime.to_device(cond.keep))
+        move = self.runtime.to_device
+        text_1 = None if cond.text_1 is None else cond.text_1.map(move)
+        embeds, pooled = self._encode_graph(text_1, cond.text_2.map(move), move(cond.keep))
         time_ids = self.runtime.to_device(cond.time_ids)
         guidance = self.runtime.to_device(cond.guidance)
         noise = None if batch.noise is None else self.runtime.to_device(batch.noise, batch_dim=1)
@@ -610,23 +654,23 @@ class Pipeline:
         # Each later mode runs one step from the last step: only its own graphs are new.
         if "generation" not in self.warmed_up:
             if self.inpainting_unet:
-                inpaint = self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]
+                inpaint = self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)
                 self.run_batch(inpaint).cpu()
                 self.warmed_up.add("mask")
             else:
-                self.run_batch(self._host_batch(*texts)[0]).cpu()
+                self.run_batch(self._host_batch(*texts)).cpu()
             self.warmed_up.add("generation")
         if image and "image" not in self.warmed_up and not self.inpainting_unet:  # (that UNet only inpaints)
-            self.run_batch(self._host_batch(*texts, images=blank, start=self.steps - 1)[0]).cpu()
+            self.run_batch(self._host_batch(*texts, images=blank, start=self.steps - 1)).cpu()
             self.warmed_up.add("image")
         if mask and "mask" not in self.warmed_up:
-            self.run_batch(self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)[0]).cpu()
+            self.run_batch(self._host_batch(*texts, images=blank, masks=blank_masks, start=self.steps - 1)).cpu()
             self.warmed_up.add("mask")
         if refiner and self.refiner is not None and "refiner" not in self.warmed_up:
             refiner_micro = micro_conditioning((self.refiner.height, self.refiner.width),
                                                self.refiner.requires_aesthetics_score, image_to_image=True)
             switch = (1, self.steps - 1, refiner_micro)  # one base step, then the refiner's last
-            self.run_batch(self._host_batch(*texts, refiner=switch)[0]).cpu()
+            self.run_batch(self._host_batch(*texts, refiner=switch)).cpu()
             self.warmed_up.add("refiner")
 
     def __call__(
@@ -710,6 +754,9 @@ class Pipeline:
                                                    self.refiner.requires_aesthetics_score, *sizes, image_to_image=True,
                                                    **scores)
                 refiner = (*job.switch, refiner_micro)
+            # Every text read before anything compiles or runs: bad syntax fails the call at once.
+            dropped = check_texts((self.tokenizer, self.tokenizer_2), self.text_chunks, self.text_length,
+                                  self.prompt_weighting, prompts, prompts_2, negatives, negatives_2)
             if not {"generation", *(mode for mode, used in job.modes.items() if used)} <= self.warmed_up:
                 self.warmup(**job.modes)
 
@@ -718,12 +765,11 @@ class Pipeline:
             batches = math.ceil(n / b)
             bar = _progress_bar(batches * job.steps_run(self.steps)) if progress else None
             arrays: list[np.ndarray] = []
-            dropped_all: list[tuple[list[int], list[int]]] = []
             pending = None
 
             def pil_image(i: int, pixels: np.ndarray):
                 params = self._parameters(prompts[i], prompts_2[i], negatives[i], negatives_2[i], seed_list[i],
-                                          guidance_scale, micro, [*dropped_all[i][0], *dropped_all[i][1]])
+                                          guidance_scale, micro, dropped[i])
                 params.update(job.parameters(self.steps, self.refiner.model_name if self.refiner is not None else None))
                 return to_pil(pixels, params)
 
@@ -737,17 +783,13 @@ class Pipeline:
                 rows = slice(k * b, (k + 1) * b)
                 real = len(prompts[rows])
                 pad = b - real
-                batch, dropped = self._host_batch(
+                batch = self._host_batch(
                     prompts[rows] + [""] * pad, prompts_2[rows] + [""] * pad, negatives[rows] + [None] * pad,
                     negatives_2[rows] + [""] * pad, seed_list[rows] + [0] * pad, float(guidance_scale), micro,
                     images=None if job.images is None else job.images[rows] + [np.zeros_like(job.images[0])] * pad,
                     start=job.start, full=job.full, refiner=refiner,
                     masks=None if job.masks is None else job.masks[rows] + [np.zeros_like(job.masks[0])] * pad,
                 )
-                dropped = (dropped[0][: 2 * real], dropped[1][: 2 * real])
-                warn_truncation(k * b, self.text_length, prompts[rows], prompts_2[rows], negatives[rows],
-                                negatives_2[rows], dropped)
-                dropped_all += [(dropped[0][2 * i: 2 * i + 2], dropped[1][2 * i: 2 * i + 2]) for i in range(real)]
                 batch_images = self.run_batch(batch, bar)
                 # Fetch the previous batch only now, so the device works on this one meanwhile.
                 if pending is not None:
@@ -804,7 +846,7 @@ class Pipeline:
                    start=checks.first_step(self.steps, strength), full=float(strength) == 1.0, aesthetic_scores=scores)
 
     def _parameters(self, prompt, prompt_2, negative, negative_2, seed, guidance_scale, micro,
-                    dropped) -> dict[str, Any]:
+                    dropped: int) -> dict[str, Any]:
         zeroed = negative is None and self.force_zeros_for_empty_prompt  # neither encoder's text was used
         params = {
             "prompt": prompt,
@@ -822,8 +864,13 @@ class Pipeline:
             "original_size": list(micro.original_size),
             "crops_coords_top_left": list(micro.crops_coords_top_left),
             "target_size": list(micro.target_size),
-            "tokens_dropped": max(dropped) if dropped else 0,
+            "tokens_dropped": dropped,
         }
+        # The prompts above are as written; how they were read, where it is not CLIP's one chunk as written.
+        if self.text_chunks > 1:
+            params["max_text_chunks"] = self.text_chunks
+        if self.prompt_weighting is not None:
+            params["prompt_weighting"] = self.prompt_weighting
         if self.loras:
             params["loras"] = [{"path": path, "scale": scale} for path, scale in self.loras]
         return params
@@ -844,6 +891,8 @@ class Pipeline:
             "sizes": [buckets.size_text(size) for size in self.sizes],
             "steps": self.steps,
             "scheduler": self.scheduler_name,
+            "max_text_chunks": self.text_chunks,
+            "prompt_weighting": self.prompt_weighting,
             "inpainting_unet": self.inpainting_unet,
             "refiner": None if self.refiner is None else self.refiner.model_name,
             "loras": [{"path": path, "scale": scale} for path, scale in self.loras],
