@@ -5,6 +5,8 @@ distributed runtime, and calls the same functions the tests call.
     flax-train prepare --config configs/sdxl_base.yaml data.path=/data/images
     flax-train buckets --config configs/sdxl_base.yaml data.path=/data/images --max-buckets 8
     flax-train sample  --model runs/demo/export --prompt "a red circle on a blue background" --out samples/
+    flax-train sample  --model runs/demo/export --prompt "a (red:1.3) circle BREAK a blue background" \
+                       --prompt-weighting a1111 --max-text-chunks 2 --out samples/
     flax-train export  --config runs/demo/config.yaml [--out DIR] [--raw]
 
 Every config-driven command accepts ``--config`` several times (later files override earlier
@@ -24,7 +26,7 @@ import jax
 from etils import epath
 
 from flax_train import compilation, config as config_lib, lora, models, schedulers, sharding, train
-from sdxl_common import buckets, errors, lora_files, storage
+from sdxl_common import buckets, errors, lora_files, prompt_weights, storage
 from sdxl_common.errors import BadInput, report
 from sdxl_common.png import png_bytes
 from sdxl_common.prompts import read_prompt_file
@@ -96,10 +98,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompts += read_prompt_file(args.prompts)
     if not prompts:
         raise BadInput("give --prompt TEXT (repeatable) or --prompts FILE")
+    if args.prompt_weighting is not None:  # every text read before anything loads
+        named = [(f"prompt {i}", text) for i, text in enumerate(prompts)]
+        prompt_weights.check_syntax(named + [("--negative-prompt", args.negative_prompt or "")], args.prompt_weighting)
     out = storage.writable_folder(args.out)  # before loading anything
     loras = lora_files.parse_specs(args.lora)
     generator = Generator(
-        args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution, loras=loras
+        args.model, scheduler=args.scheduler, num_steps=args.steps, resolution=args.resolution, loras=loras,
+        max_text_chunks=args.max_text_chunks, prompt_weighting=args.prompt_weighting,
     )
     images = generator(prompts, negative_prompt=args.negative_prompt, seed=args.seed, guidance_scale=args.guidance,
                        size=args.size)
@@ -124,6 +130,11 @@ def write_samples(out: epath.Path, prompts: list[str], images: list, args: argpa
             "model": str(args.model),
             "loras": args.lora,
         }
+        # The prompts above are as written; how they were read, where it is not CLIP's one chunk as written.
+        if args.max_text_chunks > 1:
+            parameters["max_text_chunks"] = args.max_text_chunks
+        if args.prompt_weighting is not None:
+            parameters["prompt_weighting"] = args.prompt_weighting
         storage.atomic_write_bytes(out / f"{i:04d}.png", png_bytes(image, parameters))
 
 
@@ -165,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[])
     p.add_argument("--prompts", help="file with one prompt per line")
     p.add_argument("--negative-prompt", default=None, help="default: the model's unconditional input, as diffusers")
+    p.add_argument("--prompt-weighting", default=None, choices=prompt_weights.SYNTAXES,
+                   help="read the prompts' weighting: a1111 ((text:1.3), (text), [text], BREAK) or compel "
+                        "(text+, text-, (text)1.3), each with its tool's weighting (default: prompts as written)")
+    p.add_argument("--max-text-chunks", type=int, default=1,
+                   help="chunks of 75 tokens each prompt is read in (1: CLIP's 77 tokens; 2 or 3 for 150 / "
+                        "225 tokens); longer prompts are cut with a warning")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--scheduler", default="euler", choices=schedulers.SAMPLERS)

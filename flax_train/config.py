@@ -52,6 +52,7 @@ FileDtype = Literal["float16", "bfloat16", "float32"]
 Crop = Literal["random", "center"]
 LatentMode = Literal["sample", "mean"]
 NanPolicy = Literal["stop", "skip"]
+PromptWeighting = Literal["a1111", "compel"]  # sdxl_common.prompt_weights.SYNTAXES
 TrainMethod = Literal["full", "lora"]  # train every UNet weight, or low-rank factors beside frozen ones
 Chip = Literal[tuple(metrics.CHIP_PEAK_TFLOPS)]  # the table's keys, so the names are written once
 
@@ -297,6 +298,8 @@ class ValidationConfig:
     # Sizes ("WIDTHxHEIGHT") to draw the prompts at, one grid each (e.g. a bucket of each aspect);
     # empty: one square grid of `resolution`.
     sizes: tuple[str, ...] = ()
+    max_text_chunks: int = 1  # chunks of 75 tokens a prompt may fill (1: CLIP's 77 tokens)
+    prompt_weighting: PromptWeighting | None = None  # null: prompts as written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -721,6 +724,7 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     )
     check(v.num_steps >= 1, f"validation.num_steps must be >= 1, got {v.num_steps}")
     check(v.guidance_scale >= 0, f"validation.guidance_scale must be >= 0, got {v.guidance_scale}")
+    check(v.max_text_chunks >= 1, f"validation.max_text_chunks must be >= 1, got {v.max_text_chunks}")
     check(
         v.resolution is None or (v.resolution > 0 and v.resolution % 8 == 0),
         f"validation.resolution must be a positive multiple of 8 (or null for data.resolution), got {v.resolution}",

@@ -4,8 +4,8 @@
 The pieces are written against plain callables and duck-typed modules, so they take the Flax
 models of `flax_train.models` as they are, and stand-ins in tests:
 
-* `clip.encode_prompts(text_encoder, text_encoder_2, ids1, ids2)` (in `flax_train.models.clip`):
-  SDXL's text conditioning from its two encoders.
+* `prompt_encoding.encode_text(text_encoder, text_encoder_2, text_1, text_2, ...)`: SDXL's text
+  conditioning from its two encoders, prompts in chunks of 77 tokens and weighted.
 * `sample_latents(unet_fn, tables, ...)`: `unet_fn(sample, timesteps, encoder_hidden_states, *,
   text_embeds, time_ids) -> prediction`, NCHW in and out, the Flax UNet's calling convention.
 * `decode_latents(vae, latents)`: `vae.decode(z)` maps latents (already divided by the scaling
@@ -17,13 +17,17 @@ at every step (the scheduler tables are indexed by the traced step index).
 A `Generator` loads the tokenizers, both text encoders, the VAE and the scheduler config of a
 diffusers folder once, and compiles two functions: prompt encoding, and sampling + decoding. The
 UNet weights are an argument of the latter, so the trainer can pass its current (EMA) parameters
-without rebuilding anything. With no negative prompt it feeds the model's unconditional input as
-diffusers does (`sdxl.force_zeros_for_empty_prompt`), so an exported folder gives the same images
-here, in xla_infer and in diffusers.
+without rebuilding anything. Prompts are read as xla_infer reads them (`max_text_chunks`,
+`prompt_weighting`; docs/xla_infer.md#long-prompts-and-prompt-weighting): token ids and weights
+are data of the encoding, so no prompt within the chunks compiles it again. With no negative
+prompt it feeds the model's unconditional input as diffusers does
+(`sdxl.force_zeros_for_empty_prompt`), so an exported folder gives the same images here, in
+xla_infer and in diffusers.
 """
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable, Sequence
 
 import jax
@@ -33,12 +37,13 @@ from etils import epath
 from flax import nnx
 from PIL import Image
 
-from flax_train import lora, models, schedulers, sharding
-from sdxl_common import buckets, lora_files, sdxl, storage
+from flax_train import lora, models, prompt_encoding, schedulers, sharding
+from sdxl_common import buckets, lora_files, prompt_weights, sdxl, storage
 from sdxl_common.errors import BadInput
 from sdxl_common.png import png_bytes
-from flax_train.models import clip
 from flax_train.schedulers import SamplerTables
+
+log = logging.getLogger(__name__)
 
 UNetFn = Callable[..., jax.Array]
 
@@ -161,9 +166,20 @@ class Generator:
         dtype: Any = jnp.float32,
         load_unet: bool = True,
         loras: Sequence[tuple[str, float]] = (),
+        max_text_chunks: int = 1,
+        prompt_weighting: str | None = None,
     ):
         """``loras``: (LoRA file or folder, scale) pairs merged into the weights once, here (see
-        ``sdxl_common.lora_files`` for the formats)."""
+        ``sdxl_common.lora_files`` for the formats). ``max_text_chunks``: the chunks of 75 tokens
+        each prompt is laid out in (1: CLIP's 77 tokens); shorter prompts are padded with empty
+        chunks, longer ones cut with a warning. ``prompt_weighting``: None (prompts as written),
+        "a1111" or "compel" (their syntax and weighting), as in xla_infer."""
+        if not isinstance(max_text_chunks, int) or isinstance(max_text_chunks, bool) or max_text_chunks < 1:
+            raise BadInput(f"max_text_chunks must be a positive integer, got {max_text_chunks!r}")
+        if prompt_weighting is not None and prompt_weighting not in prompt_weights.SYNTAXES:
+            raise BadInput(f"prompt_weighting must be None or one of {', '.join(prompt_weights.SYNTAXES)}, "
+                           f"got {prompt_weighting!r}")
+        self.text_chunks, self.prompt_weighting = max_text_chunks, prompt_weighting
         root = models.resolve_pipeline(folder)
         self.tokenizers = sdxl.load_tokenizers(root)
         self.force_zeros_for_empty_prompt = sdxl.force_zeros_for_empty_prompt(root)
@@ -188,13 +204,30 @@ class Generator:
             raise BadInput(f"resolution {resolution} is not divisible by the VAE's factor {self.vae_scale}")
         self.resolution = resolution
         self.latent_channels = self.vae.config["latent_channels"]
+        self.text_length = int(encoders[1].config["max_position_embeddings"])
+        # compel's weights blend from each tokenizer's empty prompt, (1, length).
+        self._empty_ids = tuple(prompt_weights.chunk([], tokenizer, 1, self.text_length).ids.astype(np.int32)
+                                for tokenizer in self.tokenizers) if prompt_weighting == "compel" else (None, None)
         self._text = nnx.split(nnx.List(encoders))
         self._vae = nnx.split(self.vae)
 
     @functools.partial(jax.jit, static_argnums=(0, 1))
-    def _encode(self, graphdef: nnx.GraphDef, state: nnx.State, ids1: jax.Array, ids2: jax.Array):
+    def _encode(self, graphdef: nnx.GraphDef, state: nnx.State, text_1: dict[str, jax.Array],
+                text_2: dict[str, jax.Array], empty_ids: tuple[jax.Array | None, jax.Array | None]):
         te1, te2 = nnx.merge(graphdef, state)
-        return clip.encode_prompts(te1, te2, ids1, ids2)
+        return prompt_encoding.encode_text(te1, te2, text_1, text_2, chunks=self.text_chunks,
+                                           weighting=self.prompt_weighting, empty_ids=empty_ids)
+
+    def text_arrays(self, texts: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Each tokenizer's `prompt_weights.text_arrays` of ``texts``, as the encoding reads them
+        (ids in int32: JAX's default integers)."""
+        def arrays(tokenizer) -> dict[str, np.ndarray]:
+            laid_out = prompt_weights.text_arrays(tokenizer, texts, self.text_chunks, self.text_length,
+                                                  self.prompt_weighting)
+            return {name: array.astype(np.int32) if array.dtype == np.int64 else array
+                    for name, array in laid_out.items()}
+
+        return arrays(self.tokenizers[0]), arrays(self.tokenizers[1])
 
     def encode(self, prompts: Sequence[str], negative_prompts: Sequence[str | None],
                text: tuple[nnx.GraphDef, nnx.State] | None = None) -> dict[str, jax.Array]:
@@ -207,14 +240,17 @@ class Generator:
         """
         if len(prompts) != len(negative_prompts):
             raise ValueError("one negative prompt per prompt")
-        tokenize = lambda texts: sdxl.tokenize(self.tokenizers, texts)
-        if text is not None:  # the ids go where the encoders are, which may span processes
-            replicated = sharding.replicated(jax.tree.leaves(text[1])[0].sharding.mesh)
-            tokenize = lambda texts: jax.device_put(sdxl.tokenize(self.tokenizers, texts), replicated)
-        text = self._text if text is None else text
-        embeds, pooled = self._encode(*text, *tokenize(prompts))
         negatives = [n or "" for n in negative_prompts]
-        neg_embeds, neg_pooled = self._encode(*text, *tokenize(negatives))
+        # Every text read first: bad syntax names the text, and a text too long says what it loses.
+        prompt_weights.check_texts(self.tokenizers, self.text_chunks, self.text_length, self.prompt_weighting,
+                                   prompts, prompts, negative_prompts, negatives, logger=log)
+        inputs = lambda texts: (*self.text_arrays(texts), self._empty_ids)
+        if text is not None:  # the arrays go where the encoders are, which may span processes
+            replicated = sharding.replicated(jax.tree.leaves(text[1])[0].sharding.mesh)
+            inputs = lambda texts: jax.device_put((*self.text_arrays(texts), self._empty_ids), replicated)
+        text = self._text if text is None else text
+        embeds, pooled = self._encode(*text, *inputs(prompts))
+        neg_embeds, neg_pooled = self._encode(*text, *inputs(negatives))
         if self.force_zeros_for_empty_prompt:
             zero = jnp.asarray([n is None for n in negative_prompts])
             neg_embeds = jnp.where(zero[:, None, None], 0, neg_embeds).astype(neg_embeds.dtype)
@@ -344,6 +380,8 @@ class Validator:
             resolution=v.resolution or cfg.data.resolution,
             dtype=jnp.dtype(cfg.model.dtype),
             load_unet=False,
+            max_text_chunks=v.max_text_chunks,
+            prompt_weighting=v.prompt_weighting,
         )
         self.embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts))
         # (height, width) of each grid, and its name in the file; one square grid without sizes.

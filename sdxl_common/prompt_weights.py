@@ -26,11 +26,17 @@ at 0 cut after 75 tokens, as here.
 
 `compel_downweights` is the host half of compel's weights below 1 (see its docstring).
 
-Numpy, no torch or JAX: the PyTorch generator and the JAX trainer can both use it.
+For both generators (xla_infer's text-encode graph, flax_train's sampler): `check_syntax` reads a
+command line's texts before its model loads; `check_texts` reads every text of a call first,
+refusing bad syntax and warning of what a text too long loses; `text_arrays` lays a batch of
+texts out for one text encoder as both encode graphs read them (ids, weights, compel's passes).
+
+Numpy, no torch or JAX: the PyTorch generator and the JAX sampler both use it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -344,3 +350,89 @@ def compel_downweights(chunks: Chunks, fragments: Sequence[Fragment | _Break], s
         mask[slot] = chunks.parts[row] != i
         mix[row, slot] = lerp[i] / total
     return Downweights(ids, weights, mask, mix)
+
+
+def check_syntax(named_texts: Sequence[tuple[str, str]], syntax: str) -> None:
+    """Each (name, text) read in ``syntax``, as a command line does before its model loads: a
+    PromptSyntaxError naming the first bad text and its character."""
+    for name, text in named_texts:
+        try:
+            parse(text, syntax)
+        except PromptSyntaxError as error:
+            raise PromptSyntaxError(f"{name}: {error}") from None
+
+
+# compel's weights below 1 each cost one more text-encoder pass over a chunk (`compel_downweights`);
+# the text-encode graph has room for this many per chunk of a prompt, used or not, so that its
+# shapes stay fixed.
+COMPEL_PASSES_PER_CHUNK = 8
+
+
+def prompt_tokens(tokenizer: Any, text: str, chunks: int, length: int,
+                  weighting: str | None) -> tuple[Chunks, Downweights | None]:
+    """One text's tokens for ``tokenizer`` in ``chunks`` chunks of ``length``: the text as written
+    without weighting, else read in the weighting's syntax ("a1111" or "compel"), with compel's
+    extra passes for its weights below 1. Bad syntax, or too many down-weighted parts, is a BadInput."""
+    fragments = [Fragment(text)] if weighting is None else parse(text, weighting)
+    laid_out = chunk(fragments, tokenizer, chunks, length)
+    if weighting != "compel":
+        return laid_out, None
+    return laid_out, compel_downweights(laid_out, fragments, COMPEL_PASSES_PER_CHUNK * chunks)
+
+
+def text_arrays(tokenizer: Any, texts: Sequence[str], chunks: int, length: int,
+                weighting: str | None) -> dict[str, np.ndarray]:
+    """One text encoder's input for ``texts`` (the rows), as `prompt_tokens` lays each out:
+
+    - ``ids`` (rows, chunks * length) int64, always;
+    - ``weights`` (rows, chunks * length) float32, with a weighting;
+    - with compel's, its passes for weights below 1 (`Downweights` of each row, stacked):
+      ``pass_ids``, ``pass_weights``, ``pass_mask`` (rows, passes * length) and ``pass_mix``
+      (rows, chunks, passes).
+    """
+    prepared = [prompt_tokens(tokenizer, text, chunks, length, weighting) for text in texts]
+
+    def rows(arrays: list[np.ndarray]) -> np.ndarray:
+        return np.stack(arrays).reshape(len(arrays), -1)
+
+    arrays = {"ids": rows([laid_out.ids for laid_out, _ in prepared])}
+    if weighting is not None:
+        arrays["weights"] = rows([laid_out.weights for laid_out, _ in prepared])
+    if weighting == "compel":
+        passes = [downweights for _, downweights in prepared]
+        arrays |= {"pass_ids": rows([p.ids for p in passes]), "pass_weights": rows([p.weights for p in passes]),
+                   "pass_mask": rows([p.mask for p in passes]), "pass_mix": np.stack([p.mix for p in passes])}
+    return arrays
+
+
+def check_texts(tokenizers: tuple[Any, Any], chunks: int, length: int, weighting: str | None, prompts, prompts_2,
+                negatives, negatives_2, *, logger: logging.Logger, error: type[BadInput] = BadInput) -> list[int]:
+    """Every text of a call read and laid out before anything runs: bad syntax is an ``error``
+    naming the text, and a text longer than the chunks hold is logged to ``logger`` with what it
+    lost. Returns each image's most tokens lost (of its texts, for either encoder). ``tokenizers``:
+    the first (None for the refiner) and the second; ``negatives`` entries of None stand for ""."""
+    limit = f"CLIP's {length} tokens" if chunks == 1 else f"{chunks} chunks of {length - 2} tokens"
+    most_lost = []
+    for i in range(len(prompts)):
+        lost_here = 0
+        for text_1, text_2, kind in ((negatives[i] or "", negatives_2[i], "negative prompt"),
+                                     (prompts[i], prompts_2[i], "prompt")):
+            # One warning when both encoders read the same text, else one per encoder's text.
+            texts = [(tokenizers[0], text_1, kind), (tokenizers[1], text_2, kind if text_1 == text_2 else f"{kind} 2")]
+            lost: dict[str, list] = {}
+            for tokenizer, text, name in texts:
+                if tokenizer is None:
+                    continue
+                try:
+                    laid_out, _ = prompt_tokens(tokenizer, text, chunks, length, weighting)
+                except BadInput as problem:
+                    raise error(f"{name} {i}: {problem}") from None
+                lost.setdefault(name, []).append((len(laid_out.dropped), laid_out.dropped, tokenizer))
+            for name, candidates in lost.items():
+                count, dropped, tokenizer = max(candidates, key=lambda candidate: candidate[0])
+                if count:
+                    logger.warning("%s %d is longer than %s: the last %d token(s) were dropped (%.60r...)",
+                                   name, i, limit, count, tokenizer.decode(dropped))
+                lost_here = max(lost_here, count)
+        most_lost.append(lost_here)
+    return most_lost

@@ -330,6 +330,7 @@ WRONG_CHOICES = [
     ("train.timestep_bias.strategy", "middle", None),
     ("train.nan_policy", "ignore", None),
     ("validation.scheduler", "dpm", None),
+    ("validation.prompt_weighting", "compell", "compel"),
     ("logging.chip", "tpu_v6", "tpu_v6e"),
 ]
 
@@ -358,6 +359,7 @@ def test_choices_are_those_of_the_modules_that_use_them():
     from flax_train import diffusion, metrics, optim, schedulers
     from flax_train.data import images as sources
     from flax_train.models import layers
+    from sdxl_common import prompt_weights
 
     owned = {
         "model.attention": layers.ATTENTION_IMPLEMENTATIONS,
@@ -368,6 +370,7 @@ def test_choices_are_those_of_the_modules_that_use_them():
         "train.lr_schedule": typing.get_args(optim.LrSchedule),
         "train.timestep_bias.strategy": diffusion.TIMESTEP_BIAS_STRATEGIES,
         "validation.scheduler": schedulers.SAMPLERS,
+        "validation.prompt_weighting": prompt_weights.SYNTAXES + (None,),
         "logging.chip": tuple(metrics.CHIP_PEAK_TFLOPS) + (None,),
     }
     for key, choices in owned.items():
@@ -391,6 +394,7 @@ def test_choices_are_those_of_the_modules_that_use_them():
         (["data.resolution=100"], "data.resolution must be a positive multiple of 8"),
         (["data.resolution=0"], "data.resolution"),
         (["validation.resolution=60"], "validation.resolution"),
+        (["validation.max_text_chunks=0"], "validation.max_text_chunks must be >= 1"),
         (["model.unet_config=huge"], "model.unet_config"),
         (["model.unet_config=[1, 2]"], "model.unet_config must be null, a mapping of UNet config keys or one of sdxl"),
         (["model.pretrained=''"], "model.pretrained: empty"),

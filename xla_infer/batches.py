@@ -9,28 +9,16 @@ positive) per image, as the denoising step's doubled UNet batch reads them.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-import numpy as np
 import torch
 
 from sdxl_common import prompt_weights
-from sdxl_common.errors import BadInput
-from sdxl_common.prompt_weights import Chunks, Downweights, Fragment
 from xla_infer import checks
 from xla_infer.checks import InputError, Size
 
-logger = logging.getLogger("xla_infer")
-
 AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5  # the refiner's conditioning, diffusers' defaults
-
-
-# compel's weights below 1 each cost one more text-encoder pass over a chunk
-# (prompt_weights.compel_downweights); the text-encode graph has room for this many per chunk of a
-# prompt, used or not, so that its shapes stay fixed.
-COMPEL_PASSES_PER_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -182,64 +170,7 @@ def micro_conditioning(size: Size, requires_aesthetics_score: bool, original_siz
     return MicroConditioning(original, crops, target, *negative)
 
 
-def prompt_tokens(tokenizer: Any, text: str, chunks: int, length: int,
-                  weighting: str | None) -> tuple[Chunks, Downweights | None]:
-    """One text's tokens for ``tokenizer`` in ``chunks`` chunks of ``length``: the text as written
-    without weighting, else read in the weighting's syntax ("a1111" or "compel"), with compel's
-    extra passes for its weights below 1. Bad syntax, or too many down-weighted parts, is a BadInput."""
-    fragments = [Fragment(text)] if weighting is None else prompt_weights.parse(text, weighting)
-    laid_out = prompt_weights.chunk(fragments, tokenizer, chunks, length)
-    if weighting != "compel":
-        return laid_out, None
-    return laid_out, prompt_weights.compel_downweights(laid_out, fragments, COMPEL_PASSES_PER_CHUNK * chunks)
-
-
 def text_input(tokenizer: Any, texts: list[str], chunks: int, length: int, weighting: str | None) -> TextInput:
-    """One text encoder's input for ``texts`` (the rows), as `prompt_tokens` lays each out."""
-    prepared = [prompt_tokens(tokenizer, text, chunks, length, weighting) for text in texts]
-
-    def rows(arrays: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.stack(arrays)).reshape(len(arrays), -1)
-
-    ids = rows([laid_out.ids for laid_out, _ in prepared])
-    if weighting is None:
-        return TextInput(ids)
-    weights = rows([laid_out.weights for laid_out, _ in prepared])
-    if weighting != "compel":
-        return TextInput(ids, weights)
-    passes = [downweights for _, downweights in prepared]
-    return TextInput(ids, weights, rows([p.ids for p in passes]), rows([p.weights for p in passes]),
-                     rows([p.mask for p in passes]), torch.from_numpy(np.stack([p.mix for p in passes])))
-
-
-def check_texts(tokenizers: tuple[Any, Any], chunks: int, length: int, weighting: str | None, prompts, prompts_2,
-                negatives, negatives_2) -> list[int]:
-    """Every text of a call read and laid out before anything runs: bad syntax is an InputError
-    naming the text, and a text longer than the chunks hold is logged with what it lost. Returns
-    each image's most tokens lost (of its texts, for either encoder). ``tokenizers``: the first
-    (None for the refiner) and the second; ``negatives`` entries of None stand for ""."""
-    limit = f"CLIP's {length} tokens" if chunks == 1 else f"{chunks} chunks of {length - 2} tokens"
-    most_lost = []
-    for i in range(len(prompts)):
-        lost_here = 0
-        for text_1, text_2, kind in ((negatives[i] or "", negatives_2[i], "negative prompt"),
-                                     (prompts[i], prompts_2[i], "prompt")):
-            # One warning when both encoders read the same text, else one per encoder's text.
-            texts = [(tokenizers[0], text_1, kind), (tokenizers[1], text_2, kind if text_1 == text_2 else f"{kind} 2")]
-            lost: dict[str, list] = {}
-            for tokenizer, text, name in texts:
-                if tokenizer is None:
-                    continue
-                try:
-                    laid_out, _ = prompt_tokens(tokenizer, text, chunks, length, weighting)
-                except BadInput as error:
-                    raise InputError(f"{name} {i}: {error}") from None
-                lost.setdefault(name, []).append((len(laid_out.dropped), laid_out.dropped, tokenizer))
-            for name, candidates in lost.items():
-                count, dropped, tokenizer = max(candidates, key=lambda candidate: candidate[0])
-                if count:
-                    logger.warning("%s %d is longer than %s: the last %d token(s) were dropped (%.60r...)",
-                                   name, i, limit, count, tokenizer.decode(dropped))
-                lost_here = max(lost_here, count)
-        most_lost.append(lost_here)
-    return most_lost
+    """One text encoder's input for ``texts`` (the rows), as `prompt_weights.text_arrays` lays them out."""
+    arrays = prompt_weights.text_arrays(tokenizer, texts, chunks, length, weighting)
+    return TextInput(**{name: torch.from_numpy(array) for name, array in arrays.items()})

@@ -144,11 +144,7 @@ def _check_syntax(prompts: list[str], args: argparse.Namespace) -> None:
     named = [(f"prompt {i}", text) for i, text in enumerate(prompts)]
     named += [(flag, text) for flag, text in (("--prompt-2", args.prompt_2), ("--negative-prompt", args.negative_prompt),
                                               ("--negative-prompt-2", args.negative_prompt_2)) if text]
-    for name, text in named:
-        try:
-            prompt_weights.parse(text, args.prompt_weighting)
-        except prompt_weights.PromptSyntaxError as error:
-            raise _BadInput(f"{name}: {error}") from None
+    prompt_weights.check_syntax(named, args.prompt_weighting)
 
 
 def run(args: argparse.Namespace) -> dict:

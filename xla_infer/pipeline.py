@@ -56,7 +56,7 @@ from sdxl_common import buckets, model_source, prompt_weights, sdxl, storage
 from sdxl_common.errors import RunFailure, UserError
 from xla_infer import checks, graphs
 from xla_infer.batches import (AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE, Batch, Conditioning, Continued, FromImage,
-                               FromNoise, Inpaint, MicroConditioning, TextInput, check_texts, micro_conditioning,
+                               FromNoise, Inpaint, MicroConditioning, TextInput, micro_conditioning,
                                text_input)
 from xla_infer.checks import InputError, Size
 from xla_infer.images import fetch, image_array, mask_array, per_image, to_pil
@@ -755,8 +755,9 @@ class Pipeline:
                                                    **scores)
                 refiner = (*job.switch, refiner_micro)
             # Every text read before anything compiles or runs: bad syntax fails the call at once.
-            dropped = check_texts((self.tokenizer, self.tokenizer_2), self.text_chunks, self.text_length,
-                                  self.prompt_weighting, prompts, prompts_2, negatives, negatives_2)
+            dropped = prompt_weights.check_texts((self.tokenizer, self.tokenizer_2), self.text_chunks, self.text_length,
+                                                 self.prompt_weighting, prompts, prompts_2, negatives, negatives_2,
+                                                 logger=logger, error=InputError)
             if not {"generation", *(mode for mode, used in job.modes.items() if used)} <= self.warmed_up:
                 self.warmup(**job.modes)
 

@@ -112,7 +112,7 @@ class CLIPAttention(nnx.Module):
         self.v_proj = layers.Linear(width, width, axes=(EMBED, HEADS), **kw)
         self.out_proj = layers.Linear(width, width, axes=(HEADS, EMBED), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
         batch, length, width = x.shape
         split = lambda t: t.reshape(batch, length, self.num_heads, width // self.num_heads)
         out = layers.dot_product_attention(
@@ -120,6 +120,7 @@ class CLIPAttention(nnx.Module):
             split(self.k_proj(x)),
             split(self.v_proj(x)),
             is_causal=True,
+            key_mask=key_mask,
             implementation=self.attention,
         )
         return self.out_proj(out.reshape(batch, length, width))
@@ -147,8 +148,8 @@ class CLIPEncoderLayer(nnx.Module):
         self.mlp = CLIPMLP(width, _config_value(config, "intermediate_size"), _config_value(config, "hidden_act"), **kw)
         self.layer_norm2 = layers.LayerNorm(width, eps=eps, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def __call__(self, x: jax.Array, key_mask: jax.Array | None = None) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), key_mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -190,13 +191,15 @@ class CLIPTextTransformer(nnx.Module):
             width, eps=_config_value(config, "layer_norm_eps"), dtype=dtype, param_dtype=param_dtype
         )
 
-    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+    def __call__(self, input_ids: jax.Array, key_mask: jax.Array | None = None) -> CLIPTextOutput:
+        """``key_mask`` (batch, length) bool: the tokens no other token attends to where it is false
+        (transformers' ``attention_mask``, on top of the causal mask)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
         x = self.embeddings(input_ids)
         hidden_states = [x]
         for layer in self.encoder.layers:
-            x = layers.call_block(layer, x, remat=self.remat)
+            x = layers.call_block(layer, x, key_mask, remat=self.remat)
             hidden_states.append(x)
         last = self.final_layer_norm(x)
         ids = input_ids.astype(jnp.int32)
@@ -233,13 +236,14 @@ class _CLIPTextEncoder(layers.Component):
 
 
 class CLIPTextModel(_CLIPTextEncoder):
-    """SDXL's first text encoder. ``model(input_ids)`` with int (B, L) ids, L <= max_position_embeddings."""
+    """SDXL's first text encoder. ``model(input_ids)`` with int (B, L) ids, L <= max_position_embeddings
+    (and an optional ``key_mask``, see ``CLIPTextTransformer``)."""
 
     # transformers >= 5 saves this class without the `text_model.` prefix the Hub checkpoints use.
     TORCH_CHECKPOINT_RENAMES = ((r"^(?!text_model\.)", "text_model."),)
 
-    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
-        return self.text_model(input_ids)
+    def __call__(self, input_ids: jax.Array, key_mask: jax.Array | None = None) -> CLIPTextOutput:
+        return self.text_model(input_ids, key_mask)
 
 
 class CLIPTextModelWithProjection(_CLIPTextEncoder):
@@ -266,8 +270,8 @@ class CLIPTextModelWithProjection(_CLIPTextEncoder):
             rngs=rngs,
         )
 
-    def __call__(self, input_ids: jax.Array) -> CLIPTextWithProjectionOutput:
-        out = self.text_model(input_ids)
+    def __call__(self, input_ids: jax.Array, key_mask: jax.Array | None = None) -> CLIPTextWithProjectionOutput:
+        out = self.text_model(input_ids, key_mask)
         return CLIPTextWithProjectionOutput(
             text_embeds=self.text_projection(out.pooler_output),
             last_hidden_state=out.last_hidden_state,

@@ -298,16 +298,19 @@ def dot_product_attention(
     value: jax.Array,
     *,
     is_causal: bool = False,
+    key_mask: jax.Array | None = None,
     implementation: str = "xla",
 ) -> jax.Array:
-    """Multi-head attention on (batch, length, heads, head_dim) inputs.
+    """Multi-head attention on (batch, length, heads, head_dim) inputs; ``key_mask`` (batch,
+    key length) bool hides the keys where it is false.
 
     The one place attention is computed, so a faster kernel (cuDNN on GPU, splash on TPU) is a
     one-line choice with identical semantics. cuDNN needs bf16/fp16 inputs; for float32 the XLA
-    path is used. See ``splash_attention`` for the TPU kernel.
+    path is used, and so it is with a key mask (only the text encoders' short sequences take one,
+    for compel's prompt weighting). See ``splash_attention`` for the TPU kernel.
     """
     impl = resolve_attention(implementation)
-    if impl == "cudnn" and query.dtype == jnp.float32:
+    if (impl == "cudnn" and query.dtype == jnp.float32) or key_mask is not None:
         impl = "xla"
     if impl == "splash":
         return splash_attention(query, key, value, is_causal=is_causal)
@@ -319,6 +322,8 @@ def dot_product_attention(
             q_len, k_len = query.shape[1], key.shape[1]
             causal = jnp.tril(jnp.ones((q_len, k_len), dtype=bool))
             logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
     return even_length_attention(query, key, value, is_causal=is_causal, implementation=impl)
