@@ -198,7 +198,7 @@ def test_fuzz_overrides(overrides):
 @FUZZ
 @given(data=st.binary(max_size=300) | st.text(max_size=100).map(str.encode))
 def test_fuzz_prompt_files(tmp_path_factory, data):
-    from sdxl_common.prompts import read_prompt_file  # what both command lines read
+    from sdxl_common.prompts import read_prompt_file, read_sized_prompt_file  # what the command lines read
 
     path = tmp_path_factory.mktemp("fuzz") / "prompts.txt"
     path.write_bytes(data)
@@ -207,3 +207,9 @@ def test_fuzz_prompt_files(tmp_path_factory, data):
     except UserError:
         return
     assert prompts and all(isinstance(p, str) and p for p in prompts)
+    try:
+        sized = read_sized_prompt_file(path)
+    except UserError:
+        return
+    assert len(sized) == len(prompts) and all(p for p, _ in sized)
+    assert all(size is None or min(size) > 0 for _, size in sized) and len({s is None for _, s in sized}) == 1

@@ -245,6 +245,39 @@ def test_every_prompt_at_every_size_asked_for(folder, tmp_path, capsys):
     assert code == 2 and "81" in err  # not a multiple of the VAE's factor: one line, before loading
 
 
+def test_a_prompt_file_that_names_sizes_draws_each_prompt_at_its_own(folder, tmp_path, capsys):
+    prompts = tmp_path / "sized.txt"
+    prompts.write_text("80x48: a red circle\n48x80 : a blue square\n\n80X48:a green triangle\n", encoding="utf-8")
+    out = tmp_path / "out"
+    code, err = exit_code_and_stderr(cpu_args(folder, out, "--prompts", str(prompts), "--seed", "7",
+                                              "--batch-size", "2"), capsys)
+    assert code == 0, err
+    assert "compiled for 80x48, 48x80" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["timing"]["compilations_after_warmup"] == 0
+    # Each prompt once, at its size, with the seed and number of its place in the file.
+    drawn = {e["file"]: (e["prompt"], e["seed"]) for e in manifest["images"]}
+    assert drawn == {"00000_80x48.png": ("a red circle", 7), "00002_80x48.png": ("a green triangle", 9),
+                     "00001_48x80.png": ("a blue square", 8)}
+    for name in drawn:
+        with Image.open(out / name) as png:
+            assert f"{png.width}x{png.height}" == name[6:11]
+
+    # Sizes on some lines only, a size with no prompt, or with --size / --width: one line, exit 2.
+    for text, extra, expected in (
+        ("80x48: a\nb\n", [], "sized.txt:2: the first prompt names a size, this one none"),
+        ("a\n80x48: b\n", [], "sized.txt:2: the first prompt names none, this one does"),
+        ("80x48:\n", [], "sized.txt:1: a size with no prompt after it"),
+        ("0x48: a\n", [], "sized.txt:1: 0x48: width and height must be positive"),
+        ("80x48: a\n", ["--size", "48x80"], "names a size for each prompt: --size would add others"),
+        ("80x48: a\n", ["--width", "64"], "naming sizes is for text-to-image"),
+        ("81x48: a\n", [], "81"),  # not a multiple of the VAE's factor
+    ):
+        prompts.write_text(text, encoding="utf-8")
+        code, err = exit_code_and_stderr(cpu_args(folder, out, "--prompts", str(prompts), *extra), capsys)
+        assert code == 2 and expected in err.strip().splitlines()[-1] and "Traceback" not in err, (text, err)
+
+
 def test_weighted_long_prompt_in_two_chunks(folder, tmp_path, capsys, caplog):
     out = tmp_path / "out"
     prompt = "a (red circle:1.3) BREAK [blue] " + "square " * 100  # the second chunk: 101 tokens, 75 kept

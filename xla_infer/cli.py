@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 from sdxl_common import buckets, lora_files, prompt_weights, storage
 from sdxl_common.png import png_bytes
-from sdxl_common.prompts import read_prompt_file
+from sdxl_common.prompts import read_sized_prompt_file
 from sdxl_common.errors import BadInput, report
 from xla_infer.schedulers import SCHEDULER_NAMES
 
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", default=None, help='weights of that precision, e.g. "fp16" (*.fp16.safetensors)')
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="one prompt")
-    source.add_argument("--prompts", help="UTF-8 text file, local or gs://, one prompt per line (blank lines skipped)")
+    source.add_argument("--prompts", help="UTF-8 text file, local or gs://, one prompt per line (blank lines skipped); "
+                                           "a line may name its size first, as 'WIDTHxHEIGHT: prompt' (then every line "
+                                           "does, and each size's graphs are compiled once)")
     parser.add_argument("--prompt-2", default=None,
                         help="prompt of the second text encoder for every image (default: the first prompt)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
@@ -153,11 +155,15 @@ def run(args: argparse.Namespace) -> dict:
     from xla_infer.pipeline import DEFAULT_HIGH_NOISE_FRAC, DEFAULT_INPAINT_STRENGTH, DEFAULT_STRENGTH, Pipeline
 
     if args.prompts is not None:
-        prompts = read_prompt_file(args.prompts)
+        prompts, named = map(list, zip(*read_sized_prompt_file(args.prompts)))
     else:
         if not args.prompt.strip():
             raise _BadInput("--prompt is empty")
-        prompts = [args.prompt] * args.num_images
+        prompts, named = [args.prompt] * args.num_images, [None] * args.num_images
+    sized = named[0] is not None  # the prompt file names a size for each prompt
+    if sized and args.size:
+        raise _BadInput(f"{args.prompts} names a size for each prompt: --size would add others")
+    sizes = list(dict.fromkeys(named)) if sized else args.size
     height, width, init_image, mask = args.height, args.width, None, None
     for flag, value, needs, given in (("--strength", args.strength, "--image", args.image),
                                       ("--mask", args.mask, "--image", args.image),
@@ -167,8 +173,9 @@ def run(args: argparse.Namespace) -> dict:
             raise _BadInput(f"{flag} needs {needs}")
     if args.refiner is not None and args.image is not None:
         raise _BadInput("--refiner is for text-to-image: it cannot be combined with --image")
-    if args.size and (args.image is not None or args.width or args.height):
-        raise _BadInput("--size is for text-to-image, instead of --width/--height (an --image sets its own size)")
+    if sizes and (args.image is not None or args.width or args.height):
+        what = f"{args.prompts} naming sizes" if sized else "--size"
+        raise _BadInput(f"{what} is for text-to-image, instead of --width/--height (an --image sets its own size)")
     if args.image is not None:
         # Every check of the image comes before loading and compiling: the pipeline is built for its size.
         init_image = read_image(args.image)
@@ -193,7 +200,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         pipe = Pipeline.from_pretrained(
             args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, height=height,
-            width=width, sizes=args.size or None, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
+            width=width, sizes=sizes or None, steps=args.steps, scheduler=args.scheduler, torch_compile=args.torch_compile,
             cache_dir=args.cache_dir, on_recompile="warn",  # report a recompilation, keep the images
             revision=args.revision, variant=args.variant, refiner=args.refiner, loras=loras, config=args.config,
             max_text_chunks=args.max_text_chunks, prompt_weighting=args.prompt_weighting,
@@ -209,10 +216,15 @@ def run(args: argparse.Namespace) -> dict:
     pipe.warmup(image=init_image is not None and mask is None, mask=mask is not None, refiner=args.refiner is not None,
                 sizes=pipe.sizes)
     compiles_after_warmup = pipe.compile_count
-    if args.size:
+    if sizes:
         print(f"compiled for {', '.join(map(buckets.size_text, pipe.sizes))}", file=sys.stderr)
     entries = []
-    sizes = pipe.sizes if args.size else [None]
+    # Which prompts go at which size: each its own (a file naming sizes), else all at each --size.
+    everyone = list(range(len(prompts)))
+    if sized:
+        groups = {size: [i for i, s in enumerate(named) if s == size] for size in pipe.sizes}
+    else:
+        groups = {size: everyone for size in (pipe.sizes if sizes else [None])}
     suffix = ""  # with several sizes, each file name says its size
 
     def write(i: int, image) -> None:
@@ -227,12 +239,14 @@ def run(args: argparse.Namespace) -> dict:
         entries.append({"file": name, **image.info})
 
     generate_seconds = 0.0
-    for size in sizes:
-        suffix = f"_{buckets.size_text(size)}" if len(sizes) > 1 else ""
-        pipe(prompts, negative_prompts=args.negative_prompt, seeds=args.seed, guidance_scale=args.guidance,
+    for size, indices in groups.items():
+        suffix = f"_{buckets.size_text(size)}" if len(groups) > 1 else ""
+        # Image i of the prompts has seed S+i and file number i, whatever size it is drawn at.
+        pipe([prompts[i] for i in indices], negative_prompts=args.negative_prompt,
+             seeds=[args.seed + i for i in indices], guidance_scale=args.guidance,
              prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2, image=init_image,
              strength=args.strength, mask_image=mask, mask_blur=args.mask_blur, denoising_end=args.high_noise_frac,
-             progress=True, on_image=write, size=size)
+             progress=True, on_image=lambda j, image, indices=indices: write(indices[j], image), size=size)
         generate_seconds += pipe.last_call["seconds"]
     timing = {
         "load_seconds": load_seconds,
