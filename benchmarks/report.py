@@ -40,10 +40,12 @@ def _machine(data: dict) -> str:
 
 def _train_throughput(data: dict) -> Iterable[list[str]]:
     settings = data.get("settings", {})
+    model = f"{settings.get('unet')} UNet, {settings.get('resolution')}px, batch {settings.get('batch')}"
     for row in data["results"]:
-        yield [f"{settings.get('unet')} UNet, {settings.get('resolution')}px, batch {settings.get('batch')}",
-               f"{row['layout']}, remat {row.get('remat', '-')}", _number(row.get("images_per_s"), 2),
+        yield [model, f"{row['layout']}, remat {row.get('remat', '-')}", _number(row.get("images_per_s"), 2),
                _number(row.get("compile_s"))]
+        for logged in row.get("logged", []):  # --wandb: the same step with its metrics logged
+            yield [model, f"{row['layout']}, metrics logged to {logged['sinks']}", _number(logged["images_per_s"], 2), "-"]
 
 
 def _infer_latency(data: dict) -> Iterable[list[str]]:

@@ -12,6 +12,7 @@ asserted. On a CPU host the 8 devices are simulated and the figures only compare
     python -m benchmarks.train_throughput --unet sdxl --resolution 1024 --batch 8 --dtype bfloat16 \
         --remat full --layouts fsdp                  # on an accelerator host
     python -m benchmarks.train_throughput --quick    # seconds: checks the script, measures nothing
+    python -m benchmarks.train_throughput --wandb    # also the step with its metrics logged, W&B off and on
 
 Beside our step it times, in the same run and on the same host, the step diffusers'
 train_text_to_image_sdxl.py runs: the same UNet config as diffusers' UNet2DConditionModel in
@@ -19,6 +20,12 @@ PyTorch (eager), the same batch, resolution and precision (fp32 weights; bf16 th
 when --dtype bfloat16, as --mixed_precision bf16 does), noise-prediction MSE, AdamW, gradient
 checkpointing when --remat is not none; with --diffusers eager,compile, also with the UNet under
 torch.compile. It reports the images/s of each and ours / diffusers.
+
+With --wandb it also times our step with its metrics logged at every step as the trainer logs them
+(``flax_train.metrics.MetricsWriter``, each step's metrics fetched and written once the next step
+is queued): to metrics.jsonl and TensorBoard, and to those and Weights & Biases in offline mode
+(nothing leaves the host, but W&B's service process runs beside the step as it does online), in
+alternating rounds; it reports the median step time of each and their ratio.
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ def run_layout(cfg, layout: str, args) -> dict:
         state, out = compiled(state, device_batch)
     jax.block_until_ready(out)
     seconds = (time.perf_counter() - start) / args.steps
+    logged = time_logged_steps(compiled, state, device_batch, layout, args) if args.wandb else []
     abstract_unet = models.abstract(architecture, attention="xla")
     model_flops = 3 * flops.unet_forward_flops(abstract_unet, shapes) * batch
     chip = metrics.detect_chip()
@@ -97,7 +105,68 @@ def run_layout(cfg, layout: str, args) -> dict:
         "compile_s": round(compile_s, 2),
         "memory": metrics.memory_summary(compiled),
         **{k: round(v, 5) for k, v in metrics.throughput(seconds, batch, hardware_flops, model_flops, peak).items()},
+        **({"logged": logged} if logged else {}),
     }
+
+
+LOGGING_ROUNDS = 5  # of each set of sinks, alternating, so that a slow spell of the host hits both
+
+
+def time_logged_steps(compiled, state, device_batch, layout: str, args) -> list[dict]:
+    """Seconds per step (the median of LOGGING_ROUNDS rounds of ``args.steps`` steps) with the step's
+    metrics logged, without and with W&B (offline), and the milliseconds a step spends in the
+    writer's call (the time logging holds up the loop; the rest of any difference is the host's
+    cores shared with W&B's process). ``state`` is donated to the steps."""
+    import statistics
+    import tempfile
+
+    import jax
+
+    from flax_train import config as config_lib, metrics
+
+    def logged_round(writer: metrics.MetricsWriter) -> tuple[float, float]:
+        """Seconds per step, and of them in the writer's call."""
+        nonlocal state
+        start, writing = time.perf_counter(), 0.0
+
+        def log(step: int, out: dict) -> None:
+            nonlocal writing
+            values = {k: v for k, v in jax.device_get(out).items() if k != "finite"}
+            called = time.perf_counter()
+            writer.scalars(step, values)
+            writing += time.perf_counter() - called
+
+        previous = None
+        for step in range(1, args.steps + 1):
+            state, out = compiled(state, device_batch)
+            if previous is not None:  # the previous step's metrics, once this one is queued
+                log(step - 1, previous)
+            previous = out
+        log(args.steps, previous)  # waits for the last step
+        return (time.perf_counter() - start) / args.steps, writing / args.steps
+
+    sinks = {"jsonl, tensorboard": None,
+             "jsonl, tensorboard, wandb (offline)": config_lib.WandbConfig(project="train-throughput", mode="offline")}
+    progress(f"ours, {layout}: steps with their metrics logged, W&B off and on")
+    with tempfile.TemporaryDirectory() as folder:
+        writers = {name: metrics.MetricsWriter(Path(folder) / str(number), wandb=wandb,
+                                               run_config={k: str(v) for k, v in vars(args).items()})
+                   for number, (name, wandb) in enumerate(sinks.items())}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in sinks}
+        try:
+            for _ in range(LOGGING_ROUNDS):
+                for name, writer in writers.items():
+                    times[name].append(logged_round(writer))
+        finally:
+            for writer in writers.values():
+                writer.close()
+    rows = []
+    for name, rounds in times.items():
+        step_s = statistics.median(step for step, _ in rounds)
+        rows.append({"sinks": name, "step_time_s": round(step_s, 5), "images_per_s": round(args.batch / step_s, 5),
+                     "writer_ms_per_step": round(1000 * statistics.median(writing for _, writing in rounds), 3),
+                     "rounds_step_time_s": [round(step, 5) for step, _ in rounds]})
+    return rows
 
 
 def run_diffusers(architecture: dict, args, torch_mode: str = "eager") -> dict:
@@ -176,6 +245,8 @@ def main() -> None:
     parser.add_argument("--diffusers", default="eager",
                         help="which diffusers PyTorch steps to time: eager, compile (the UNet under torch.compile), "
                              "both as eager,compile, or none")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also time our step with its metrics logged at every step, without and with W&B (offline)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny UNet at 32px, batch 8, one layout, 1 warm-up and 2 steps: checks the script runs")
     args = parser.parse_args()
@@ -239,10 +310,20 @@ def main() -> None:
     ratios = {r["torch"]: round(ours / r["images_per_s"], 3) for r in results if "torch" in r}
     for kind, ratio in ratios.items():
         print(f"ours (best layout) / diffusers {kind}: {ratio:.2f}x images/s")
+    wandb_ratios = {}  # layout -> step time with W&B / without
+    for r in ours_rows:
+        for row in r.get("logged", []):
+            print(f"{r['layout']}, metrics logged to {row['sinks']}: {row['step_time_s']:.4f} s a step, "
+                  f"{row['writer_ms_per_step']:.2f} ms of it in the writer")
+        if "logged" in r:
+            without, with_wandb = r["logged"]
+            wandb_ratios[r["layout"]] = round(with_wandb["step_time_s"] / without["step_time_s"], 3)
+            print(f"{r['layout']}: step time with W&B / without: {wandb_ratios[r['layout']]:.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     remat = "" if args.remat == "none" else f"_remat-{args.remat}"
     attention = "" if args.attention == "auto" else f"_attn-{args.attention}"
-    name = f"train_throughput_{args.unet}_{device.platform}{remat}{attention}{'_quick' if args.quick else ''}.json"
+    name = (f"train_throughput_{args.unet}_{device.platform}{remat}{attention}{'_quick' if args.quick else ''}"
+            f"{'_wandb' if args.wandb else ''}.json")
     (args.out / name).write_text(
         json.dumps(
             {
@@ -255,6 +336,7 @@ def main() -> None:
                 "results": results,
                 "ours_vs_diffusers_images_per_s": ratios.get("eager"),
                 "ours_vs_diffusers_compile_images_per_s": ratios.get("compile"),
+                **({"step_time_with_wandb_vs_without": wandb_ratios} if wandb_ratios else {}),
             },
             indent=2,
         )

@@ -7,7 +7,9 @@ A run's config is built in layers, each overriding the one before:
    paths relative to the file), which is applied before the file's own keys;
 3. ``section.key=value`` overrides from the command line, values parsed as YAML.
 
-Sections merge key by key; any other value (a list, a free-form table) is replaced whole.
+Sections merge key by key; any other value (a list, a free-form table) is replaced whole. A
+section that may be off (``logging.wandb: null``) is turned on, its other keys at their defaults,
+by setting any of its keys.
 Unknown keys, values of the wrong type and unknown choices are errors as soon as they are read.
 Values that are well typed but unusable (lr <= 0, a batch the mesh cannot split, ...) are errors
 in `validate`, which the trainer calls before anything is compiled. `save` writes the resolved
@@ -54,6 +56,7 @@ LatentMode = Literal["sample", "mean"]
 NanPolicy = Literal["stop", "skip"]
 PromptWeighting = Literal["a1111", "compel"]  # sdxl_common.prompt_weights.SYNTAXES
 TrainMethod = Literal["full", "lora"]  # train every UNet weight, or low-rank factors beside frozen ones
+WandbMode = Literal["online", "offline", "disabled"]  # the modes of wandb.init
 Chip = Literal[tuple(metrics.CHIP_PEAK_TFLOPS)]  # the table's keys, so the names are written once
 
 # Flags of diffusers' train_text_to_image_sdxl.py whose names differ from ours, so a config that
@@ -316,12 +319,25 @@ class ExportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging (flax_train/wandb_sink.py), with the `wandb` extra installed."""
+
+    project: str | None = None  # null: W&B's default project
+    entity: str | None = None  # user or team; null: the API key's default entity
+    name: str | None = None  # the run's display name; null: W&B picks one
+    tags: tuple[str, ...] = ()
+    mode: WandbMode | None = None  # null: W&B's own choice ($WANDB_MODE, else online)
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
     jsonl: bool = True
     chip: Chip | None = None  # null: detected from the devices
     peak_tflops: float | None = None  # per chip; overrides the chip's table entry
+    # null: off. Setting any of its keys (logging.wandb.project=...) turns it on with the others' defaults.
+    wandb: WandbConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -491,6 +507,8 @@ def _set(tree: DictConfig, key: str, value: Any) -> None:
         if dataclasses.is_dataclass(section) and part not in {f.name for f in dataclasses.fields(section)}:
             raise _unknown_key(section, ".".join(parts[:i]), part)
         parent, node = node, node.get(part)
+        if node is None and (i < len(parts) - 1 or isinstance(value, Mapping)):
+            node = _switch_on(parent, section, part)
     if dataclasses.is_dataclass(OmegaConf.get_type(node)) and isinstance(value, Mapping):
         for name, item in value.items():
             _set(tree, f"{key}.{name}", item)
@@ -506,12 +524,30 @@ def _set(tree: DictConfig, key: str, value: Any) -> None:
         OmegaConf.update(parent, part, value, merge=False)
 
 
+def _section_type(tp: Any) -> type | None:
+    """The dataclass of a section's field: ``Section``, or ``Section | None`` for a section that
+    may be off (``logging.wandb``); None for a value's field."""
+    return next((t for t in (tp, *typing.get_args(tp)) if dataclasses.is_dataclass(t)), None)
+
+
+def _switch_on(parent: DictConfig, section: type, key: str) -> DictConfig | None:
+    """Turns the section ``key`` of ``parent``, off (null) until now, on with its defaults, so that
+    its keys can be set one by one; returns it. None where ``key`` is a value, not such a section."""
+    cls = _section_type(typing.get_type_hints(section)[key]) if dataclasses.is_dataclass(section) else None
+    if cls is None:
+        return None
+    with read_write(parent):
+        parent[key] = OmegaConf.structured(cls)
+    return parent.get(key)
+
+
 def _all_keys(cls: type, prefix: str = "") -> list[str]:
     keys = []
     for f in dataclasses.fields(cls):
         keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(f.type):
-            keys += _all_keys(f.type, f"{prefix}{f.name}.")
+        section = _section_type(f.type)
+        if section:
+            keys += _all_keys(section, f"{prefix}{f.name}.")
     return keys
 
 
@@ -572,8 +608,9 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     def choices(section: Any, prefix: str) -> None:
         for name, tp in typing.get_type_hints(type(section)).items():
             value = getattr(section, name)
-            if dataclasses.is_dataclass(tp):
-                choices(value, f"{prefix}{name}.")
+            if _section_type(tp):
+                if value is not None:  # a section that is off has no values to check
+                    choices(value, f"{prefix}{name}.")
             else:
                 problems.extend(_choice_problems(prefix + name, value, _choices(tp)))
 
@@ -746,6 +783,8 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         log.peak_tflops is None or log.peak_tflops > 0,
         f"logging.peak_tflops must be > 0 (or null for the chip's table entry), got {log.peak_tflops}",
     )
+    for tag in log.wandb.tags if log.wandb else ():  # W&B's own limits, which it checks only when the run starts
+        check(1 <= len(tag) <= 64, f"logging.wandb.tags: {tag!r} has {len(tag)} characters; W&B takes 1 to 64")
 
     check(bool(config.run_dir), "run_dir must not be empty")
 

@@ -1,4 +1,5 @@
-"""Training metrics: throughput, MFU, and the writers (TensorBoard, JSON lines, progress bar).
+"""Training metrics: throughput, MFU, and the writers (TensorBoard, JSON lines, Weights & Biases,
+progress bar).
 
 Only process 0 writes. Values arrive one step late (the loop hands over the previous step's
 device arrays after dispatching the next step), so logging never stalls the accelerator.
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from flax_train.wandb_sink import WandbSink
 from sdxl_common import chips, storage
 
 # Dense bf16 peak per chip, for MFU (sdxl_common.chips). None: no meaningful peak (MFU is
@@ -95,11 +97,13 @@ def _rows_up_to(path: epath.Path, step: int) -> tuple[bytes, list[int]]:
 
 class MetricsWriter:
     """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard event files in the run
-    directory, written by process 0 only.
+    directory, and a Weights & Biases run when ``wandb`` (``logging.wandb``) is given, written by
+    process 0 only.
 
     A run resumed from the checkpoint of ``start_step`` redoes the steps after it: rows of those
     steps in ``metrics.jsonl`` are dropped, and the new TensorBoard event file purges them from
-    the earlier ones (TensorBoard's ``purge_step``), so both hold one row per step.
+    the earlier ones (TensorBoard's ``purge_step``), so both hold one row per step. W&B cannot drop
+    rows: there both tries of a redone step show (see ``wandb_sink.STEP``).
 
     Object stores cannot append, so for a remote run directory (``gs://...``) both are written to a
     local folder and uploaded whole at most every ``upload_every_s`` seconds and on ``flush()`` /
@@ -113,11 +117,16 @@ class MetricsWriter:
         start_step: int = 0,
         tensorboard: bool = True,
         jsonl: bool = True,
+        wandb: Any = None,
+        run_config: Mapping[str, Any] | None = None,
         upload_every_s: float = 60.0,
     ):
+        """``wandb``: the ``logging.wandb`` section (``config.WandbConfig``) or None; ``run_config``:
+        the resolved config, the W&B run's config."""
         self.enabled = jax.process_index() == 0
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         self.redone: list[int] = []  # steps an earlier run logged after ``start_step``
         if not self.enabled:
             return
@@ -141,6 +150,8 @@ class MetricsWriter:
             # second would overwrite the previous run's file without a suffix that sorts after it.
             self._tb = SummaryWriter(str(self.local_dir / "tensorboard"), purge_step=start_step + 1,
                                      filename_suffix=f".{time.time_ns()}")
+        if wandb is not None:
+            self._wandb = WandbSink(wandb, self.run_dir, run_config or {})
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -152,13 +163,19 @@ class MetricsWriter:
         if self._tb:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, step)
+        if self._wandb:
+            self._wandb.scalars(step, clean)
         if self._remote and time.monotonic() - self._uploaded_at > self._upload_every_s:
             self.flush()
 
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """``image`` is HWC uint8."""
-        if self.enabled and self._tb:
+        if not self.enabled:
+            return
+        if self._tb:
             self._tb.add_image(tag, image, step, dataformats="HWC")
+        if self._wandb:
+            self._wandb.image(step, tag, image)
 
     def flush(self) -> None:
         """Makes everything logged so far visible in the run directory."""
@@ -179,6 +196,8 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._wandb:
+            self._wandb.close()
         if self._remote:  # one upload, of everything the closed files hold
             storage.upload_tree(self.local_dir, self.run_dir)
             shutil.rmtree(self.local_dir, ignore_errors=True)

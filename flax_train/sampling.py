@@ -364,7 +364,8 @@ class Validator:
     """Generates the configured prompts with the JAX sampler every ``validation.every_steps``.
 
     The text encoders and VAE are loaded once and the prompts encoded once; each call only runs the
-    sampler with the current (EMA) UNet weights and writes a PNG grid and a TensorBoard image.
+    sampler with the current (EMA) UNet weights and writes a PNG grid, which the metrics writer also
+    logs (TensorBoard, W&B).
     """
 
     def __init__(self, cfg: Any, base: epath.PathLike, run_dir: epath.PathLike, writer: Any):

@@ -217,6 +217,21 @@ def test_override_of_a_whole_section_merges_its_keys():
     assert (c.train.seed, c.train.ema.enabled, c.train.ema.decay) == (3, True, 0.5)
 
 
+def test_a_section_that_is_off_is_switched_on_by_setting_one_of_its_keys(tmp_path):
+    assert cfg.Config().logging.wandb is None  # off by default
+    on = cfg.apply_overrides(cfg.Config(), ["logging.wandb.project=p"])
+    assert on.logging.wandb == cfg.WandbConfig(project="p")  # the section's other keys at their defaults
+    assert cfg.apply_overrides(cfg.Config(), ["logging.wandb={}"]).logging.wandb == cfg.WandbConfig()
+    assert cfg.apply_overrides(on, ["logging.wandb={tags: [a]}"]).logging.wandb == cfg.WandbConfig(project="p", tags=("a",))
+    assert cfg.apply_overrides(on, ["logging.wandb=null"]).logging.wandb is None
+    with pytest.raises(cfg.ConfigError, match="unknown key 'logging.wandb.projct'; did you mean 'logging.wandb.project'"):
+        cfg.apply_overrides(cfg.Config(), ["logging.wandb.projct=p"])
+    with pytest.raises(cfg.ConfigError, match="unknown key 'logging.project'; did you mean 'logging.wandb.project'"):
+        cfg.apply_overrides(cfg.Config(), ["logging.project=p"])
+    cfg.save(on, tmp_path / "config.yaml")
+    assert cfg.load(tmp_path / "config.yaml") == on
+
+
 def test_override_one_string_where_a_list_is_expected():
     c = cfg.apply_overrides(cfg.Config(), ["validation.prompts=a single prompt"])
     assert c.validation.prompts == ("a single prompt",)

@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from flax_train import (checkpoint, compilation, config as config_lib, diffusion, export, lora, metrics, models,
-                        sampling, sharding)
+                        sampling, sharding, wandb_sink)
 from sdxl_common import buckets, sdxl, storage
 from flax_train.data import prepare
 from flax_train.train.model import build_lora_unet, build_unet, lora_init
@@ -90,6 +90,8 @@ def train(cfg: config_lib.Config, *, max_steps: int | None = None) -> TrainResul
 def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.PreemptionGuard,
            started: float) -> TrainResult:
     config_lib.validate(cfg, jax.device_count())
+    if cfg.logging.wandb is not None:  # a missing package is told now, not after minutes of compiling
+        wandb_sink.import_wandb()
     cfg, lora_start = lora_init(cfg)
     run_dir = storage.writable_folder(cfg.run_dir)
     if jax.process_index() == 0:
@@ -165,7 +167,8 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
     # 6. The loop.
     start_step = int(state.step)
     writer = metrics.MetricsWriter(
-        run_dir, start_step=start_step, tensorboard=cfg.logging.tensorboard, jsonl=cfg.logging.jsonl
+        run_dir, start_step=start_step, tensorboard=cfg.logging.tensorboard, jsonl=cfg.logging.jsonl,
+        wandb=cfg.logging.wandb, run_config=config_lib.to_dict(cfg),  # the config.yaml written above
     )
     if writer.redone:
         log.warning("steps %d-%d of an earlier run were not in a checkpoint: redoing them", start_step + 1, writer.redone[-1])
