@@ -95,6 +95,8 @@ DIFFUSERS_FLAGS = {
     "report_to": "logging.tensorboard",
     "rank": "lora.rank",  # train_text_to_image_lora_sdxl.py
     "train_text_encoder": "lora.train_text_encoder",  # the same script's
+    "instance_data_dir": "data.path",  # train_dreambooth_lora_sdxl.py
+    "instance_prompt": "data.instance_prompt",  # the same script's
 }
 
 # SDXL's noise schedule has 1000 training timesteps; timestep-bias ranges index into it.
@@ -176,6 +178,9 @@ class DataConfig:
     split: str = "train"
     caption_column: str = "text"
     image_column: str = "image"
+    # --instance_prompt (DreamBooth): every image under `path` (imagefolder or captions_txt) gets this
+    # caption; no metadata.jsonl or .txt file is read.
+    instance_prompt: str | None = None
     resolution: int = 1024
     crop: Crop = "random"  # --center_crop: center
     random_flip: bool = False
@@ -643,6 +648,11 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     check(d.cache_shard_size > 0, f"data.cache_shard_size must be positive, got {d.cache_shard_size}")
     check(d.reads_in_flight > 0, f"data.reads_in_flight must be positive, got {d.reads_in_flight}")
     check(bool(d.caption_column), "data.caption_column must not be empty")
+    if d.instance_prompt is not None:
+        check(bool(d.instance_prompt.strip()), "data.instance_prompt must not be empty (null: the dataset's captions)")
+        check(d.source in ("imagefolder", "captions_txt"),
+              f"data.instance_prompt captions a folder of images (data.source imagefolder or captions_txt), "
+              f"not data.source {d.source!r}, whose items carry their own captions")
     check(d.buckets != ("sdxl",) or d.resolution % 32 == 0,
           f"data.buckets [sdxl] scales SDXL's sizes to data.resolution, which must then be a multiple of 32, got {d.resolution}")
     for size in config.validation.sizes:

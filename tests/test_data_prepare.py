@@ -414,3 +414,41 @@ def test_webdataset_names_are_expanded_and_missing_tars_refused(tar_dataset):
         list_tars(f"{tars}/shard-{{000..003}}.tar")
     with pytest.raises(InputNotFound, match="no .tar files"):
         list_tars(str(tars.parent / "folder"))
+
+
+def test_an_instance_prompt_captions_every_image_of_a_folder(model_dir, tmp_path, capsys):
+    """DreamBooth's --instance_prompt: `flax-train prepare` with data.instance_prompt reads every image
+    under data.path (captions and metadata beside them are not read), each with that caption."""
+    from flax_train import cli, config as config_lib
+    from flax_train.data.prepare import open_cache
+    from flax_train.demo import CONFIG as DEMO_CONFIG
+    from flax_train.models import pretrained_pipeline
+
+    photos = tmp_path / "photos"
+    synthetic.write_synthetic_dataset(photos, 5, image_size=64, seed=4)  # images/*.png; metadata.jsonl not read
+    shutil.move(next((photos / "images").glob("*.png")), photos / "top.png")
+    (photos / "top.txt").write_text("a caption file, not read")
+    args = ["--config", str(DEMO_CONFIG), f"model.pretrained={model_dir}", "model.unet_config=null",
+            f"data.path={photos}", "data.resolution=64", f"data.cache_dir={tmp_path / 'cache'}",
+            f"run_dir={tmp_path / 'run'}", "data.instance_prompt=a photo of sks dog"]
+    assert cli.main(["prepare", *args]) == 0
+    cfg = config_lib.load([DEMO_CONFIG], args[2:])
+    cache = open_cache(cfg, pretrained_pipeline(cfg.model))
+    assert len(cache) == 5 and {cache.caption(i) for i in range(5)} == {"a photo of sks dog"}
+    assert cache.manifest["settings"]["source"]["instance_prompt"] == "a photo of sks dog"
+    embeds = np.stack([cache[i]["prompt_embeds"] for i in range(5)])
+    np.testing.assert_array_equal(embeds, np.broadcast_to(embeds[0], embeds.shape))  # one caption, one encoding
+    assert not np.array_equal(embeds[0], cache.empty_prompt()["prompt_embeds"])
+
+    # Another instance prompt is another cache; a cache made without one keeps its settings.
+    with pytest.raises(CacheMismatchError, match='source.instance_prompt: cache has "a photo of sks dog"'):
+        open_cache(config_lib.load([DEMO_CONFIG], [*args[2:], "data.instance_prompt=a photo of sks cat"]),
+                   pretrained_pipeline(cfg.model))
+    assert "instance_prompt" not in SourceSpec("imagefolder", str(photos)).to_json()
+
+    # Bad input: one line, exit 2, before anything loads.
+    capsys.readouterr()
+    for extra, expected in ((["data.instance_prompt=' '"], "data.instance_prompt must not be empty"),
+                            (["data.source=hf"], "data.instance_prompt captions a folder of images")):
+        assert cli.main(["prepare", *args, *extra]) == 2
+        assert expected in capsys.readouterr().err

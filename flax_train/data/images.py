@@ -68,6 +68,8 @@ class SourceSpec:
     image_column: str = "image"  # hf only; imagefolder metadata names files in "file_name"
     split: str = "train"  # hf only
     dataset_config: str | None = None  # hf only: the dataset's configuration name, if it has several
+    # DreamBooth: every image under the `path` folder, each with this one caption (none read).
+    instance_prompt: str | None = None
 
     KINDS = get_args(DataSource)
 
@@ -81,6 +83,8 @@ class SourceSpec:
         if self.kind != "hf":
             for name in ("image_column", "split", "dataset_config"):
                 fields.pop(name)
+        if self.instance_prompt is None:  # caches made before the key existed keep their settings
+            fields.pop("instance_prompt")
         return fields
 
 
@@ -131,23 +135,31 @@ class ImageFolderSource:
         return self._samples[index]
 
 
+def _image_files(root: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files anywhere under `root`, sorted, and those rejected (resolving outside it)."""
+    if not root.is_dir():
+        raise InputNotFound(f"{root}: no such dataset folder")
+    images, rejected = [], []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
+        if _inside(root, path.resolve()):
+            images.append(path)
+        else:
+            rejected.append((str(path.relative_to(root)), "path outside dataset folder"))
+    return images, rejected
+
+
 class CaptionTxtSource:
     """Image files anywhere under a folder, each with a caption in the same-name `.txt` file."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).resolve()
-        if not self.root.is_dir():
-            raise InputNotFound(f"{self.root}: no such dataset folder")
-        self.rejected: list[tuple[str, str]] = []
+        images, self.rejected = _image_files(self.root)
         self._images: list[Path] = []
-        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-            key = str(path.relative_to(self.root))
-            if not _inside(self.root, path.resolve()):
-                self.rejected.append((key, "path outside dataset folder"))
-            elif not path.with_suffix(".txt").is_file():
-                self.rejected.append((key, "missing caption file"))
-            else:
+        for path in images:
+            if path.with_suffix(".txt").is_file():
                 self._images.append(path)
+            else:
+                self.rejected.append((str(path.relative_to(self.root)), "missing caption file"))
 
     def __len__(self) -> int:
         return len(self._images)
@@ -156,6 +168,23 @@ class CaptionTxtSource:
         path = self._images[index]
         caption = path.with_suffix(".txt").read_text(encoding="utf-8", errors="replace")
         return RawSample(key=str(path.relative_to(self.root)), image=path, caption=caption)
+
+
+class InstanceSource:
+    """DreamBooth's instance images: every image file anywhere under a folder, each captioned with
+    the one `prompt` ("a photo of sks dog"); caption files and metadata, if any, are not read."""
+
+    def __init__(self, root: str | os.PathLike, prompt: str):
+        self.root = Path(root).resolve()
+        self._images, self.rejected = _image_files(self.root)
+        self._prompt = prompt
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> RawSample:
+        path = self._images[index]
+        return RawSample(key=str(path.relative_to(self.root)), image=path, caption=self._prompt)
 
 
 class HFSource:
@@ -216,6 +245,8 @@ def open_source(spec: SourceSpec) -> Source | TarSource:
         from flax_train.data.webdataset import list_tars
 
         return TarSource(list_tars(spec.path), spec.caption_column)
+    if spec.instance_prompt is not None:
+        return InstanceSource(spec.path, spec.instance_prompt)
     if spec.kind == "imagefolder":
         return ImageFolderSource(spec.path, spec.caption_column)
     if spec.kind == "captions_txt":

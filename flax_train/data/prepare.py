@@ -575,6 +575,7 @@ def specs_from_config(cfg: config_lib.Config) -> tuple[SourceSpec, PreprocessSpe
         image_column=d.image_column,
         split=d.split,
         dataset_config=d.dataset_config,
+        instance_prompt=d.instance_prompt,
     )
     preprocess = PreprocessSpec(
         resolution=d.resolution,
