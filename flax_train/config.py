@@ -201,6 +201,9 @@ class DataConfig:
     # nearest bucket left. `flax-train buckets` shows the choice before anything is encoded.
     max_buckets: int | None = None
     min_bucket_images: int = 0
+    # The share of the cache held out of training for validation.loss_every_steps (of each bucket:
+    # the same evenly spaced samples in every run); 0: none, training sees every sample.
+    validation_split: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +299,9 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class ValidationConfig:
     every_steps: int = 0  # 0: no validation images
+    # The loss on the samples data.validation_split holds out, with fixed noise and timesteps,
+    # every this many steps and at the last (val_loss in the metrics); 0: off.
+    loss_every_steps: int = 0
     prompts: tuple[str, ...] = ()  # --validation_prompt
     negative_prompt: str | None = None  # null: the model's unconditional input (zeros for SDXL), as diffusers
     num_steps: int = 25
@@ -769,6 +775,11 @@ def validate(config: Config, num_devices: int | None = None) -> None:
         v.every_steps == 0 or len(v.prompts) > 0,
         f"validation.prompts is empty but validation.every_steps={v.every_steps}; add prompts or set every_steps: 0",
     )
+    check(v.loss_every_steps >= 0, f"validation.loss_every_steps must be >= 0 (0: off), got {v.loss_every_steps}")
+    check(0 <= d.validation_split < 1, f"data.validation_split must be in [0, 1), got {d.validation_split}")
+    check(v.loss_every_steps <= 0 or d.validation_split > 0,
+          f"validation.loss_every_steps={v.loss_every_steps} needs held-out samples; set data.validation_split "
+          "(e.g. 0.05) or validation.loss_every_steps: 0")
     check(v.num_steps >= 1, f"validation.num_steps must be >= 1, got {v.num_steps}")
     check(v.guidance_scale >= 0, f"validation.guidance_scale must be >= 0, got {v.guidance_scale}")
     check(v.max_text_chunks >= 1, f"validation.max_text_chunks must be >= 1, got {v.max_text_chunks}")

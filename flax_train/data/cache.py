@@ -585,6 +585,12 @@ class LatentCache:
 # start of the next), every batch full. The epoch's batches are shuffled, from the seed and the
 # epoch, to decide which bucket each step takes. A bucket of fewer samples than a batch repeats
 # samples within a batch (the loader warns; merge such buckets when preparing).
+#
+# A validation split (`validation_split` > 0, the share of the cache validation holds out) takes
+# floor(n x share) samples of each bucket (n samples) out of its stream: evenly spaced positions,
+# a function of n and the share alone, so the same in every run, on every process, whatever the
+# seed (`held_out`). The streams then shuffle the samples left; with no split they are exactly
+# what they were before validation splits existed.
 
 # Enough to hide a 40 ms latency until a process's CPU is the limit: one process read 1,087 SDXL
 # samples/s at 40 ms a read and 1,002 with none (docs/loader.md).
@@ -592,15 +598,35 @@ READS_IN_FLIGHT = 512
 MAX_READER_THREADS = 64
 
 
-def batch_indices(num_samples: int, local_batch_size: int, seed: int, process_index: int, process_count: int) -> grain.MapDataset:
+def held_out(num_samples: int, share: float) -> np.ndarray:
+    """The positions among ``num_samples`` samples that a validation split of ``share`` holds out:
+    floor(num_samples x share) of them, evenly spaced (see the comment above)."""
+    # The small epsilon: a share such as 0.29 of 100 samples is 28.999... in floating point.
+    count = math.floor(num_samples * share + 1e-9)
+    return (2 * np.arange(count, dtype=np.int64) + 1) * num_samples // (2 * count) if count else np.zeros(0, np.int64)
+
+
+def training_samples(num_samples: int, share: float) -> np.ndarray | None:
+    """The positions among ``num_samples`` left for training by a validation split of ``share``
+    (None: all of them)."""
+    out = held_out(num_samples, share)
+    return np.setdiff1d(np.arange(num_samples, dtype=np.int64), out) if len(out) else None
+
+
+def _shuffled(num_samples: int, seed: int, kept: np.ndarray | None) -> grain.MapDataset:
+    """The positions ``kept`` (None: all of ``num_samples``), reshuffled at every pass (grain folds
+    the pass into the seed), endlessly."""
+    stream = grain.MapDataset.range(num_samples if kept is None else len(kept)).shuffle(seed=seed).repeat()
+    return stream if kept is None else stream.map(lambda i: kept[i])
+
+
+def batch_indices(num_samples: int, local_batch_size: int, seed: int, process_index: int, process_count: int,
+                  validation_split: float = 0.0) -> grain.MapDataset:
     """The sample indices of this process's batches, in order: lazy, so a cache of any size costs
     no memory here."""
-    return (
-        grain.MapDataset.range(num_samples)
-        .shuffle(seed=seed % 2**32)
-        .repeat()  # each epoch shuffled anew: grain folds the epoch into the seed
-        .batch(local_batch_size, drop_remainder=True)
-    )[process_index::process_count]
+    kept = training_samples(num_samples, validation_split)
+    return _shuffled(num_samples, seed % 2**32, kept).batch(local_batch_size, drop_remainder=True)[
+        process_index::process_count]
 
 
 _BUCKET_ORDER_STREAM = 0xB0C  # any constant: the stream of the epochs' bucket orders under the seed
@@ -612,15 +638,16 @@ class BucketBatches:
     ``batch_indices``."""
 
     def __init__(self, cache_buckets: Sequence[CacheBucket], global_batch_size: int, seed: int,
-                 process_index: int, process_count: int):
+                 process_index: int, process_count: int, validation_split: float = 0.0):
         self.buckets = [b for b in cache_buckets if len(b)]
-        self.counts = np.array([len(b) for b in self.buckets], np.int64)
+        kept = [training_samples(len(b), validation_split) for b in self.buckets]
+        self.counts = np.array([len(b) if k is None else len(k) for b, k in zip(self.buckets, kept)], np.int64)
         self.global_batch, self.seed = global_batch_size, seed
         self.rows = slice(process_index * global_batch_size // process_count,
                           (process_index + 1) * global_batch_size // process_count)
         # Each bucket's stream, reshuffled at every pass, from a seed of its own.
         seeds = np.random.SeedSequence(seed % 2**32).generate_state(len(self.buckets))
-        self.streams = [grain.MapDataset.range(len(b)).shuffle(seed=int(k)).repeat() for b, k in zip(self.buckets, seeds)]
+        self.streams = [_shuffled(len(b), int(k), samples) for b, k, samples in zip(self.buckets, seeds, kept)]
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, the bucket of each of its batches)
 
     def _batches_before(self, epoch: int) -> np.ndarray:
@@ -730,17 +757,20 @@ def make_loader(
     process_count: int | None = None,
     reads_in_flight: int = READS_IN_FLIGHT,
     num_batches: int | None = None,
+    validation_split: float = 0.0,
 ) -> Loader:
     """This process's infinite stream of batches; see the comment above. Host memory holds at most
     about 4 x reads_in_flight samples: twice that many read ahead, and the batches being read,
     twice while they are copied (never fewer than 2 batches read ahead). ``num_batches``: see
-    ``Loader``."""
+    ``Loader``. ``validation_split``: the share of each bucket held out (``held_out``)."""
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
         raise BadInput(f"global batch size {global_batch_size} is not divisible by the {process_count} processes")
-    if len(cache) < global_batch_size:
-        raise BadInput(f"the cache holds {len(cache)} samples: fewer than one global batch of {global_batch_size}")
+    training = len(cache) - sum(len(held_out(len(b), validation_split)) for b in cache.buckets)
+    if training < global_batch_size:
+        left = f" ({training} left for training by data.validation_split={validation_split})" if validation_split else ""
+        raise BadInput(f"the cache holds {len(cache)} samples{left}: fewer than one global batch of {global_batch_size}")
     local_batch_size = global_batch_size // process_count
     threads = min(MAX_READER_THREADS, math.ceil(reads_in_flight / local_batch_size))
     if len([b for b in cache.buckets if len(b)]) > 1:
@@ -748,7 +778,18 @@ def make_loader(
         if small:
             log.warning("buckets with fewer samples than a global batch of %d repeat samples within a batch: %s",
                         global_batch_size, ", ".join(small))
-        indices = BucketBatches(cache.buckets, global_batch_size, seed, process_index, process_count)
+        indices = BucketBatches(cache.buckets, global_batch_size, seed, process_index, process_count, validation_split)
     else:
-        indices = batch_indices(len(cache), local_batch_size, seed, process_index, process_count)
+        indices = batch_indices(len(cache), local_batch_size, seed, process_index, process_count, validation_split)
     return Loader(cache.read_batch, indices, threads=threads, read_ahead=2 * threads, num_batches=num_batches)
+
+
+def validation_batches(cache_buckets: Sequence[CacheBucket], share: float, global_batch_size: int) -> list[np.ndarray]:
+    """The held-out samples (``held_out``) as global batches of ``global_batch_size`` cache
+    indices, bucket by bucket, in order; the rest of each bucket's held-out samples, short of a
+    batch, left out (every batch full: one compiled shape per bucket)."""
+    out = []
+    for bucket in cache_buckets:
+        samples = bucket.first + held_out(len(bucket), share)
+        out += [samples[i:i + global_batch_size] for i in range(0, len(samples) - global_batch_size + 1, global_batch_size)]
+    return out

@@ -622,7 +622,9 @@ def open_cache(cfg: config_lib.Config, base: str | os.PathLike, *, prepare_if_mi
 
 def make_loader(cfg: config_lib.Config, cache: LatentCache):
     """Batches of ``global_batch_size x grad_accum_steps`` rows (this process's share), one per
-    step up to ``train.max_steps``, checkpointable."""
+    step up to ``train.max_steps``, checkpointable; without the samples ``data.validation_split``
+    holds out."""
     rows = cfg.train.global_batch_size * cfg.train.grad_accum_steps
     return cache_lib.make_loader(cache, global_batch_size=rows, seed=cfg.train.seed,
-                                 reads_in_flight=cfg.data.reads_in_flight, num_batches=cfg.train.max_steps)
+                                 reads_in_flight=cfg.data.reads_in_flight, num_batches=cfg.train.max_steps,
+                                 validation_split=cfg.data.validation_split)

@@ -1,7 +1,8 @@
 """A training run, top to bottom in pipeline order:
 
-mesh -> latent cache and loader -> UNet (sharded) and optimizer -> resume -> compiled step -> loop
-(metrics one step late, checkpoints, validation images, preemption) -> export.
+mesh -> latent cache and loader -> UNet (sharded) and optimizer -> resume -> compiled step (and
+validation loss) -> loop (metrics one step late, checkpoints, validation loss and images,
+preemption) -> export.
 
 The step is one ``jax.jit`` with explicit in/out shardings and donated state, compiled ahead of
 time so that shape, sharding and memory problems surface before step 1.
@@ -26,7 +27,9 @@ from flax_train.data import prepare
 from flax_train.train.model import build_lora_unet, build_unet, lora_init
 from flax_train.train.restore import checkpoint_dir, export_params
 from flax_train.train.state import TrainState, build_optimizer, build_state, frozen_of, trainable, with_frozen
-from flax_train.train.step import compile_step, global_batch, make_step_fn, model_flops_per_image, unconditional_inputs
+from flax_train.train.step import (compile_step, global_batch, make_step_fn, model_flops_per_image, step_config,
+                                   unconditional_inputs)
+from flax_train.train.validation_loss import ValidationLoss
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,11 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
 
     # 5. The step, compiled ahead of time: once per bucket (image size) of the cache, all before step 1.
     step_fn = make_step_fn(cfg, graphdef, tx, lr, schedule, empty, prediction_type)
+    validation_loss = None  # built first: it refuses a split too small for a batch before the slow compiles
+    if cfg.validation.loss_every_steps:
+        validation_loss = ValidationLoss(cfg, cache, graphdef, schedule, step_config(cfg, prediction_type), state,
+                                         state_shardings, mesh,
+                                         [b.shapes for b in batch_shapes(cache, cfg.train.global_batch_size)])
     first = next(loader)
     images_per_step = cfg.train.global_batch_size * cfg.train.grad_accum_steps
     shapes = batch_shapes(cache, images_per_step)
@@ -236,6 +244,11 @@ def _train(cfg: config_lib.Config, max_steps: int | None, guard: checkpoint.Pree
                 pending = None
                 ckpt.save(step, trainable(state), loader.get_state(), force=step == end_step)
                 writer.flush()
+            if validation_loss and (step % cfg.validation.loss_every_steps == 0 or step == end_step):
+                if pending is not None:  # the step's own row first
+                    report(*pending)
+                    pending = None
+                writer.scalars(step, validation_loss(state))
             if validator and (step % cfg.validation.every_steps == 0 or step == end_step):
                 averaged = state.ema if state.ema is not None else state.params
                 validator.run(step, *validation_models(graphdef, unet_state(state, averaged)))

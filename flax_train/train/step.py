@@ -56,20 +56,37 @@ def diffusion_loss(
     """The step's loss of the UNet ``graphdef`` with ``params`` (and, for LoRA, ``frozen``) on ``batch``.
     With ``lora.train_text_encoder`` the graph also holds both text encoders, and the batch the
     captions' token ids in place of their embeddings."""
+    def loss(unet: nnx.Module, batch: dict[str, jax.Array]) -> jax.Array:
+        return _unet_loss(unet, batch, key, schedule, timestep_weights, empty, cfg)
+
     if frozen is None:
-        return _unet_loss(nnx.merge(graphdef, params), batch, key, schedule, timestep_weights, empty, cfg)
-    # LoRA: the factors beside the frozen weights (no gradient: only ``params`` is differentiated).
-    parts = lora.components(nnx.merge(graphdef, lora.combine(params, frozen)))
+        return model_loss(graphdef, params, frozen, batch, loss)
     # The dropout masks' key is folded in rather than split off with the keys in _unet_loss, so
     # that everything else draws what a full fine-tune draws.
     with lora.dropout(jax.random.fold_in(key, LORA_DROPOUT_STREAM)):
-        if "text_encoder" in parts:
-            # Encoded here, through the adapted encoders; caption dropout then replaces the result
-            # as it replaces cached embeddings.
-            embeds = clip.encode_prompts(parts["text_encoder"], parts["text_encoder_2"], batch["input_ids"],
-                                         batch["input_ids_2"])
-            batch = dict(batch, **dict(zip(("prompt_embeds", "pooled_prompt_embeds"), embeds)))
-        return _unet_loss(parts["unet"], batch, key, schedule, timestep_weights, empty, cfg)
+        return model_loss(graphdef, params, frozen, batch, loss)
+
+
+def model_loss(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    frozen: nnx.State | None,
+    batch: dict[str, jax.Array],
+    loss: Callable[[nnx.Module, dict[str, jax.Array]], jax.Array],
+) -> jax.Array:
+    """``loss(unet, batch)`` of the UNet ``graphdef`` with ``params`` (and, for LoRA, ``frozen``):
+    what the training step and the validation loss share."""
+    if frozen is None:
+        return loss(nnx.merge(graphdef, params), batch)
+    # LoRA: the factors beside the frozen weights (no gradient: only ``params`` is differentiated).
+    parts = lora.components(nnx.merge(graphdef, lora.combine(params, frozen)))
+    if "text_encoder" in parts:
+        # Encoded here, through the adapted encoders; the step's caption dropout then replaces
+        # the result as it replaces cached embeddings.
+        embeds = clip.encode_prompts(parts["text_encoder"], parts["text_encoder_2"], batch["input_ids"],
+                                     batch["input_ids_2"])
+        batch = dict(batch, **dict(zip(("prompt_embeds", "pooled_prompt_embeds"), embeds)))
+    return loss(parts["unet"], batch)
 
 
 def _unet_loss(
@@ -85,7 +102,6 @@ def _unet_loss(
     k_noise, k_time, k_drop = jax.random.split(key, 3)
     noise = diffusion.sample_noise(k_noise, latents.shape, cfg.noise_offset)
     t = diffusion.sample_timesteps(k_time, latents.shape[0], timestep_weights, schedule.num_train_timesteps)
-    noisy = diffusion.add_noise(schedule, latents, noise, t)
     prompt_embeds, pooled = diffusion.drop_captions(
         k_drop,
         batch["prompt_embeds"],
@@ -94,12 +110,30 @@ def _unet_loss(
         empty["pooled_prompt_embeds"],
         cfg.caption_dropout,
     )
-    pred = unet(noisy, t, prompt_embeds, text_embeds=pooled, time_ids=batch["add_time_ids"]).astype(jnp.float32)
+    conditioned = dict(batch, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled)
+    return per_example_loss(unet, conditioned, latents, noise, t, schedule, cfg).mean()
+
+
+def per_example_loss(
+    unet: nnx.Module,
+    batch: dict[str, jax.Array],
+    latents: jax.Array,
+    noise: jax.Array,
+    t: jax.Array,
+    schedule: diffusion.NoiseSchedule,
+    cfg: StepConfig,
+) -> jax.Array:
+    """Each example's loss of the UNet on ``latents`` (float32) noised with ``noise`` to the
+    timesteps ``t``, conditioned on ``batch``'s embeddings: the prediction's squared error,
+    min-SNR weighted when the config says so."""
+    noisy = diffusion.add_noise(schedule, latents, noise, t)
+    pred = unet(noisy, t, batch["prompt_embeds"], text_embeds=batch["pooled_prompt_embeds"],
+                time_ids=batch["add_time_ids"]).astype(jnp.float32)
     target = diffusion.target(schedule, cfg.prediction_type, latents, noise, t)
     per_example = jnp.mean(jnp.square(pred - target), axis=tuple(range(1, pred.ndim)))
     if cfg.snr_gamma:
         per_example = per_example * diffusion.min_snr_weight(schedule, t, cfg.snr_gamma, cfg.prediction_type)
-    return per_example.mean()
+    return per_example
 
 
 def train_step(
@@ -266,25 +300,41 @@ def compile_step(
     mesh: jax.sharding.Mesh,
 ) -> CompiledStep:
     """Traces, lowers and compiles the step ahead of time (see ``CompiledStep``)."""
+    start = time.perf_counter()
+    compiled = compile_ahead(step_fn, state, state_shardings, batch_shapes, mesh,
+                             out_shardings=(state_shardings, sharding.replicated(mesh)), donate_state=True)
+    seconds = time.perf_counter() - start
+    return CompiledStep(compiled, seconds, hardware_flops(compiled, mesh.size))
+
+
+def compile_ahead(
+    fn: Callable,
+    state: TrainState,
+    state_shardings: Any,
+    batch_shapes: dict[str, jax.ShapeDtypeStruct],
+    mesh: jax.sharding.Mesh,
+    *,
+    out_shardings: Any,
+    donate_state: bool,
+) -> Any:
+    """``fn(state, batch)`` traced, lowered and compiled ahead of time, the state sharded as
+    ``state_shardings`` and the batch along the mesh's batch axes."""
     batch_shardings = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes.items()}
     jitted = jax.jit(
-        step_fn,
+        fn,
         in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
+        out_shardings=out_shardings,
+        donate_argnums=(0,) if donate_state else (),
     )
     abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     abstract_batch = {
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in batch_shapes.items()
     }
-    start = time.perf_counter()
     # The mesh as the ambient one while tracing: kernels that must run per device (splash
     # attention's shard_map, models.layers._per_device) read it from there.
     with jax.set_mesh(mesh):
         traced = jitted.trace(abstract_state, abstract_batch)
-    compiled = traced.lower().compile()
-    seconds = time.perf_counter() - start
-    return CompiledStep(compiled, seconds, hardware_flops(compiled, mesh.size))
+    return traced.lower().compile()
 
 
 def hardware_flops(compiled: Any, devices: int) -> float | None:
