@@ -74,7 +74,7 @@ def run_layout(cfg, layout: str, args) -> dict:
     state, state_shardings = train.build_state(cfg, params, tx, mesh, rules)
 
     batch = args.batch
-    shapes, empty = train.batch_spec(architecture, batch, cfg.data.resolution // args.vae_factor)
+    shapes, empty = train.batch_spec(architecture, batch, cfg.data.resolution // args.vae_factor, cfg.data.max_text_chunks)
     rng = np.random.default_rng(0)
     host_batch = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in shapes.items()}
     host_batch["add_time_ids"][:] = [cfg.data.resolution] * 2 + [0, 0] + [cfg.data.resolution] * 2

@@ -204,6 +204,9 @@ class DataConfig:
     # The share of the cache held out of training for validation.loss_every_steps (of each bucket:
     # the same evenly spaced samples in every run); 0: none, training sees every sample.
     validation_split: float = 0.0
+    # Chunks of 75 tokens each caption is encoded in (1: CLIP's 77 tokens; 2 or 3 for 150 / 225),
+    # as `flax-train sample --max-text-chunks` reads a prompt; longer captions are cut and counted.
+    max_text_chunks: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -677,6 +680,7 @@ def validate(config: Config, num_devices: int | None = None) -> None:
     check(d.min_bucket_images >= 0, f"data.min_bucket_images must be at least 0, got {d.min_bucket_images}")
     check(bool(d.buckets) or (d.max_buckets is None and d.min_bucket_images == 0),
           "data.max_buckets and data.min_bucket_images choose among data.buckets, which is empty")
+    check(d.max_text_chunks >= 1, f"data.max_text_chunks must be >= 1, got {d.max_text_chunks}")
 
     t = config.train
     check(t.global_batch_size >= 1, f"train.global_batch_size must be >= 1, got {t.global_batch_size}")

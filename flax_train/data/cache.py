@@ -5,15 +5,16 @@ Layout of a cache directory (a local path or anything `etils.epath` opens, such 
     manifest.json             written last, when every shard exists: settings, counts, record layout,
                               where each shard's records start
     plan.json                 settings and shard layout of a prepare in progress (for resuming)
-    empty_prompt.safetensors  prompt_embeds [77, 2048] and pooled_prompt_embeds [1280] of ""
+    empty_prompt.safetensors  prompt_embeds [77 * N, 2048] and pooled_prompt_embeds [1280] of ""
     skipped.json              every source entry that was skipped, with the reason
     shards/shard-00000.safetensors ...
 
 Shard k holds the usable samples among source items [k * shard_size, (k + 1) * shard_size) (of a
 WebDataset: those of tar k), one record per sample: the tensor `records` [n, record_bytes] (uint8) holds each sample's arrays back
 to back (`latents` [4, h, w], `add_time_ids` [6] int32, `pooled_prompt_embeds` [1280],
-`prompt_embeds` [77, 2048]; with the `token_ids` setting also `input_ids` and `input_ids_2` [77]
-int32, both tokenizers' ids of the caption), `index` [n] the source item; the safetensors metadata
+`prompt_embeds` [77 * N, 2048]; with the `token_ids` setting also `input_ids` and `input_ids_2` [77 * N]
+int32, both tokenizers' ids of the caption), `index` [n] the source item; N is the
+`max_text_chunks` setting (1: CLIP's 77 tokens; see `CacheSettings`); the safetensors metadata
 holds the captions, keys, skipped entries and the record layout. A shard is written in one piece
 (temporary file + rename), so a shard file that exists is complete. With aspect-ratio buckets
 (`PreprocessSpec.buckets`) the samples of a shard are stored bucket by bucket, a records tensor for
@@ -97,6 +98,9 @@ class CacheSettings:
     latent_source: str = "mean"  # "mean": VAE posterior mean; "sample": a draw from the posterior
     dtype: str = "float32"  # storage dtype of latents and embeddings
     token_ids: bool = False  # also keep the captions' token ids (TOKEN_ARRAYS)
+    # Each caption laid out in this many chunks of 75 tokens (sdxl_common.prompt_weights.chunk),
+    # encoded as the sampler encodes a prompt of that many chunks; longer captions are cut.
+    max_text_chunks: int = 1
 
     def __post_init__(self):
         if self.latent_source not in LATENT_SOURCES:
@@ -113,9 +117,12 @@ class CacheSettings:
             "latent_source": self.latent_source,
             "dtype": self.dtype,
         }
-        # Buckets and token_ids only when set: caches made before those settings existed still match.
+        # Buckets, token_ids and max_text_chunks only when set: caches made before those settings
+        # existed still match.
         if self.token_ids:
             settings["token_ids"] = True
+        if self.max_text_chunks != 1:
+            settings["max_text_chunks"] = self.max_text_chunks
         return _jsonable(settings)
 
 
@@ -368,11 +375,19 @@ def write_manifest(
             **tables,
             # Buckets prepare dropped (PreprocessSpec.fits_buckets): the images each would have held.
             **({"buckets_dropped": plan["buckets"]["dropped"]} if "buckets" in plan else {}),
+            **({"captions_cut": captions_cut(headers)} if "max_text_chunks" in plan["settings"] else {}),
             "shards": shards,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
     return num_samples, skipped
+
+
+def captions_cut(headers: Sequence[ShardHeader]) -> dict[str, int]:
+    """The captions longer than a cache's text chunks hold, over its shards: how many were cut and
+    the most tokens one of them lost (each shard counts its own, see prepare's _ShardAssembler)."""
+    cuts = [h.metadata["captions_cut"] for h in headers]
+    return {"count": sum(c["count"] for c in cuts), "max_tokens_dropped": max((c["max_tokens_dropped"] for c in cuts), default=0)}
 
 
 def write_empty_prompt(cache_dir: epath.Path, arrays: Mapping[str, np.ndarray]) -> None:
@@ -381,7 +396,7 @@ def write_empty_prompt(cache_dir: epath.Path, arrays: Mapping[str, np.ndarray]) 
 
 
 def read_empty_prompt(cache_dir: str | os.PathLike) -> dict[str, np.ndarray]:
-    """prompt_embeds [77, 2048] and pooled_prompt_embeds [1280] of the empty caption."""
+    """prompt_embeds [77 * max_text_chunks, 2048] and pooled_prompt_embeds [1280] of the empty caption."""
     return safetensors.numpy.load(epath.Path(cache_dir, EMPTY_PROMPT).read_bytes())
 
 

@@ -69,12 +69,15 @@ from flax_train.data.images import (
     prepare_sample,
 )
 from flax_train import config as config_lib, models, sharding
-from sdxl_common import buckets, sdxl
+from sdxl_common import buckets, prompt_weights, sdxl
 from sdxl_common.storage import atomic_write_bytes
-from flax_train.models.clip import encode_prompts
+from flax_train.prompt_encoding import encode_text
 from flax_train.models.vae import sample_posterior
 
 log = logging.getLogger(__name__)
+
+# The tokens of each caption past its text chunks: counted for the manifest, not stored in the cache.
+TOKENS_DROPPED = "tokens_dropped"
 
 
 def cache_settings(
@@ -86,6 +89,7 @@ def cache_settings(
     latent_source: str = "mean",
     dtype: str = "float32",
     token_ids: bool = False,
+    max_text_chunks: int = 1,
 ) -> CacheSettings:
     """The settings a cache for this data and model must have; training checks a cache against them."""
     return CacheSettings(
@@ -95,6 +99,7 @@ def cache_settings(
         latent_source=latent_source,
         dtype=dtype,
         token_ids=token_ids,
+        max_text_chunks=max_text_chunks,
     )
 
 
@@ -118,7 +123,12 @@ def encode_image(vae: Any, pixels: jax.Array, indices: jax.Array, latent_source:
 
 
 class Encoder:
-    """Tokenizers on the host; VAE + text encoders jitted once for `batch_size` samples over `devices`."""
+    """Tokenizers on the host; VAE + text encoders jitted once for `batch_size` samples over `devices`.
+
+    With ``max_text_chunks`` N > 1 each caption is laid out in N chunks of 75 tokens and encoded
+    as the sampler encodes a prompt of N chunks without weighting (`prompt_encoding.encode_text`):
+    prompt_embeds of N * 77 rows, the pooled embedding of the first chunk. Each row's
+    ``tokens_dropped`` then says how many tokens of its caption did not fit."""
 
     def __init__(
         self,
@@ -130,6 +140,7 @@ class Encoder:
         latent_source: str = "mean",
         seed: int = 0,
         token_ids: bool = False,
+        max_text_chunks: int = 1,
     ):
         devices = list(jax.devices() if devices is None else devices)
         if batch_size % len(devices):
@@ -139,6 +150,7 @@ class Encoder:
         self.batch_size = batch_size
         self.local_batch_size = batch_size // num_processes
         self.tokenizers = sdxl.load_tokenizers(model_path)
+        self.text_chunks = max_text_chunks
         vae = models.load(vae_path) if vae_path is not None else models.load(model_path, subfolder="vae")
         modules = (vae, models.load(model_path, subfolder="text_encoder"), models.load(model_path, subfolder="text_encoder_2"))
         graphdefs, states = zip(*(nnx.split(m) for m in modules))
@@ -148,24 +160,40 @@ class Encoder:
         self._states = jax.device_put(states, replicated)
         self._batch = NamedSharding(self.mesh, P("data"))
 
-        def encode(states, pixels, ids1, ids2, indices):
+        def encode(states, pixels, ids1, ids2, indices, dropped):
             vae, te1, te2 = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
-            prompt_embeds, pooled = encode_prompts(te1, te2, ids1, ids2)
+            prompt_embeds, pooled = encode_text(te1, te2, {"ids": ids1}, {"ids": ids2}, chunks=max_text_chunks,
+                                                weighting=None)
             out = {
                 "latents": encode_image(vae, pixels, indices, latent_source, seed),
                 "prompt_embeds": prompt_embeds,
                 "pooled_prompt_embeds": pooled,
             }
-            if token_ids:  # through the devices with the rest, so every row comes back in one place
+            # Through the devices with the rest, so every row comes back in one place.
+            if token_ids:
                 out.update(zip(cache_lib.TOKEN_ARRAYS, (ids1, ids2)))
+            if max_text_chunks > 1:
+                out[TOKENS_DROPPED] = dropped
             return out
 
-        self._encode = jax.jit(encode, in_shardings=(replicated,) + (self._batch,) * 4, out_shardings=self._batch)
+        self._encode = jax.jit(encode, in_shardings=(replicated,) + (self._batch,) * 5, out_shardings=self._batch)
+
+    def tokenize(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Both tokenizers' int32 ids (B, 77 * max_text_chunks) of the captions, and the tokens
+        each caption loses past the chunks (the more of the two tokenizers'; 0s with one chunk,
+        which is cut as SDXL's pipeline cuts it)."""
+        if self.text_chunks == 1:
+            return *sdxl.tokenize(self.tokenizers, captions), np.zeros(len(captions), np.int32)
+        laid_out = [[prompt_weights.prompt_tokens(tokenizer, caption, self.text_chunks, sdxl.TOKEN_LENGTH, None)[0]
+                     for caption in captions] for tokenizer in self.tokenizers]
+        ids1, ids2 = (np.stack([c.ids.reshape(-1) for c in chunks]).astype(np.int32) for chunks in laid_out)
+        dropped = np.array([max(len(a.dropped), len(b.dropped)) for a, b in zip(*laid_out)], np.int32)
+        return ids1, ids2, dropped
 
     def dispatch(self, pixels: np.ndarray, captions: Sequence[str], indices: np.ndarray) -> dict[str, jax.Array]:
         """Starts encoding this process's share of a batch; returns without waiting for the result."""
-        ids1, ids2 = sdxl.tokenize(self.tokenizers, captions)
-        local = (pixels, ids1, ids2, indices.astype(np.int32))
+        ids1, ids2, dropped = self.tokenize(captions)
+        local = (pixels, ids1, ids2, indices.astype(np.int32), dropped)
         arrays = [jax.make_array_from_process_local_data(self._batch, x) for x in local]
         return self._encode(self._states, *arrays)
 
@@ -192,6 +220,7 @@ class PrepareReport:
     already_done: bool = False
     buckets: dict[str, int] | None = None  # "WxH" -> samples, with aspect-ratio buckets
     buckets_dropped: dict[str, int] | None = None  # "WxH" -> images it would have held
+    captions_cut: dict[str, int] | None = None  # with max_text_chunks > 1: the manifest's captions_cut
 
     @property
     def skipped_by_reason(self) -> dict[str, int]:
@@ -252,9 +281,11 @@ class _ShardAssembler:
     WebDataset). ``sizes``: the buckets of a cache with buckets, in order."""
 
     def __init__(self, cache_dir: epath.Path, shards: list[int], stride: int, storage: np.dtype,
-                 row_shapes: dict[str, tuple], sizes: Sequence[tuple[int, int]] = ()):
+                 row_shapes: dict[str, tuple], sizes: Sequence[tuple[int, int]] = (), count_cuts: bool = False):
         # Item i belongs to shard i // stride.
         self.cache_dir, self.stride, self.storage, self.row_shapes = cache_dir, stride, storage, row_shapes
+        # With text chunks, each shard's metadata counts its captions cut (cache.captions_cut sums them).
+        self.cuts: dict[int, list[int]] | None = {k: [] for k in shards} if count_cuts else None
         self.bucket_order = {tuple(size): k for k, size in enumerate(sizes)} if sizes else None
         self.expected: dict[int, int | None] = {k: None for k in shards}
         self.samples: dict[int, list[tuple[PreparedSample, dict[str, np.ndarray]]]] = {k: [] for k in shards}
@@ -265,19 +296,23 @@ class _ShardAssembler:
         self.expected[shard] = count
         self._write_if_complete(shard)
 
-    def add(self, result: PreparedSample | _Skip, row: dict[str, np.ndarray]) -> None:
+    def add(self, result: PreparedSample | _Skip, row: dict[str, np.ndarray], tokens_dropped: int = 0) -> None:
         shard = result.index // self.stride
         if isinstance(result, _Skip):
             self.skips[shard].append(result)
             self.num_skipped += 1
         else:
             self.samples[shard].append((result, row))
+            if self.cuts is not None and tokens_dropped:
+                self.cuts[shard].append(tokens_dropped)
         self._write_if_complete(shard)
 
     def _write_if_complete(self, shard: int) -> None:
         if len(self.samples[shard]) + len(self.skips[shard]) == self.expected[shard]:
             atomic_write_bytes(shard_path(self.cache_dir, shard), self._encode(shard))
             del self.samples[shard], self.skips[shard], self.expected[shard]
+            if self.cuts is not None:
+                del self.cuts[shard]
             self.written += 1
 
     def _bucket(self, sample: PreparedSample) -> tuple[int, int] | None:
@@ -306,6 +341,8 @@ class _ShardAssembler:
             "captions": [s.caption for s in samples],
             "skipped": [[s.key, s.reason] for s in sorted(self.skips[shard], key=lambda s: s.index)],
         }
+        if self.cuts is not None:
+            metadata["captions_cut"] = {"count": len(self.cuts[shard]), "max_tokens_dropped": max(self.cuts[shard], default=0)}
         return encode_shard(np.array([s.index for s in samples], np.int64), groups, metadata)
 
     @property
@@ -395,6 +432,7 @@ def prepare_cache(
     latent_source: str = "mean",
     dtype: str = "float32",
     token_ids: bool = False,
+    max_text_chunks: int = 1,
     batch_size: int | None = None,
     shard_size: int = 256,
     devices: Sequence[jax.Device] | None = None,
@@ -407,13 +445,15 @@ def prepare_cache(
     `batch_size` is global (default: one sample per device) and a multiple of the device count.
     `source` overrides `open_source(source_spec)` (which then only describes it in the manifest).
     `token_ids`: also keep both tokenizers' ids of every caption (see CacheSettings).
+    `max_text_chunks`: the chunks of 75 tokens each caption is encoded in (see `Encoder`); with
+    more than one, the manifest's ``captions_cut`` counts the captions longer than that.
     """
     cache_dir = epath.Path(cache_dir)
     devices = list(jax.devices() if devices is None else devices)
     batch_size = batch_size or len(devices)
     settings = cache_settings(
         source_spec, preprocess, model_path, vae_path=vae_path, latent_source=latent_source, dtype=dtype,
-        token_ids=token_ids,
+        token_ids=token_ids, max_text_chunks=max_text_chunks,
     )
     # Our own bound on pixels replaces PIL's global one, which would otherwise refuse first.
     Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, preprocess.max_pixels)
@@ -433,7 +473,7 @@ def prepare_cache(
         skipped = [tuple(s) for s in read_json(cache_dir / SKIPPED)]
         return PrepareReport(str(cache_dir), manifest["num_samples"] + len(skipped), manifest["num_samples"], skipped,
                              already_done=True, buckets=_bucket_counts(manifest),
-                             buckets_dropped=manifest.get("buckets_dropped"))
+                             buckets_dropped=manifest.get("buckets_dropped"), captions_cut=manifest.get("captions_cut"))
     process, num_processes = jax.process_index(), jax.process_count()
     if preprocess.fits_buckets:
         plan["buckets"] = _fit_buckets(cache_dir, source, preprocess)
@@ -448,7 +488,7 @@ def prepare_cache(
 
     encoder = Encoder(
         model_path, vae_path=vae_path, devices=devices, batch_size=batch_size,
-        latent_source=latent_source, seed=preprocess.seed, token_ids=token_ids,
+        latent_source=latent_source, seed=preprocess.seed, token_ids=token_ids, max_text_chunks=max_text_chunks,
     )
     local_batch = encoder.local_batch_size
     res = preprocess.resolution
@@ -456,16 +496,19 @@ def prepare_cache(
 
     # The empty prompt's embeddings, for caption dropout at training time. Also compiles the step.
     empty = encoder.fetch(encoder.dispatch(np.zeros((local_batch, res, res, 3), np.uint8), [""] * local_batch, np.zeros(local_batch)))
+    empty.pop(TOKENS_DROPPED, None)
     row_shapes = {name: value.shape[1:] for name, value in empty.items()}
     if process == 0:
         cache_lib.write_empty_prompt(cache_dir, {"prompt_embeds": empty["prompt_embeds"][0].astype(storage),
                                                  "pooled_prompt_embeds": empty["pooled_prompt_embeds"][0].astype(storage)})
 
     if isinstance(source, TarSource):
-        assembler = _ShardAssembler(cache_dir, pending, webdataset.TAR_STRIDE, storage, row_shapes, preprocess.buckets)
+        assembler = _ShardAssembler(cache_dir, pending, webdataset.TAR_STRIDE, storage, row_shapes, preprocess.buckets,
+                                     count_cuts=max_text_chunks > 1)
         work, total = _tar_items(source, pending, assembler), None
     else:
-        assembler = _ShardAssembler(cache_dir, pending, shard_size, storage, row_shapes, preprocess.buckets)
+        assembler = _ShardAssembler(cache_dir, pending, shard_size, storage, row_shapes, preprocess.buckets,
+                                     count_cuts=max_text_chunks > 1)
         ranges = {k: range(k * shard_size, min((k + 1) * shard_size, num_items)) for k in pending}
         for k, items in ranges.items():
             assembler.expect(k, len(items))
@@ -479,8 +522,9 @@ def prepare_cache(
 
     def finish(results: list[PreparedSample], outputs: dict[str, jax.Array]) -> None:
         rows = encoder.fetch(outputs)
+        dropped = rows.pop(TOKENS_DROPPED, np.zeros(len(results), np.int32))
         for slot, result in enumerate(results):
-            assembler.add(result, {name: rows[name][slot] for name in rows})
+            assembler.add(result, {name: rows[name][slot] for name in rows}, int(dropped[slot]))
         if bar is not None:
             bar.set_postfix(skipped=assembler.num_skipped, refresh=False)
             bar.update(len(results))
@@ -555,7 +599,12 @@ def prepare_cache(
         images_per_second=processed / seconds if seconds > 0 else 0.0,
         buckets=_bucket_counts(manifest),
         buckets_dropped=manifest.get("buckets_dropped"),
+        captions_cut=manifest.get("captions_cut"),
     )
+    if report.captions_cut and report.captions_cut["count"] and process == 0:
+        log.warning("prepare: %d captions longer than %d chunks of 75 tokens were cut, losing up to %d tokens each "
+                    "(manifest.json: captions_cut)",
+                    report.captions_cut["count"], max_text_chunks, report.captions_cut["max_tokens_dropped"])
     if progress and process == 0:
         print(report.summary(), flush=True)
     return report
@@ -609,7 +658,8 @@ def open_cache(cfg: config_lib.Config, base: str | os.PathLike, *, prepare_if_mi
     source, preprocess = specs_from_config(cfg)
     # A LoRA of the text encoders encodes the captions in the step, from their token ids.
     token_ids = cfg.train.method == "lora" and cfg.lora.train_text_encoder
-    options = dict(vae_path=cfg.model.vae, latent_source=cfg.data.latent_mode, token_ids=token_ids)
+    options = dict(vae_path=cfg.model.vae, latent_source=cfg.data.latent_mode, token_ids=token_ids,
+                   max_text_chunks=cfg.data.max_text_chunks)
     settings = cache_settings(source, preprocess, base, **options)
     try:
         return LatentCache(cache_dir(cfg), expected=settings)

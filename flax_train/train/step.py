@@ -19,7 +19,7 @@ from flax import nnx
 
 from flax_train import config as config_lib, diffusion, flops as flops_lib, hlo_cost, lora, models, sharding
 from sdxl_common import sdxl, storage
-from flax_train.models import clip
+from flax_train import prompt_encoding
 from flax_train.train.model import unet_architecture, unet_options
 from flax_train.train.state import TrainState, frozen_of
 
@@ -81,10 +81,12 @@ def model_loss(
     # LoRA: the factors beside the frozen weights (no gradient: only ``params`` is differentiated).
     parts = lora.components(nnx.merge(graphdef, lora.combine(params, frozen)))
     if "text_encoder" in parts:
-        # Encoded here, through the adapted encoders; the step's caption dropout then replaces
-        # the result as it replaces cached embeddings.
-        embeds = clip.encode_prompts(parts["text_encoder"], parts["text_encoder_2"], batch["input_ids"],
-                                     batch["input_ids_2"])
+        # Encoded here, through the adapted encoders, as prepare encodes cached captions (in
+        # data.max_text_chunks chunks of 77 ids); the step's caption dropout then replaces the
+        # result as it replaces cached embeddings.
+        embeds = prompt_encoding.encode_text(
+            parts["text_encoder"], parts["text_encoder_2"], {"ids": batch["input_ids"]},
+            {"ids": batch["input_ids_2"]}, chunks=batch["input_ids"].shape[1] // sdxl.TOKEN_LENGTH, weighting=None)
         batch = dict(batch, **dict(zip(("prompt_embeds", "pooled_prompt_embeds"), embeds)))
     return loss(parts["unet"], batch)
 
@@ -255,15 +257,17 @@ def make_step_fn(
     )
 
 
-def batch_spec(architecture: dict[str, Any], batch: int, latent_size: int) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, jax.Array]]:
+def batch_spec(architecture: dict[str, Any], batch: int, latent_size: int,
+               text_chunks: int = 1) -> tuple[dict[str, jax.ShapeDtypeStruct], dict[str, jax.Array]]:
     """The shapes of a training batch for a UNet architecture (what the latent cache yields), and
-    zero unconditional inputs: for benchmarks and ahead-of-time compiles, which have no cache."""
+    zero unconditional inputs: for benchmarks and ahead-of-time compiles, which have no cache.
+    ``text_chunks``: the captions' chunks of 77 tokens (data.max_text_chunks)."""
     text_dim = architecture["cross_attention_dim"]
     # The text_time embedding's input is the pooled text embedding + 6 time ids x addition_time_embed_dim.
     pooled_dim = architecture["projection_class_embeddings_input_dim"] - 6 * architecture["addition_time_embed_dim"]
     shapes = {
         "latents": jax.ShapeDtypeStruct((batch, architecture["in_channels"], latent_size, latent_size), jnp.float32),
-        "prompt_embeds": jax.ShapeDtypeStruct((batch, sdxl.TOKEN_LENGTH, text_dim), jnp.float32),
+        "prompt_embeds": jax.ShapeDtypeStruct((batch, text_chunks * sdxl.TOKEN_LENGTH, text_dim), jnp.float32),
         "pooled_prompt_embeds": jax.ShapeDtypeStruct((batch, pooled_dim), jnp.float32),
         "add_time_ids": jax.ShapeDtypeStruct((batch, 6), jnp.int32),
     }
@@ -376,5 +380,5 @@ def model_flops_per_image(cfg: config_lib.Config, base: Path, batch_shapes: dict
     count needs, and the text encoders' share, a few percent of SDXL's, is not counted.)"""
     options = {**unet_options(cfg), "attention": "xla", "remat": "none"}
     architecture = unet_architecture(cfg, base)
-    shapes = {**batch_spec(architecture, 1, 1)[0], **batch_shapes}
+    shapes = {**batch_spec(architecture, 1, 1, cfg.data.max_text_chunks)[0], **batch_shapes}
     return 3 * flops_lib.unet_forward_flops(models.abstract(architecture, **options), shapes)
