@@ -315,7 +315,8 @@ class ValidationConfig:
     # Sizes ("WIDTHxHEIGHT") to draw the prompts at, one grid each (e.g. a bucket of each aspect);
     # empty: one square grid of `resolution`.
     sizes: tuple[str, ...] = ()
-    max_text_chunks: int = 1  # chunks of 75 tokens a prompt may fill (1: CLIP's 77 tokens)
+    # Chunks of 75 tokens a prompt may fill (1: CLIP's 77 tokens); null: data.max_text_chunks, as trained.
+    max_text_chunks: int | None = None
     prompt_weighting: PromptWeighting | None = None  # null: prompts as written
 
 
@@ -786,7 +787,8 @@ def validate(config: Config, num_devices: int | None = None) -> None:
           "(e.g. 0.05) or validation.loss_every_steps: 0")
     check(v.num_steps >= 1, f"validation.num_steps must be >= 1, got {v.num_steps}")
     check(v.guidance_scale >= 0, f"validation.guidance_scale must be >= 0, got {v.guidance_scale}")
-    check(v.max_text_chunks >= 1, f"validation.max_text_chunks must be >= 1, got {v.max_text_chunks}")
+    check(v.max_text_chunks is None or v.max_text_chunks >= 1,
+          f"validation.max_text_chunks must be >= 1, got {v.max_text_chunks}")
     check(
         v.resolution is None or (v.resolution > 0 and v.resolution % 8 == 0),
         f"validation.resolution must be a positive multiple of 8 (or null for data.resolution), got {v.resolution}",

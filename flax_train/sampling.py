@@ -381,7 +381,7 @@ class Validator:
             resolution=v.resolution or cfg.data.resolution,
             dtype=jnp.dtype(cfg.model.dtype),
             load_unet=False,
-            max_text_chunks=v.max_text_chunks,
+            max_text_chunks=v.max_text_chunks or cfg.data.max_text_chunks,  # null: the captions' chunks
             prompt_weighting=v.prompt_weighting,
         )
         self.embeds = self.generator.encode(list(v.prompts), [v.negative_prompt] * len(v.prompts))

@@ -113,3 +113,6 @@ def test_validation_images_read_the_prompts_as_configured(folder, tmp_path):
     validator = Validator(cfg, folder, tmp_path, writer=None)
     expected = text_generator(folder, "compel").encode(prompts, [None] * len(prompts))
     np.testing.assert_array_equal(validator.embeds["prompt_embeds"], expected["prompt_embeds"])
+    # Left unset, the chunks are the captions' (data.max_text_chunks), as the model was trained.
+    trained = config.load(overrides=["model.dtype=float32", f"validation.prompts={prompts}", "data.max_text_chunks=3"])
+    assert Validator(trained, folder, tmp_path, writer=None).embeds["prompt_embeds"].shape[1] == 3 * 77
